@@ -1,0 +1,45 @@
+"""Argument checks shared by the public ops: a wrong shape, dtype or device fails here, with a message that says
+what was expected, not deep inside a kernel."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float(op: str, name: str, t: torch.Tensor, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be a floating-point tensor (fp16, bf16, fp32, fp64), got {t.dtype}")
+
+
+def check_same(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in ``others`` (None allowed) has ``ref``'s device and dtype."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} is {t.dtype} but {ref_name} is {ref.dtype}; cast them to one dtype")
+
+
+def check_index(op: str, name: str, t: torch.Tensor, ndim: int, device: torch.device) -> None:
+    if t.dim() != ndim or t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: {name} must be an int32/int64 tensor with {ndim} dimensions, got {t.dtype} {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the data is on {device}")
+
+
+def check_canvas(op: str, height: int, width: int, brick_size: int, field_size: int) -> None:
+    if brick_size <= 0 or field_size <= 0 or brick_size % field_size:
+        raise ValueError(f"{op}: brick size {brick_size} must be a positive multiple of the field size {field_size}")
+    if height % brick_size or width % brick_size:
+        raise ValueError(
+            f"{op}: the canvas {height}x{width} is not divisible by the brick size {brick_size}; "
+            f"use a height and width that are multiples of {brick_size}"
+        )

@@ -1,0 +1,102 @@
+"""Backend choice for the fused ops.
+
+Every public op takes ``backend="auto" | "cuda" | "triton" | "torch"``:
+
+- ``torch``: the plain-PyTorch reference path; runs on any device and is the ground truth.
+- ``triton``: the fused Triton kernels. Needs a CUDA tensor, or ``TRITON_INTERPRET=1`` (then CPU tensors run
+  through Triton's interpreter, which is how CI checks the kernels without a GPU).
+- ``cuda``: the hand-written kernels of ``lego_kernels._C`` (csrc/), for the ops that have them.
+- ``auto``: ``torch`` for CPU tensors; for CUDA tensors the fastest measured backend present (see ``AUTO_PREFERS_CUDA``).
+
+The environment variable ``LEGO_KERNELS_BACKEND`` overrides ``auto`` (never an explicit choice).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "torch")
+
+# Decision table for `auto` on a GPU: an op goes to the CUDA extension only where a side-by-side measurement on a
+# GPU showed it faster than its Triton kernel. Keep the numbers beside each entry (device, shape, us per call).
+# Empty until such a measurement exists: no GPU run has been made yet, so `auto` uses Triton everywhere.
+AUTO_PREFERS_CUDA: dict[str, str] = {}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def cuda_extension():
+    """The compiled ``lego_kernels._C`` module, or None when it was not built."""
+    try:
+        from lego_kernels import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backends that can run an op on tensors of ``device``, fastest first (``torch`` always last)."""
+    device = torch.device(device)
+    found = []
+    if device.type == "cuda" and cuda_extension() is not None:
+        found.append("cuda")
+    if triton_importable() and (device.type == "cuda" or interpreting()):
+        found.append("triton")
+    found.append("torch")
+    return found
+
+
+def resolve_backend(backend: str, device: torch.device, op: str, implemented: tuple[str, ...]) -> str:
+    """Turn ``backend`` into the concrete backend that runs ``op`` on ``device``.
+
+    ``implemented`` lists the backends the op has besides ``torch``. An explicit request that cannot be met raises a
+    ValueError that says why and what to do instead.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = os.environ.get("LEGO_KERNELS_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"LEGO_KERNELS_BACKEND={backend!r} is not a backend; use one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        present = available_backends(device)
+        if "cuda" in implemented and "cuda" in present and AUTO_PREFERS_CUDA.get(op) == "cuda":
+            return "cuda"
+        if "triton" in implemented and "triton" in present:
+            return "triton"
+        return "torch"
+    if backend == "torch":
+        return backend
+    if backend not in implemented:
+        raise ValueError(f"{op}: there is no {backend!r} kernel for this op; it has {', '.join(implemented + ('torch',))}")
+    if backend not in available_backends(device):
+        if backend == "cuda":
+            why = (
+                "the CUDA extension lego_kernels._C is not built (reinstall with nvcc on PATH)"
+                if cuda_extension() is None
+                else f"the tensors are on {device}, not on a CUDA device"
+            )
+        elif not triton_importable():
+            why = "triton is not installed (pip install triton)"
+        else:
+            why = f"the tensors are on {device}; Triton needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter"
+        raise ValueError(f"{op}: backend {backend!r} is not available: {why}")
+    return backend
