@@ -50,10 +50,11 @@ def compile_for_gpu(kernel, signature, constexprs, capabilities=(80, 90)):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
 
-    fn = getattr(kernel, "fn", kernel)  # unwrap @triton.autotune / @triton.heuristics
-    while hasattr(fn, "fn") and not hasattr(fn, "src"):
-        fn = fn.fn
+    # Under TRITON_INTERPRET=1, @triton.jit gives an InterpretedFunction: rebuild the real JITFunction from its source.
+    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
     for cc in capabilities:
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", cc, 32))
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32))
         assert "cubin" in compiled.asm, f"no cubin for sm_{cc}"
