@@ -100,3 +100,14 @@ def resolve_backend(backend: str, device: torch.device, op: str, implemented: tu
             why = f"the tensors are on {device}; Triton needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter"
         raise ValueError(f"{op}: backend {backend!r} is not available: {why}")
     return backend
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for a kernel's output; NaN-filled when ``LEGO_KERNELS_POISON=1``.
+
+    The tests set that variable so that an element a kernel forgets to write fails the comparison instead of passing
+    on whatever the allocator left there.
+    """
+    if os.environ.get("LEGO_KERNELS_POISON") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)

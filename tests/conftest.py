@@ -12,6 +12,8 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernel outputs start as NaN, so an element a kernel fails to write cannot pass by luck.
+os.environ.setdefault("LEGO_KERNELS_POISON", "1")
 
 # Devices a kernel test runs on: the interpreter on the CPU, the real thing on a GPU.
 DEVICES = ["cuda"] if HAS_CUDA else ["cpu"]
