@@ -1,0 +1,26 @@
+"""LEGO diffusion bricks: the PyTorch layer (bricks, models, diffusion, samplers) over the lego_kernels fused ops."""
+
+from lego.brick import LegoBrick
+from lego.errors import LegoError
+from lego.loss import LegoLoss
+from lego.models import MODELS, BrickSpec, LegoConfig, LegoModel, model_config
+from lego.precond import EDMPrecond, VPPrecond
+from lego.sampling import ddim_sampler, ddpm_sampler, edm_sampler, guided, skip_schedule
+
+__all__ = [
+    "MODELS",
+    "BrickSpec",
+    "EDMPrecond",
+    "LegoBrick",
+    "LegoConfig",
+    "LegoError",
+    "LegoLoss",
+    "LegoModel",
+    "VPPrecond",
+    "ddim_sampler",
+    "ddpm_sampler",
+    "edm_sampler",
+    "guided",
+    "model_config",
+    "skip_schedule",
+]

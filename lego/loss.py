@@ -1,0 +1,46 @@
+"""Training loss: the joint LEGO loss, averaged over every brick's own prediction (Zheng et al., Eq. 12).
+
+Each brick k's output F_k gives its own denoised estimate D_k = c_skip x + c_out F_k; the loss is
+    mean_k  mean over processed pixels of  lambda(sigma) * (D_k - x0)^2
+with lambda and the sigma distribution from the preconditioning (EDM by default, VP/DDPM as the alternative).
+Callable like EDM's losses: ``loss_fn(net, images, labels, generator)``; all randomness comes from ``generator``,
+so a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LegoLoss:
+    def __init__(self, patch_fraction: float = 1.0, label_dropout: float = 0.1):
+        if not 0 < patch_fraction <= 1:
+            raise ValueError(f"patch fraction must be in (0, 1], got {patch_fraction}")
+        if not 0 <= label_dropout < 1:
+            raise ValueError(f"label dropout must be in [0, 1), got {label_dropout}")
+        self.patch_fraction = patch_fraction
+        self.label_dropout = label_dropout
+
+    def __call__(self, net, images, labels=None, generator=None):
+        """Returns (loss, per-brick losses [K]) for a batch of clean images [B, C, H, W]."""
+        batch, device = images.shape[0], images.device
+        precond = net.precond
+        sigma = precond.sample_sigma(batch, generator, device)  # (B,)
+        noise = torch.randn(images.shape, generator=generator, device=device)
+        x = images + sigma.view(-1, 1, 1, 1) * noise  # (B, C, H, W)
+        if labels is not None and net.num_classes:
+            drop = torch.rand(batch, generator=generator, device=device) < self.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, net.num_classes), labels)
+        c_skip, c_out, _, _ = (c.view(-1, 1, 1, 1) for c in precond.coefficients(sigma))
+        target = (images - c_skip * x) / c_out  # the brick output that reproduces x0 exactly
+        outputs = net.run_bricks(x, sigma, labels, patch_fraction=self.patch_fraction, fill=target, generator=generator)
+        weight = precond.loss_weight(sigma).view(-1, 1, 1, 1)
+        per_brick = []
+        for out in outputs:
+            err = weight * (c_skip * x + c_out * out.output - images) ** 2  # (B, C, H, W)
+            if out.mask is None:
+                per_brick.append(err.mean())
+            else:  # only the pixels this brick processed count
+                per_brick.append((err * out.mask).sum() / (out.mask.sum() * images.shape[1]))
+        per_brick = torch.stack(per_brick)
+        return per_brick.mean(), per_brick.detach()
