@@ -9,6 +9,19 @@ Math, per sequence n of image b (b = n // (N / B), or ``image_index[n]``), token
 
 Shapes: x, y [N, S, d]; shift, scale, gate [B, d] (one vector per IMAGE, never per patch); image_index [N] int.
 The conditioning vectors are per image: a brick's N sequences (its patches) share their image's vectors.
+
+Backward, per row with xhat = LN(v), rstd = 1 / sqrt(var(v) + 1e-6) and a = dh * (1 + scale[b]):
+
+    dv        = rstd * (a - mean_c(a) - xhat * mean_c(a * xhat))      (the LayerNorm backward)
+    dshift[b] = sum over image b's rows of dh;   dscale[b] = sum of dh * xhat
+    gated:      g = dx_out + dv;  dx = g;  dy = gate[b] * g;  dgate[b] = sum of g * y
+
+The fused backends (Triton here; "cuda" in ``lego_kernels._cuda``) keep the statistics and every sum in fp32 and
+store in the input dtype. The per-image sums are deterministic: each backward program walks rows of ONE image and
+writes an fp32 partial sum; a second small kernel adds each image's partials in a fixed order (no atomics). With
+``image_index`` the sequences are first sorted by image (a stable argsort on the device, no host sync), so the same
+scheme holds for any mapping, images without sequences included (their gradients are zero). ``image_index`` values
+must lie in [0, B). float64 inputs always take the reference (the fused kernels accumulate in fp32).
 """
 
 from __future__ import annotations
@@ -17,12 +30,26 @@ import torch
 import torch.nn.functional as F
 
 from lego_kernels._checks import check_float, check_index, check_same
-from lego_kernels._dispatch import resolve_backend
+from lego_kernels._dispatch import new_output, resolve_backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch backend still works; the kernels below are never launched
+
+    class triton:  # a stand-in so that the @triton.jit definitions below still parse
+        @staticmethod
+        def jit(fn):
+            return fn
+
+    tl = None
+
+_HAS_TRITON = tl is not None
 
 EPS = 1e-6
 
 # Backends besides "torch" that this file implements.
-_IMPLEMENTED: tuple[str, ...] = ()
+_IMPLEMENTED: tuple[str, ...] = ("cuda", "triton")
 
 
 def _per_sequence(v: torch.Tensor, num_seq: int, image_index: torch.Tensor | None) -> torch.Tensor:
@@ -44,6 +71,581 @@ def gated_residual_adaln_ref(x, y, gate, shift=None, scale=None, image_index=Non
     if shift is None:
         return x_out
     return x_out, adaln_modulate_ref(x_out, shift, scale, image_index)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels. Rows are the N * S tokens (x viewed as [N * S, d]); a program works on [BLOCK_R, BLOCK_D] tiles,
+# BLOCK_D = next_power_of_2(d) with the tail masked, so one tile row holds a whole token and LN needs no second pass.
+
+
+@triton.jit
+def _adaln_fwd_kernel(
+    X,  # shape (N * S, d): the input rows (gated: the residual stream x)
+    Y,  # shape (N * S, d): the branch output y (HAS_RESIDUAL)
+    GATE,  # shape (B, d) (HAS_RESIDUAL)
+    SHIFT,  # shape (B, d) (HAS_NORM)
+    SCALE,  # shape (B, d) (HAS_NORM)
+    IMAGE_INDEX,  # shape (N,) int32/int64: the image of each sequence (HAS_INDEX)
+    X_OUT,  # shape (N * S, d): x + gate * y (HAS_RESIDUAL)
+    H,  # shape (N * S, d): the modulated output (HAS_NORM)
+    MEAN,  # shape (N * S,) fp32 (HAS_NORM)
+    RSTD,  # shape (N * S,) fp32 (HAS_NORM)
+    num_rows,
+    d,
+    seq_len,  # S: rows per sequence
+    seqs_per_image,  # N / B (without HAS_INDEX)
+    stride_row,  # row stride of X, Y, X_OUT, H
+    stride_vec,  # row stride of GATE, SHIFT, SCALE
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < num_rows
+    col_ok = cols < d
+    mask = row_ok[:, None] & col_ok[None, :]
+    seq = rows // seq_len
+    if HAS_INDEX:
+        img = tl.load(IMAGE_INDEX + seq, mask=row_ok, other=0).to(tl.int64)
+    else:
+        img = seq // seqs_per_image
+    offs = rows[:, None] * stride_row + cols[None, :]
+    vec_offs = img[:, None] * stride_vec + cols[None, :]
+
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(GATE + vec_offs, mask=mask, other=0.0).to(tl.float32)
+        x_out = (x + gate * y).to(X_OUT.dtype.element_ty)
+        tl.store(X_OUT + offs, x_out, mask=mask)
+        # Normalize the stored (rounded) x_out: the backward recomputes xhat from it.
+        x = x_out.to(tl.float32)
+    if HAS_NORM:
+        mean = tl.sum(x, axis=1) / d
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / d
+        rstd = tl.rsqrt(var + eps)
+        shift = tl.load(SHIFT + vec_offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(SCALE + vec_offs, mask=mask, other=0.0).to(tl.float32)
+        h = xc * rstd[:, None] * (1.0 + scale) + shift
+        tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
+        tl.store(MEAN + rows, mean, mask=row_ok)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _adaln_bwd_kernel(
+    DH,  # shape (N * S, d): upstream gradient of the modulated output (HAS_NORM)
+    DX_OUT,  # shape (N * S, d): upstream gradient of x_out (HAS_RESIDUAL)
+    X,  # shape (N * S, d): the normalized rows (gated: x_out) (HAS_NORM)
+    Y,  # shape (N * S, d): the branch output (HAS_RESIDUAL)
+    GATE,  # shape (B, d) (HAS_RESIDUAL)
+    SCALE,  # shape (B, d) (HAS_NORM)
+    MEAN,  # shape (N * S,) fp32 (HAS_NORM)
+    RSTD,  # shape (N * S,) fp32 (HAS_NORM)
+    ORDER,  # shape (N,) int64: sequences sorted by image (HAS_INDEX)
+    PROGRAM_IMAGE,  # shape (num_programs,) int64: each program's image, B past the last chunk (HAS_INDEX)
+    CHUNK_START,  # shape (B,) int64: the first program of each image (HAS_INDEX)
+    SEQ_START,  # shape (B,) int64: each image's first position in ORDER (HAS_INDEX)
+    SEQ_COUNT,  # shape (B,) int64: each image's number of sequences (HAS_INDEX)
+    DX,  # shape (N * S, d): gradient of x (gated: of the residual input x)
+    DY,  # shape (N * S, d): gradient of y (HAS_RESIDUAL)
+    PARTIAL,  # shape (K, num_programs, d) fp32: per-program sums [dshift, dscale (HAS_NORM), dgate (HAS_RESIDUAL)]
+    num_images,
+    d,
+    seq_len,  # S: rows per sequence
+    seqs_per_image,  # N / B (without HAS_INDEX)
+    seqs_per_program,  # sequences one program walks through (all of one image)
+    chunks_per_image,  # programs per image (without HAS_INDEX)
+    stride_row,  # row stride of every (N * S, d) tensor
+    stride_vec,  # row stride of GATE, SCALE
+    stride_partial_kind,
+    stride_partial_program,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    # This program's image and its range [seq_lo, seq_hi) of sequence positions (in image order).
+    if HAS_INDEX:
+        img = tl.load(PROGRAM_IMAGE + pid)
+        img_ok = img < num_images
+        chunk = pid - tl.load(CHUNK_START + img, mask=img_ok, other=0)
+        first = tl.load(SEQ_START + img, mask=img_ok, other=0)
+        end = first + tl.load(SEQ_COUNT + img, mask=img_ok, other=0)
+    else:
+        img = pid // chunks_per_image
+        chunk = pid % chunks_per_image
+        first = img * seqs_per_image
+        end = first + seqs_per_image
+    seq_lo = first + chunk * seqs_per_program
+    seq_hi = tl.minimum(seq_lo + seqs_per_program, end)
+    row_lo = seq_lo * seq_len
+    row_hi = seq_hi * seq_len
+
+    # One image per program: its vectors are loaded once (programs past the last chunk have no rows; they read the
+    # last image's vectors to stay in bounds).
+    vec = tl.minimum(img, num_images - 1) * stride_vec + cols
+    if HAS_NORM:
+        w = 1.0 + tl.load(SCALE + vec, mask=col_ok, other=0.0).to(tl.float32)
+        acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_RESIDUAL:
+        gate = tl.load(GATE + vec, mask=col_ok, other=0.0).to(tl.float32)
+        acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+    for start in range(row_lo, row_hi, BLOCK_R):
+        pos = start + tl.arange(0, BLOCK_R)
+        row_ok = pos < row_hi
+        if HAS_INDEX:
+            seq = tl.load(ORDER + pos // seq_len, mask=row_ok, other=0)
+            rows = seq * seq_len + pos % seq_len
+        else:
+            rows = pos
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows[:, None] * stride_row + cols[None, :]
+        if HAS_NORM:
+            dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            a = dh * w[None, :]
+            c1 = tl.sum(a * xhat, axis=1) / d
+            c2 = tl.sum(a, axis=1) / d
+            g = (a - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            acc_shift += tl.sum(dh, axis=0)
+            acc_scale += tl.sum(dh * xhat, axis=0)
+        else:
+            g = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        if HAS_RESIDUAL:
+            g += tl.load(DX_OUT + offs, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DY + offs, (gate[None, :] * g).to(DY.dtype.element_ty), mask=mask)
+            acc_gate += tl.sum(g * y, axis=0)
+        tl.store(DX + offs, g.to(DX.dtype.element_ty), mask=mask)
+
+    # Every program writes its partial rows, zeros included, so the partial buffer needs no clearing.
+    part = PARTIAL + pid * stride_partial_program + cols
+    if HAS_NORM:
+        tl.store(part, acc_shift, mask=col_ok)
+        tl.store(part + stride_partial_kind, acc_scale, mask=col_ok)
+        if HAS_RESIDUAL:
+            tl.store(part + 2 * stride_partial_kind, acc_gate, mask=col_ok)
+    else:
+        tl.store(part, acc_gate, mask=col_ok)
+
+
+@triton.jit
+def _reduce_partials_kernel(
+    PARTIAL,  # shape (K, num_programs, d) fp32
+    CHUNK_START,  # shape (B,) int64: the first program of each image (HAS_INDEX)
+    CHUNK_COUNT,  # shape (B,) int64: the number of programs of each image (HAS_INDEX)
+    OUT0,  # shape (B, d): the sum of kind 0 over each image's programs
+    OUT1,  # shape (B, d): kind 1 (K > 1)
+    OUT2,  # shape (B, d): kind 2 (K > 2)
+    d,
+    chunks_per_image,  # programs per image (without HAS_INDEX)
+    stride_partial_kind,
+    stride_partial_program,
+    stride_out,
+    HAS_INDEX: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    img = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    kind = tl.program_id(2)
+    col_ok = cols < d
+    if HAS_INDEX:
+        first = tl.load(CHUNK_START + img)
+        count = tl.load(CHUNK_COUNT + img)
+    else:
+        first = img * chunks_per_image
+        count = img * 0 + chunks_per_image
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    base = PARTIAL + kind.to(tl.int64) * stride_partial_kind
+    for p0 in range(first, first + count, BLOCK_P):
+        progs = p0 + tl.arange(0, BLOCK_P)
+        mask = (progs < first + count)[:, None] & col_ok[None, :]
+        tile = tl.load(base + progs[:, None] * stride_partial_program + cols[None, :], mask=mask, other=0.0)
+        acc += tl.sum(tile, axis=0)
+    offs = img * stride_out + cols
+    if kind == 0:
+        tl.store(OUT0 + offs, acc.to(OUT0.dtype.element_ty), mask=col_ok)
+    elif kind == 1:
+        tl.store(OUT1 + offs, acc.to(OUT1.dtype.element_ty), mask=col_ok)
+    else:
+        tl.store(OUT2 + offs, acc.to(OUT2.dtype.element_ty), mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launchers. Same signatures and return conventions as lego_kernels._cuda, so the custom ops can call either.
+# Launch sizes come from plain heuristics (autotuning does not run under the interpreter); the tests shrink these two
+# numbers to make small shapes use several tiles per program and several programs per image.
+
+_TILE_ELEMENTS = 4096  # one [BLOCK_R, BLOCK_D] tile: 16 fp32 per thread and tensor at 8 warps
+_BWD_PROGRAM_ELEMENTS = 1 << 17  # rows one backward program walks ~ this / BLOCK_D (64 rows at d = 1152)
+
+
+def _tile(d: int, num_rows: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_R, num_warps) for rows of width d."""
+    block_d = triton.next_power_of_2(d)
+    block_r = max(1, min(_TILE_ELEMENTS // block_d, triton.next_power_of_2(max(num_rows, 1))))
+    return block_d, block_r, 8 if block_r * block_d >= 4096 else 4
+
+
+def _fwd(x, y, gate, shift, scale, image_index):
+    """Shared launcher: y/gate given -> the gated residual; shift/scale given -> the modulated LN."""
+    n, s, d = x.shape
+    num_rows = n * s
+    has_residual, has_norm = y is not None, shift is not None
+    num_images = (shift if has_norm else gate).shape[0]
+    x_out = new_output(x.shape, x.dtype, x.device) if has_residual else None
+    h = new_output(x.shape, x.dtype, x.device) if has_norm else None
+    mean = new_output((num_rows,), torch.float32, x.device) if has_norm else None
+    rstd = new_output((num_rows,), torch.float32, x.device) if has_norm else None
+    if num_rows == 0:
+        return x_out, h, mean, rstd
+    block_d, block_r, num_warps = _tile(d, num_rows)
+    _adaln_fwd_kernel[(triton.cdiv(num_rows, block_r),)](
+        x,
+        y if has_residual else x,
+        gate if has_residual else x,
+        shift if has_norm else x,
+        scale if has_norm else x,
+        image_index if image_index is not None else x,
+        x_out if has_residual else x,
+        h if has_norm else x,
+        mean if has_norm else x,
+        rstd if has_norm else x,
+        num_rows,
+        d,
+        s,
+        max(n // num_images, 1),
+        d,
+        (shift if has_norm else gate).stride(0),
+        EPS,
+        HAS_RESIDUAL=has_residual,
+        HAS_NORM=has_norm,
+        HAS_INDEX=image_index is not None,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
+    return x_out, h, mean, rstd
+
+
+def _bwd(dh, dx_out, x, y, gate, scale, image_index, mean, rstd, vec_dtype):
+    """Shared launcher: returns (dx, dy, [dshift, dscale] (HAS_NORM) + [dgate] (HAS_RESIDUAL))."""
+    n, s, d = x.shape if x is not None else y.shape
+    ref = x if x is not None else y
+    num_rows = n * s
+    has_residual, has_norm = y is not None, scale is not None
+    num_images = (scale if has_norm else gate).shape[0]
+    vec_stride = (scale if has_norm else gate).stride(0)
+    kinds = 2 * has_norm + has_residual
+    device = ref.device
+    dx = new_output(ref.shape, (dh if has_norm else dx_out).dtype, device)
+    dy = new_output(ref.shape, y.dtype, device) if has_residual else None
+    if num_rows == 0:
+        return dx, dy, [torch.zeros(num_images, d, dtype=vec_dtype, device=device) for _ in range(kinds)]
+
+    block_d, block_r, num_warps = _tile(d, num_rows)
+    seqs_per_program = max(1, triton.cdiv(max(_BWD_PROGRAM_ELEMENTS // block_d, block_r), s))
+    if image_index is None:
+        seqs_per_image = n // num_images
+        chunks_per_image = max(1, triton.cdiv(seqs_per_image, seqs_per_program))
+        num_programs = num_images * chunks_per_image
+        order = program_image = chunk_start = seq_start = seq_count = chunk_count = ref
+    else:
+        # Sequences sorted by image; each image's sequences split into chunks of seqs_per_program, one per program.
+        # All on the device without a host sync: the grid is the bound cdiv(N, C) + B, extra programs do nothing.
+        seqs_per_image, chunks_per_image = 1, 1
+        sorted_image, order = torch.sort(image_index.long(), stable=True)
+        images = torch.arange(num_images, device=device)
+        seq_start = torch.searchsorted(sorted_image, images)
+        seq_count = torch.searchsorted(sorted_image, images, right=True) - seq_start
+        chunk_count = (seq_count + seqs_per_program - 1) // seqs_per_program
+        chunk_end = torch.cumsum(chunk_count, 0)
+        chunk_start = chunk_end - chunk_count
+        num_programs = triton.cdiv(n, seqs_per_program) + num_images
+        program_image = torch.searchsorted(chunk_end, torch.arange(num_programs, device=device), right=True)
+    partial = new_output((kinds, num_programs, d), torch.float32, device)
+    _adaln_bwd_kernel[(num_programs,)](
+        dh if has_norm else dx_out,
+        dx_out if has_residual else dh,
+        x if has_norm else y,
+        y if has_residual else x,
+        gate if has_residual else scale,
+        scale if has_norm else gate,
+        mean if has_norm else partial,
+        rstd if has_norm else partial,
+        order,
+        program_image,
+        chunk_start,
+        seq_start,
+        seq_count,
+        dx,
+        dy if has_residual else dx,
+        partial,
+        num_images,
+        d,
+        s,
+        seqs_per_image,
+        seqs_per_program,
+        chunks_per_image,
+        d,
+        vec_stride,
+        partial.stride(0),
+        partial.stride(1),
+        HAS_RESIDUAL=has_residual,
+        HAS_NORM=has_norm,
+        HAS_INDEX=image_index is not None,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
+    sums = [new_output((num_images, d), vec_dtype, device) for _ in range(kinds)]
+    block_dc = min(block_d, 256)
+    _reduce_partials_kernel[(num_images, triton.cdiv(d, block_dc), kinds)](
+        partial,
+        chunk_start,
+        chunk_count,
+        sums[0],
+        sums[min(1, kinds - 1)],
+        sums[min(2, kinds - 1)],
+        d,
+        chunks_per_image,
+        partial.stride(0),
+        partial.stride(1),
+        d,
+        HAS_INDEX=image_index is not None,
+        BLOCK_P=16,
+        BLOCK_D=block_dc,
+        num_warps=4,
+    )
+    return dx, dy, sums
+
+
+def adaln_modulate_fwd(x, shift, scale, image_index):
+    """Triton: -> (y, mean, rstd); x [N, S, d] contiguous, shift/scale [B, d], mean/rstd fp32 [N * S]."""
+    _, y, mean, rstd = _fwd(x, None, None, shift, scale, image_index)
+    return y, mean, rstd
+
+
+def adaln_modulate_bwd(dy, x, shift, scale, image_index, mean, rstd):
+    """Triton: -> (dx, dshift, dscale); dshift/dscale in shift's dtype."""
+    dx, _, (dshift, dscale) = _bwd(dy, None, x, None, None, scale, image_index, mean, rstd, shift.dtype)
+    return dx, dshift, dscale
+
+
+def gated_residual_adaln_fwd(x, y, gate, shift, scale, image_index):
+    """Triton: -> (x_out, h, mean, rstd) in one pass over x and y."""
+    return _fwd(x, y, gate, shift, scale, image_index)
+
+
+def gated_residual_adaln_bwd(dx_out, dh, x_out, y, gate, scale, image_index, mean, rstd):
+    """Triton: -> (dx, dy, dgate, dshift, dscale)."""
+    dx, dy, (dshift, dscale, dgate) = _bwd(dh, dx_out, x_out, y, gate, scale, image_index, mean, rstd, gate.dtype)
+    return dx, dy, dgate, dshift, dscale
+
+
+def gated_residual_fwd(x, y, gate, image_index):
+    """Triton: the gated residual alone (nothing to modulate after it) -> x_out."""
+    return _fwd(x, y, gate, None, None, image_index)[0]
+
+
+def gated_residual_bwd(dx_out, y, gate, image_index):
+    """Triton: -> (dx, dy, dgate)."""
+    dx, dy, (dgate,) = _bwd(None, dx_out, None, y, gate, None, image_index, None, None, gate.dtype)
+    return dx, dy, dgate
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Custom ops (namespace lego): opaque to torch.compile, with fake (meta) implementations and registered autograd.
+
+
+def _impl(backend: str, name: str):
+    """The launcher ``name`` of ``backend``: lego_kernels._cuda for "cuda", the Triton launchers above otherwise."""
+    if backend == "cuda":
+        from lego_kernels import _cuda
+
+        return getattr(_cuda, name)
+    return globals()[name]
+
+
+def _grad_or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad.contiguous()
+
+
+@torch.library.custom_op("lego::adaln_modulate_fwd", mutates_args=())
+def _adaln_modulate_fwd_op(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, image_index: torch.Tensor | None, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _impl(backend, "adaln_modulate_fwd")(x, shift, scale, image_index)
+
+
+@_adaln_modulate_fwd_op.register_fake
+def _(x, shift, scale, image_index, backend):
+    stats = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("lego::adaln_modulate_bwd", mutates_args=())
+def _adaln_modulate_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    image_index: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _impl(backend, "adaln_modulate_bwd")(dy, x, shift, scale, image_index, mean, rstd)
+
+
+@_adaln_modulate_bwd_op.register_fake
+def _(dy, x, shift, scale, image_index, mean, rstd, backend):
+    return torch.empty_like(x), torch.empty_like(shift), torch.empty_like(shift)
+
+
+def _adaln_modulate_setup(ctx, inputs, output):
+    x, shift, scale, image_index, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, shift, scale, image_index, mean, rstd)
+    ctx.backend = backend
+
+
+def _adaln_modulate_backward(ctx, dy, _dmean, _drstd):
+    x, shift, scale, image_index, mean, rstd = ctx.saved_tensors
+    dy = _grad_or_zeros(dy, x)
+    dx, dshift, dscale = _adaln_modulate_bwd_op(dy, x, shift, scale, image_index, mean, rstd, ctx.backend)
+    return dx, dshift, dscale, None, None
+
+
+_adaln_modulate_fwd_op.register_autograd(_adaln_modulate_backward, setup_context=_adaln_modulate_setup)
+
+
+@torch.library.custom_op("lego::gated_residual_adaln_fwd", mutates_args=())
+def _gated_residual_adaln_fwd_op(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    image_index: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _impl(backend, "gated_residual_adaln_fwd")(x, y, gate, shift, scale, image_index)
+
+
+@_gated_residual_adaln_fwd_op.register_fake
+def _(x, y, gate, shift, scale, image_index, backend):
+    stats = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
+    return torch.empty_like(x), torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("lego::gated_residual_adaln_bwd", mutates_args=())
+def _gated_residual_adaln_bwd_op(
+    dx_out: torch.Tensor,
+    dh: torch.Tensor,
+    x_out: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    scale: torch.Tensor,
+    image_index: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _impl(backend, "gated_residual_adaln_bwd")(dx_out, dh, x_out, y, gate, scale, image_index, mean, rstd)
+
+
+@_gated_residual_adaln_bwd_op.register_fake
+def _(dx_out, dh, x_out, y, gate, scale, image_index, mean, rstd, backend):
+    return (
+        torch.empty_like(x_out),
+        torch.empty_like(y),
+        torch.empty_like(gate),
+        torch.empty_like(gate),
+        torch.empty_like(gate),
+    )
+
+
+def _gated_residual_adaln_setup(ctx, inputs, output):
+    _, y, gate, _, scale, image_index, backend = inputs
+    x_out, _, mean, rstd = output
+    ctx.save_for_backward(x_out, y, gate, scale, image_index, mean, rstd)
+    ctx.backend = backend
+
+
+def _gated_residual_adaln_backward(ctx, dx_out, dh, _dmean, _drstd):
+    x_out, y, gate, scale, image_index, mean, rstd = ctx.saved_tensors
+    dx_out, dh = _grad_or_zeros(dx_out, x_out), _grad_or_zeros(dh, x_out)
+    dx, dy, dgate, dshift, dscale = _gated_residual_adaln_bwd_op(
+        dx_out, dh, x_out, y, gate, scale, image_index, mean, rstd, ctx.backend
+    )
+    return dx, dy, dgate, dshift, dscale, None, None
+
+
+_gated_residual_adaln_fwd_op.register_autograd(
+    _gated_residual_adaln_backward, setup_context=_gated_residual_adaln_setup
+)
+
+
+# The gated residual without a following adaLN (the last one of a stack): Triton only, for every fused backend (the
+# CUDA extension has no kernel for it; it is one elementwise pass).
+@torch.library.custom_op("lego::gated_residual_fwd", mutates_args=())
+def _gated_residual_fwd_op(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, image_index: torch.Tensor | None
+) -> torch.Tensor:
+    return gated_residual_fwd(x, y, gate, image_index)
+
+
+@_gated_residual_fwd_op.register_fake
+def _(x, y, gate, image_index):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lego::gated_residual_bwd", mutates_args=())
+def _gated_residual_bwd_op(
+    dx_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, image_index: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_residual_bwd(dx_out, y, gate, image_index)
+
+
+@_gated_residual_bwd_op.register_fake
+def _(dx_out, y, gate, image_index):
+    return torch.empty_like(y), torch.empty_like(y), torch.empty_like(gate)
+
+
+def _gated_residual_setup(ctx, inputs, output):
+    _, y, gate, image_index = inputs
+    ctx.save_for_backward(y, gate, image_index)
+
+
+def _gated_residual_backward(ctx, dx_out):
+    y, gate, image_index = ctx.saved_tensors
+    dx, dy, dgate = _gated_residual_bwd_op(_grad_or_zeros(dx_out, y), y, gate, image_index)
+    return dx, dy, dgate, None
+
+
+_gated_residual_fwd_op.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public functions.
 
 
 def _check(op, x, image_index, **per_image):
@@ -78,7 +680,11 @@ def adaln_modulate(x, shift, scale, image_index=None, backend="auto"):
     """
     _check("adaln_modulate", x, image_index, shift=shift, scale=scale)
     backend = resolve_backend(backend, x.device, "adaln_modulate", _IMPLEMENTED)
-    return adaln_modulate_ref(x, shift, scale, image_index)
+    if backend == "torch" or x.dtype == torch.float64:
+        return adaln_modulate_ref(x, shift, scale, image_index)
+    image_index = None if image_index is None else image_index.long().contiguous()
+    y, _, _ = _adaln_modulate_fwd_op(x.contiguous(), shift.contiguous(), scale.contiguous(), image_index, backend)
+    return y
 
 
 def gated_residual_adaln(x, y, gate, shift=None, scale=None, image_index=None, backend="auto"):
@@ -95,4 +701,13 @@ def gated_residual_adaln(x, y, gate, shift=None, scale=None, image_index=None, b
     if y.shape != x.shape:
         raise ValueError(f"gated_residual_adaln: y has shape {tuple(y.shape)} but x has {tuple(x.shape)}")
     backend = resolve_backend(backend, x.device, "gated_residual_adaln", _IMPLEMENTED)
-    return gated_residual_adaln_ref(x, y, gate, shift, scale, image_index)
+    if backend == "torch" or x.dtype == torch.float64 or (shift is None and not _HAS_TRITON):
+        return gated_residual_adaln_ref(x, y, gate, shift, scale, image_index)
+    x, y, gate = x.contiguous(), y.contiguous(), gate.contiguous()
+    image_index = None if image_index is None else image_index.long().contiguous()
+    if shift is None:
+        return _gated_residual_fwd_op(x, y, gate, image_index)
+    x_out, h, _, _ = _gated_residual_adaln_fwd_op(
+        x, y, gate, shift.contiguous(), scale.contiguous(), image_index, backend
+    )
+    return x_out, h

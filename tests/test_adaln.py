@@ -1,0 +1,318 @@
+"""adaln_modulate and gated_residual_adaln: the fused backends against the fp64 reference, forward and every gradient.
+
+Without a GPU the Triton kernels run through the interpreter on small odd shapes; the `cuda`-marked tests repeat the
+comparisons on the GPU with bf16 and the model's shapes.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import DEVICES, assert_close_to_reference, compile_for_gpu
+
+from lego_kernels import adaln, available_backends
+from lego_kernels.adaln import adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref
+
+# (B, N, S, d): images, sequences, tokens per sequence, hidden size. Odd widths exercise the masked tail.
+SHAPES = [(3, 15, 4, 40), (3, 15, 1, 72), (3, 15, 7, 100), (1, 7, 5, 33)]
+# The model's shapes (GPU only): 4x4 patch-brick of XL, S-size brick, the XL 4x4 brick with S = 1.
+MODEL_SHAPES = [(64, 64 * 64, 4, 1152), (32, 32 * 16, 16, 384), (16, 16 * 256, 1, 1024)]
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _image_index(index, num_images, num_seq, device):
+    """None, or a random mapping of the sequences onto the images that leaves one image without sequences."""
+    if index is None:
+        return None
+    used = [b for b in range(num_images) if b != num_images // 2] if num_images > 1 else [0]
+    pick = torch.randint(0, len(used), (num_seq,))
+    ids = torch.tensor(used)[pick]
+    return ids.to(device=device, dtype=torch.int32 if index == "int32" else torch.int64)
+
+
+def _vectors(num_images, d, count, dtype, device):
+    # Random, not the adaLN-Zero init: a zero scale or gate would hide a wrong term.
+    return [torch.randn(num_images, d, dtype=dtype, device=device) for _ in range(count)]
+
+
+def _run(fn, inputs, upstream):
+    """Outputs of fn(*inputs) and the gradients of every input under the given upstream gradients."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, upstream) if g is not None]
+    grads = torch.autograd.grad(
+        [o for o, _ in pairs], leaves, [g.to(o.dtype) for o, g in pairs], allow_unused=True, materialize_grads=True
+    )
+    return [o.detach() for o in outs], list(grads)
+
+
+def _compare(fused, torch_same, fp64, dtype, names):
+    for out, out_torch, out_fp64, name in zip(fused, torch_same, fp64, names):
+        atol = ATOL[dtype] * max(1.0, out_fp64.abs().max().item())
+        assert_close_to_reference(out, out_torch, out_fp64, atol, name)
+
+
+def _check_adaln_modulate(device, dtype, shape, index, backend="triton"):
+    num_images, num_seq, seq_len, d = shape
+    x = torch.randn(num_seq, seq_len, d, dtype=dtype, device=device) * 2 + 0.5
+    shift, scale = _vectors(num_images, d, 2, dtype, device)
+    image_index = _image_index(index, num_images, num_seq, device)
+    dy = torch.randn_like(x)
+    inputs = (x, shift, scale)
+
+    fused = _run(lambda *a: adaln_modulate(*a, image_index=image_index, backend=backend), inputs, [dy])
+    same = _run(lambda *a: adaln_modulate_ref(*a, image_index=image_index), inputs, [dy])
+    fp64 = _run(lambda *a: adaln_modulate_ref(*a, image_index=image_index), [t.double() for t in inputs], [dy])
+    names = ["y", "dx", "dshift", "dscale"]
+    _compare(fused[0] + fused[1], same[0] + same[1], fp64[0] + fp64[1], dtype, names)
+    assert all(g.dtype == dtype for g in fused[1])
+
+
+def _check_gated(device, dtype, shape, index, use="both", norm=True, backend="triton"):
+    num_images, num_seq, seq_len, d = shape
+    x = torch.randn(num_seq, seq_len, d, dtype=dtype, device=device) * 2 + 0.5
+    y = torch.randn_like(x)
+    vecs = _vectors(num_images, d, 3 if norm else 1, dtype, device)  # gate[, shift, scale]
+    image_index = _image_index(index, num_images, num_seq, device)
+    dx_out = torch.randn_like(x) if use in ("both", "x_out") else None
+    dh = torch.randn_like(x) if use in ("both", "h") else None
+    upstream = [dx_out, dh] if norm else [dx_out]
+    inputs = (x, y, *vecs)
+
+    fused = _run(lambda *a: gated_residual_adaln(*a, image_index=image_index, backend=backend), inputs, upstream)
+    same = _run(lambda *a: gated_residual_adaln_ref(*a, image_index=image_index), inputs, upstream)
+    fp64 = _run(
+        lambda *a: gated_residual_adaln_ref(*a, image_index=image_index), [t.double() for t in inputs], upstream
+    )
+    names = (["x_out", "h"] if norm else ["x_out"]) + ["dx", "dy", "dgate", "dshift", "dscale"][: len(inputs)]
+    _compare(fused[0] + fused[1], same[0] + same[1], fp64[0] + fp64[1], dtype, names)
+
+
+# --- the Triton kernels (interpreter on the CPU, the GPU where there is one) -------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("index", [None, "int64"])
+def test_adaln_modulate_triton(device, dtype, shape, index):
+    _check_adaln_modulate(device, dtype, shape, index)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("index", [None, "int64"])
+def test_gated_residual_adaln_triton(device, dtype, shape, index):
+    _check_gated(device, dtype, shape, index)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use", ["h", "x_out"])
+@pytest.mark.parametrize("index", [None, "int32"])
+def test_gated_residual_adaln_one_output_used(device, use, index):
+    _check_gated(device, torch.float32, (3, 15, 4, 40), index, use=use)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("index", [None, "int64"])
+def test_gated_residual_without_norm_triton(device, dtype, index):
+    _check_gated(device, dtype, (3, 15, 7, 72), index, norm=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index", [None, "int64"])
+def test_small_tiles(device, index, monkeypatch):
+    """Tiles of 2 rows, backward programs of 5 rows: several tiles per program, up to 20 programs per image (more
+    than the reduction's 16-program tile), chunks cut in the middle of an image."""
+    monkeypatch.setattr(adaln, "_TILE_ELEMENTS", 128)
+    monkeypatch.setattr(adaln, "_BWD_PROGRAM_ELEMENTS", 5 * 64)
+    _check_adaln_modulate(device, torch.float32, (3, 15, 4, 40), index)
+    _check_gated(device, torch.float32, (2, 40, 7, 40), index)
+    _check_gated(device, torch.float32, (3, 15, 4, 40), index, norm=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_takes_the_reference(device):
+    x = torch.randn(6, 4, 40, dtype=torch.float64, device=device)
+    shift, scale = _vectors(3, 40, 2, torch.float64, device)
+    torch.testing.assert_close(adaln_modulate(x, shift, scale, backend="triton"), adaln_modulate_ref(x, shift, scale))
+
+
+# --- torch.compile and the custom ops ----------------------------------------------------------------------------------
+
+
+def _adaln_step(backend):
+    def step(x, y, gate, shift, scale, image_index):
+        h = adaln_modulate(x, shift, scale, image_index, backend=backend)
+        x_out, h2 = gated_residual_adaln(x, h, gate, shift, scale, image_index, backend=backend)
+        last = gated_residual_adaln(x_out, h2, gate, image_index=image_index, backend=backend)
+        return (last * y).sum()
+
+    return step
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("index", [None, "int64"])
+def test_torch_compile_fullgraph(backend, index):
+    num_images, num_seq, seq_len, d = 3, 9, 4, 40
+    x, y = torch.randn(2, num_seq, seq_len, d)
+    vecs = _vectors(num_images, d, 3, torch.float32, "cpu")
+    image_index = _image_index(index, num_images, num_seq, "cpu")
+    step = _adaln_step(backend)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    eager = _run(lambda *a: step(*a, image_index), (x, y, *vecs), [torch.tensor(1.0)])
+    traced = _run(lambda *a: compiled(*a, image_index), (x, y, *vecs), [torch.tensor(1.0)])
+    for a, b in zip(eager[0] + eager[1], traced[0] + traced[1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_opcheck():
+    """Schema, fake implementation, autograd registration and AOT dispatch of every custom op (fwd and, through the
+    registered autograd, bwd)."""
+    x, y = torch.randn(2, 6, 3, 40, requires_grad=True)
+    gate, shift, scale = (v.requires_grad_() for v in _vectors(3, 40, 3, torch.float32, "cpu"))
+    image_index = torch.tensor([2, 0, 0, 2, 2, 0])
+    for index in (None, image_index):
+        torch.library.opcheck(torch.ops.lego.adaln_modulate_fwd.default, (x, shift, scale, index, "triton"))
+    gated = torch.ops.lego.gated_residual_adaln_fwd.default
+    torch.library.opcheck(gated, (x, y, gate, shift, scale, image_index, "triton"))
+    torch.library.opcheck(torch.ops.lego.gated_residual_fwd.default, (x, y, gate, None))
+
+
+# --- dispatch and argument checks --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_cpu_backends_give_the_reference(backend):
+    x, y = torch.randn(2, 6, 4, 40)
+    gate, shift, scale = _vectors(3, 40, 3, torch.float32, "cpu")
+    assert torch.equal(adaln_modulate(x, shift, scale, backend=backend), adaln_modulate_ref(x, shift, scale))
+    for got, want in zip(
+        gated_residual_adaln(x, y, gate, shift, scale, backend=backend),
+        gated_residual_adaln_ref(x, y, gate, shift, scale),
+    ):
+        assert torch.equal(got, want)
+    assert torch.equal(gated_residual_adaln(x, y, gate, backend=backend), gated_residual_adaln_ref(x, y, gate))
+
+
+def test_bad_arguments():
+    x, y = torch.randn(2, 6, 4, 40)
+    gate, shift, scale = _vectors(3, 40, 3, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="width 39"):
+        adaln_modulate(x, shift[:, :39], scale[:, :39], backend="triton")
+    with pytest.raises(ValueError, match="not a multiple of the 4 images"):
+        adaln_modulate(x, *_vectors(4, 40, 2, torch.float32, "cpu"), backend="triton")
+    with pytest.raises(ValueError, match="image_index has 5 entries"):
+        adaln_modulate(x, shift, scale, torch.zeros(5, dtype=torch.long), backend="triton")
+    with pytest.raises(ValueError, match="both shift and scale"):
+        gated_residual_adaln(x, y, gate, shift, backend="triton")
+    with pytest.raises(ValueError, match="y has shape"):
+        gated_residual_adaln(x, y[:, :3], gate, shift, scale, backend="triton")
+
+
+def test_missing_backend(monkeypatch):
+    x = torch.randn(6, 4, 40)
+    shift, scale = _vectors(3, 40, 2, torch.float32, "cpu")
+    if "cuda" not in available_backends(x.device):
+        with pytest.raises(ValueError, match="backend 'cuda' is not available"):
+            adaln_modulate(x, shift, scale, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend 'triton' is not available"):
+        adaln_modulate(x, shift, scale, backend="triton")
+    with pytest.raises(ValueError, match="backend 'triton' is not available"):
+        gated_residual_adaln(x, x, shift, backend="triton")
+
+
+# --- compile-only: each kernel variant builds for sm_80 and sm_90 ------------------------------------------------------
+
+
+def _fwd_signature(dt):
+    ptrs = {n: f"*{dt}" for n in ("X", "Y", "GATE", "SHIFT", "SCALE")}
+    ptrs |= {"IMAGE_INDEX": "*i64", "X_OUT": f"*{dt}", "H": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32"}
+    ints = {n: "i32" for n in ("num_rows", "d", "seq_len", "seqs_per_image", "stride_row", "stride_vec")}
+    return ptrs | ints | {"eps": "fp32"}
+
+
+def _bwd_signature(dt):
+    ptrs = {n: f"*{dt}" for n in ("DH", "DX_OUT", "X", "Y", "GATE", "SCALE")} | {"MEAN": "*fp32", "RSTD": "*fp32"}
+    ptrs |= {n: "*i64" for n in ("ORDER", "PROGRAM_IMAGE", "CHUNK_START", "SEQ_START", "SEQ_COUNT")}
+    ptrs |= {"DX": f"*{dt}", "DY": f"*{dt}", "PARTIAL": "*fp32"}
+    ints = ["num_images", "d", "seq_len", "seqs_per_image", "seqs_per_program", "chunks_per_image", "stride_row"]
+    ints += ["stride_vec", "stride_partial_kind", "stride_partial_program"]
+    return ptrs | {n: "i32" for n in ints}
+
+
+# (dtype, HAS_RESIDUAL, HAS_NORM, HAS_INDEX, BLOCK_R, BLOCK_D): adaln_modulate at d = 1152, the fused gated residual
+# at d = 384 with an image_index, the gated residual alone at a small width.
+VARIANTS = [
+    ("bf16", False, True, False, 2, 2048),
+    ("fp16", True, True, True, 8, 512),
+    ("fp32", True, False, False, 64, 64),
+]
+
+
+def _compile_variant(variant):
+    dt, residual, norm, index, block_r, block_d = variant
+    flags = {"HAS_RESIDUAL": residual, "HAS_NORM": norm, "HAS_INDEX": index, "BLOCK_R": block_r, "BLOCK_D": block_d}
+    compile_for_gpu(adaln._adaln_fwd_kernel, _fwd_signature(dt) | dict.fromkeys(flags, "constexpr"), flags)
+    compile_for_gpu(adaln._adaln_bwd_kernel, _bwd_signature(dt) | dict.fromkeys(flags, "constexpr"), flags)
+    reduce_flags = {"HAS_INDEX": index, "BLOCK_P": 16, "BLOCK_D": min(block_d, 256)}
+    reduce_signature = {"PARTIAL": "*fp32", "CHUNK_START": "*i64", "CHUNK_COUNT": "*i64"}
+    reduce_signature |= {n: f"*{dt}" for n in ("OUT0", "OUT1", "OUT2")}
+    reduce_signature |= {n: "i32" for n in ("d", "chunks_per_image", "stride_partial_kind", "stride_partial_program")}
+    reduce_signature |= {"stride_out": "i32"} | dict.fromkeys(reduce_flags, "constexpr")
+    compile_for_gpu(adaln._reduce_partials_kernel, reduce_signature, reduce_flags)
+
+
+def test_compiles_for_gpu():
+    """Every kernel variant builds for sm_80 and sm_90. In a child process without TRITON_INTERPRET: under the
+    interpreter tl.sum and the other jit-defined library functions are interpreted functions, which the real code
+    generator cannot call."""
+    code = "import test_adaln as t\nfor v in t.VARIANTS: t._compile_variant(v)"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=here, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+# --- GPU: bf16, the model's shapes, the CUDA extension, determinism ----------------------------------------------------
+
+
+def _gpu_backends():
+    return [b for b in ("triton", "cuda") if b in available_backends("cuda")] if torch.cuda.is_available() else []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES + MODEL_SHAPES)
+@pytest.mark.parametrize("index", [None, "int64"])
+def test_gpu(dtype, shape, index):
+    for backend in _gpu_backends():
+        _check_adaln_modulate("cuda", dtype, shape, index, backend=backend)
+        _check_gated("cuda", dtype, shape, index, backend=backend)
+    _check_gated("cuda", dtype, shape, index, norm=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("index", [None, "int64"])
+def test_gpu_backward_is_deterministic(index):
+    num_images, num_seq, seq_len, d = MODEL_SHAPES[0]
+    x, y = torch.randn(2, num_seq, seq_len, d, device="cuda", dtype=torch.bfloat16)
+    vecs = _vectors(num_images, d, 3, torch.bfloat16, "cuda")
+    image_index = _image_index(index, num_images, num_seq, "cuda")
+    upstream = [torch.randn_like(x), torch.randn_like(x)]
+    for backend in _gpu_backends():
+
+        def fn(*a, backend=backend):
+            return gated_residual_adaln(*a, image_index=image_index, backend=backend)
+
+        first, second = _run(fn, (x, y, *vecs), upstream), _run(fn, (x, y, *vecs), upstream)
+        for a, b in zip(first[1], second[1]):
+            assert torch.equal(a, b), backend
