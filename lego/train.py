@@ -100,6 +100,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     resolution = cfg.resolution or MODELS[cfg.model].resolution
     data = load_dataset(cfg.data, resolution)
     channels = data.images.shape[1]
+    torch.manual_seed(cfg.seed)  # the initial weights; every later draw comes from per-step generators
     ckpt = None
     if resume:
         ckpt = load_checkpoint(ckpt_path)
