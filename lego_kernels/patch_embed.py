@@ -19,10 +19,18 @@ import torch
 import torch.nn.functional as F
 
 from lego_kernels._checks import check_canvas, check_float, check_index, check_same
-from lego_kernels._dispatch import resolve_backend
+from lego_kernels._dispatch import new_output, resolve_backend, triton_importable
+
+if triton_importable():
+    import triton
+    import triton.language as tl
+else:  # the torch backend needs no triton: the kernels below stay plain, never-called functions
+    import types
+
+    triton = types.SimpleNamespace(jit=lambda fn: fn)
 
 # Backends besides "torch" that this file implements.
-_IMPLEMENTED: tuple[str, ...] = ()
+_IMPLEMENTED: tuple[str, ...] = ("triton",)
 
 
 def coordinate_channels(batch, height, width, dtype, device):
@@ -46,12 +54,440 @@ def patch_embed_ref(x, prev, weight, bias, pos_embed, brick_size, field_size, pa
     return tokens.reshape(-1, t * t, d)  # (N, S, d)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Triton kernels. Every token row is one (sequence, token position s) pair; a program takes BLOCK_M sequences at one s,
+# so a row's field origin is a per-row scalar and the K = C' * l * l field values are a gather from x and prev plus two
+# coordinates computed from the pixel index. K runs in the conv weight's (channel, row in field, column in field) order.
+
+
+@triton.jit
+def _field_origin(patch, s, NW, T: tl.constexpr, L: tl.constexpr):
+    """Top-left pixel (row, column) of field s of each flat patch id in ``patch``."""
+    y0 = (patch // NW) * (T * L) + (s // T) * L
+    x0 = (patch % NW) * (T * L) + (s % T) * L
+    return y0, x0
+
+
+@triton.jit
+def _gather_fields(
+    X,  # shape (B, C, H, W)
+    PREV,  # shape (B, C, H, W); not read without HAS_PREV
+    img,  # shape (BLOCK_M,) int64: image of each row
+    y0,  # shape (BLOCK_M,): top row of each row's field
+    x0,  # shape (BLOCK_M,): left column of each row's field
+    row_ok,  # shape (BLOCK_M,)
+    k,  # shape (BLOCK_K,): field element (channel * l*l + row in field * l + column in field)
+    K,  # C' * l * l
+    C,
+    H,
+    W,
+    stride_b,
+    stride_c,
+    stride_h,
+    row_step,  # 2 / (H - 1), 0 when H == 1
+    col_step,  # 2 / (W - 1), 0 when W == 1
+    L: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+):
+    """The (BLOCK_M, BLOCK_K) tile of fields, fp32, zero outside the rows and K."""
+    ch = k // (L * L)
+    yy = y0[:, None] + ((k // L) % L)[None, :]
+    xx = x0[:, None] + (k % L)[None, :]
+    ok = row_ok[:, None] & (k < K)[None, :]
+    base = img[:, None] * stride_b + yy * stride_h + xx
+    val = tl.load(X + base + ch[None, :] * stride_c, mask=ok & (ch < C)[None, :], other=0.0).to(tl.float32)
+    if HAS_PREV:
+        in_prev = ok & ((ch >= C) & (ch < 2 * C))[None, :]
+        val += tl.load(PREV + base + (ch - C)[None, :] * stride_c, mask=in_prev, other=0.0).to(tl.float32)
+    # As torch.linspace(-1, 1, n): start + i * step in the first half, end - (n - 1 - i) * step in the second (the
+    # middle of an odd n comes from the start here, equal up to rounding); n = 1 gives [-1].
+    row = tl.where(yy * 2 < H, -1.0 + yy * row_step, 1.0 - (H - 1 - yy) * row_step)
+    col = tl.where(xx * 2 < W, -1.0 + xx * col_step, 1.0 - (W - 1 - xx) * col_step)
+    coord = K // (L * L) - 2  # channel of the row coordinate; the column coordinate follows it
+    val = tl.where(ok & (ch == coord)[None, :], row, val)
+    val = tl.where(ok & (ch == coord + 1)[None, :], col, val)
+    return val
+
+
+@triton.jit
+def _patch_embed_fwd_kernel(
+    X,  # shape (B, C, H, W)
+    PREV,  # shape (B, C, H, W); not read without HAS_PREV
+    WEIGHT,  # shape (d, C', l, l), read as (d, K)
+    BIAS,  # shape (d,); not read without HAS_BIAS
+    POS,  # shape (S, d)
+    INDEX,  # shape (B, P): flat patch ids; not read without HAS_INDEX
+    OUT,  # shape (N, S, d)
+    N,  # sequences, B * P
+    P,  # patches per image (sequences per image)
+    NH,  # patches per canvas column, H / r
+    NW,  # patches per canvas row, W / r
+    d,
+    K,  # C' * l * l
+    C,
+    H,
+    W,
+    stride_b,  # x and prev share their (contiguous) strides
+    stride_c,
+    stride_h,
+    row_step,
+    col_step,
+    T: tl.constexpr,  # fields per patch side, r / l
+    L: tl.constexpr,  # field size l
+    HAS_PREV: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32 rounding), ignored for 16-bit inputs
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """tokens[n, s, :] = field(n, s) . weight^T + bias + pos[s] for BLOCK_M sequences n at one token position s."""
+    pid_m = tl.program_id(0)
+    s = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    seq = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    seq_ok = seq < N
+    img = (seq // P).to(tl.int64)
+    if HAS_INDEX:
+        patch = tl.load(INDEX + seq, mask=seq_ok, other=0).to(tl.int32)
+        seq_ok = seq_ok & (patch >= 0) & (patch < NH * NW)  # an out-of-range id reads nothing
+    else:
+        patch = seq % P
+    y0, x0 = _field_origin(patch, s, NW, T, L)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < d
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(WEIGHT + cols[None, :] * K + k[:, None], mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
+        a = _gather_fields(
+            X, PREV, img, y0, x0, seq_ok, k, K, C, H, W, stride_b, stride_c, stride_h, row_step, col_step, L, HAS_PREV
+        )  # fmt: skip
+        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc += tl.load(POS + s * d + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    rows = (seq.to(tl.int64) * (T * T) + s) * d
+    out_ok = (seq < N)[:, None] & col_ok[None, :]
+    tl.store(OUT + rows[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _patch_embed_bwd_weight_kernel(
+    DTOK,  # shape (N, S, d)
+    X,  # shape (B, C, H, W)
+    PREV,  # shape (B, C, H, W); not read without HAS_PREV
+    INDEX,  # shape (B, P); not read without HAS_INDEX
+    DW_PART,  # shape (SPLIT, d, K) fp32: this split's share of dweight
+    DPOS_PART,  # shape (SPLIT, S, d) fp32: this split's share of dpos_embed
+    N,
+    P,
+    NH,
+    NW,
+    d,
+    K,
+    C,
+    H,
+    W,
+    stride_b,
+    stride_c,
+    stride_h,
+    row_step,
+    col_step,
+    seq_per_split,  # a multiple of BLOCK_M
+    T: tl.constexpr,
+    L: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dweight[:, k] = sum over rows of dtok[row, :] * field[row, k], over the sequences of one split; the programs
+    of K-tile 0 also sum dtok per token position (dpos_embed; dbias is its sum over s)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    split = tl.program_id(2)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < d
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    seq_begin = split * seq_per_split
+    seq_end = tl.minimum(seq_begin + seq_per_split, N)
+
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for s in range(T * T):
+        dpos = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for n0 in range(seq_begin, seq_end, BLOCK_M):
+            seq = n0 + tl.arange(0, BLOCK_M)
+            seq_ok = seq < seq_end
+            img = (seq // P).to(tl.int64)
+            if HAS_INDEX:
+                patch = tl.load(INDEX + seq, mask=seq_ok, other=0).to(tl.int32)
+                field_ok = seq_ok & (patch >= 0) & (patch < NH * NW)
+            else:
+                patch = seq % P
+                field_ok = seq_ok
+            y0, x0 = _field_origin(patch, s, NW, T, L)
+            rows = (seq.to(tl.int64) * (T * T) + s) * d
+            g = tl.load(DTOK + rows[:, None] + cols[None, :], mask=seq_ok[:, None] & col_ok[None, :], other=0.0)
+            a = _gather_fields(
+                X, PREV, img, y0, x0, field_ok, k, K, C, H, W, stride_b, stride_c, stride_h, row_step, col_step, L,
+                HAS_PREV,
+            )  # fmt: skip
+            acc = tl.dot(tl.trans(a.to(g.dtype)), g, acc, input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_N)
+            dpos += tl.sum(g.to(tl.float32), axis=0)
+        if pid_k == 0:
+            tl.store(DPOS_PART + (split * (T * T) + s) * d + cols, dpos, mask=col_ok)
+    part = DW_PART + split.to(tl.int64) * d * K
+    tl.store(part + cols[None, :] * K + k[:, None], acc, mask=(k < K)[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _patch_embed_bwd_input_kernel(
+    DTOK,  # shape (N, S, d)
+    WEIGHT,  # shape (d, C', l, l), read as (d, K)
+    INV,  # shape (B * P_all,) int32: sequence of each (image, patch), -1 when none; not read without HAS_INDEX
+    DCANVAS,  # shape (1 or 2, B, C, H, W): dx, then dprev when there is prev
+    G,  # canvas patches, B * P_all
+    P_ALL,
+    NW,
+    d,
+    K,
+    K_IMG,  # field elements with a gradient: (1 or 2) * C * l * l (the coordinates have none)
+    C,
+    H,
+    W,
+    canvas_numel,  # B * C * H * W: offset of dprev in DCANVAS
+    T: tl.constexpr,
+    L: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dfield = dtok . weight, written to the canvas pixels of each field. A program walks BLOCK_M canvas patches (not
+    sequences) at one token position, so every pixel is written exactly once: zero where no sequence covers it."""
+    pid_m = tl.program_id(0)
+    s = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    gp = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    gp_ok = gp < G
+    img = (gp // P_ALL).to(tl.int64)
+    patch = gp % P_ALL
+    if HAS_INDEX:
+        seq = tl.load(INV + gp, mask=gp_ok, other=-1)
+    else:
+        seq = gp
+    covered = gp_ok & (seq >= 0)
+    rows = (seq.to(tl.int64) * (T * T) + s) * d
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, d, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < d
+        g = tl.load(DTOK + rows[:, None] + cols[None, :], mask=covered[:, None] & col_ok[None, :], other=0.0)
+        w = tl.load(WEIGHT + cols[:, None] * K + k[None, :], mask=col_ok[:, None] & (k < K)[None, :], other=0.0)
+        acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_K)
+
+    y0, x0 = _field_origin(patch, s, NW, T, L)
+    ch = k // (L * L)
+    yy = y0[:, None] + ((k // L) % L)[None, :]
+    xx = x0[:, None] + (k % L)[None, :]
+    # channel ch < C is x's channel ch, C <= ch < 2C is prev's channel ch - C, one canvas further on.
+    chan = (ch // C).to(tl.int64) * canvas_numel + (ch % C) * H * W
+    offs = img[:, None] * C * H * W + chan[None, :] + yy * W + xx
+    tl.store(DCANVAS + offs, acc.to(DCANVAS.dtype.element_ty), mask=gp_ok[:, None] & (k < K_IMG)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launchers. Block sizes come from plain heuristics (no autotune: it fails under the interpreter); the tests compile
+# the kernels with these same configurations.
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    """The power of two >= n, clamped to [lo, hi]."""
+    return min(hi, max(lo, 1 << max(0, n - 1).bit_length()))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# fp32 runs its tl.dot as FMAs (no TF32 rounding): smaller N and K tiles keep its registers and compile time in check.
+def _fwd_config(d: int, k: int, dtype: torch.dtype) -> dict:
+    wide = dtype != torch.float32
+    return {"BLOCK_M": 64, "BLOCK_N": _pow2(d, 16, 128 if wide else 64), "BLOCK_K": _pow2(k, 16, 64 if wide else 32)}
+
+
+def _bwd_weight_config(d: int, k: int, dtype: torch.dtype) -> dict:
+    return {"BLOCK_M": 64, "BLOCK_N": _pow2(d, 16, 64), "BLOCK_K": _pow2(k, 16, 64 if dtype != torch.float32 else 32)}
+
+
+def _bwd_input_config(d: int, k_img: int, dtype: torch.dtype) -> dict:
+    return {
+        "BLOCK_M": 64,
+        "BLOCK_N": _pow2(d, 16, 64 if dtype != torch.float32 else 32),
+        "BLOCK_K": _pow2(k_img, 16, 64),
+    }
+
+
+# dweight reduces over all N * S rows: split the sequences so that about this many programs run at once.
+_BWD_WEIGHT_PROGRAMS = 512
+
+
+def _geometry(x, weight, brick_size, field_size, patch_index):
+    b, c, h, w = x.shape
+    nh, nw = h // brick_size, w // brick_size
+    p = patch_index.shape[1] if patch_index is not None else nh * nw
+    steps = (2.0 / (h - 1) if h > 1 else 0.0, 2.0 / (w - 1) if w > 1 else 0.0)  # linspace(-1, 1, 1) is [-1]
+    return b, c, h, w, nh, nw, p, weight.shape[0], weight[0].numel(), brick_size // field_size, steps
+
+
+def _inverse_patch_index(patch_index, num_patches):
+    """(B * P_all,) int32: the sequence b * P + j of patch patch_index[b, j] of image b, -1 for patches not listed."""
+    b, p = patch_index.shape
+    flat = (torch.arange(b, device=patch_index.device)[:, None] * num_patches + patch_index).reshape(-1)
+    inv = torch.full((b * num_patches,), -1, dtype=torch.int32, device=patch_index.device)
+    return inv.scatter_(0, flat, torch.arange(b * p, dtype=torch.int32, device=patch_index.device))
+
+
+def _patch_embed_fwd_triton(x, prev, weight, bias, pos_embed, patch_index, brick_size, field_size):
+    b, c, h, w, nh, nw, p, d, k, t, (row_step, col_step) = _geometry(x, weight, brick_size, field_size, patch_index)
+    n = b * p
+    out = new_output((n, t * t, d), x.dtype, x.device)
+    if out.numel() == 0:
+        return out
+    cfg = _fwd_config(d, k, x.dtype)
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), t * t, triton.cdiv(d, cfg["BLOCK_N"]))
+    _patch_embed_fwd_kernel[grid](
+        x, prev if prev is not None else x, weight, bias if bias is not None else pos_embed, pos_embed,
+        patch_index if patch_index is not None else x, out,
+        n, p, nh, nw, d, k, c, h, w, x.stride(0), x.stride(1), x.stride(2), row_step, col_step,
+        T=t, L=field_size, HAS_PREV=prev is not None, HAS_BIAS=bias is not None, HAS_INDEX=patch_index is not None,
+        DOT_PRECISION=_dot_precision(x.dtype), **cfg,
+    )  # fmt: skip
+    return out
+
+
+def _patch_embed_bwd_triton(dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad):
+    """(dcanvas [1 or 2, B, C, H, W] or an empty tensor when not input_grad, dweight, dbias, dpos_embed)."""
+    b, c, h, w, nh, nw, p, d, k, t, (row_step, col_step) = _geometry(x, weight, brick_size, field_size, patch_index)
+    n, s = b * p, t * t
+    dtype, device = weight.dtype, x.device
+
+    cfg = _bwd_weight_config(d, k, dtype)
+    tiles = triton.cdiv(d, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"])
+    seq_blocks = max(1, triton.cdiv(n, cfg["BLOCK_M"]))
+    split = max(1, min(seq_blocks, triton.cdiv(_BWD_WEIGHT_PROGRAMS, tiles)))
+    seq_per_split = triton.cdiv(seq_blocks, split) * cfg["BLOCK_M"]
+    split = max(1, triton.cdiv(n, seq_per_split))
+    dw_part = new_output((split, d, k), torch.float32, device)
+    dpos_part = new_output((split, s, d), torch.float32, device)
+    _patch_embed_bwd_weight_kernel[(triton.cdiv(d, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]), split)](
+        dtokens, x, prev if prev is not None else x, patch_index if patch_index is not None else x, dw_part, dpos_part,
+        n, p, nh, nw, d, k, c, h, w, x.stride(0), x.stride(1), x.stride(2), row_step, col_step, seq_per_split,
+        T=t, L=field_size, HAS_PREV=prev is not None, HAS_INDEX=patch_index is not None,
+        DOT_PRECISION=_dot_precision(dtype), **cfg,
+    )  # fmt: skip
+    dpos = dpos_part.sum(0)  # (S, d) fp32
+    dweight = dw_part.sum(0).to(dtype).view(weight.shape)
+    dbias = dpos.sum(0).to(dtype)
+
+    if not input_grad:
+        return dtokens.new_empty((0,)), dweight, dbias, dpos.to(dtype)
+    parts = 2 if prev is not None else 1
+    dcanvas = new_output((parts, b, c, h, w), x.dtype, device)
+    g, k_img = b * nh * nw, parts * c * field_size**2
+    cfg = _bwd_input_config(d, k_img, dtype)
+    inv = _inverse_patch_index(patch_index, nh * nw) if patch_index is not None else x
+    _patch_embed_bwd_input_kernel[(triton.cdiv(g, cfg["BLOCK_M"]), s, triton.cdiv(k_img, cfg["BLOCK_K"]))](
+        dtokens, weight, inv, dcanvas,
+        g, nh * nw, nw, d, k, k_img, c, h, w, b * c * h * w,
+        T=t, L=field_size, HAS_INDEX=patch_index is not None, DOT_PRECISION=_dot_precision(dtype), **cfg,
+    )  # fmt: skip
+    return dcanvas, dweight, dbias, dpos.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile, with fake (meta) implementations for tracing, autograd through the backward op.
+
+
+@torch.library.custom_op("lego::patch_embed_fwd", mutates_args=())
+def _patch_embed_fwd_op(
+    x: torch.Tensor,
+    prev: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pos_embed: torch.Tensor,
+    patch_index: torch.Tensor | None,
+    brick_size: int,
+    field_size: int,
+) -> torch.Tensor:
+    return _patch_embed_fwd_triton(x, prev, weight, bias, pos_embed, patch_index, brick_size, field_size)
+
+
+@_patch_embed_fwd_op.register_fake
+def _(x, prev, weight, bias, pos_embed, patch_index, brick_size, field_size):
+    b, _, h, w = x.shape
+    p = patch_index.shape[1] if patch_index is not None else (h // brick_size) * (w // brick_size)
+    return x.new_empty((b * p, (brick_size // field_size) ** 2, weight.shape[0]))
+
+
+@torch.library.custom_op("lego::patch_embed_bwd", mutates_args=())
+def _patch_embed_bwd_op(
+    dtokens: torch.Tensor,
+    x: torch.Tensor,
+    prev: torch.Tensor | None,
+    weight: torch.Tensor,
+    patch_index: torch.Tensor | None,
+    brick_size: int,
+    field_size: int,
+    input_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _patch_embed_bwd_triton(dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad)
+
+
+@_patch_embed_bwd_op.register_fake
+def _(dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad):
+    parts = 2 if prev is not None else 1
+    dcanvas = x.new_empty((parts, *x.shape)) if input_grad else dtokens.new_empty((0,))
+    s, d = dtokens.shape[1], weight.shape[0]
+    return dcanvas, weight.new_empty(weight.shape), weight.new_empty((d,)), weight.new_empty((s, d))
+
+
+def _patch_embed_setup_context(ctx, inputs, output):
+    x, prev, weight, bias, _, patch_index, brick_size, field_size = inputs
+    ctx.save_for_backward(x, prev, weight, patch_index)
+    ctx.has_bias, ctx.brick_size, ctx.field_size = bias is not None, brick_size, field_size
+
+
+def _patch_embed_backward(ctx, dtokens):
+    x, prev, weight, patch_index = ctx.saved_tensors
+    need_x, need_prev = ctx.needs_input_grad[0], prev is not None and ctx.needs_input_grad[1]
+    dcanvas, dweight, dbias, dpos = _patch_embed_bwd_op(
+        dtokens.contiguous(), x, prev, weight, patch_index, ctx.brick_size, ctx.field_size, need_x or need_prev
+    )
+    dx = dcanvas[0] if need_x else None
+    dprev = dcanvas[1] if need_prev else None
+    return dx, dprev, dweight, dbias if ctx.has_bias else None, dpos, None, None, None
+
+
+_patch_embed_fwd_op.register_autograd(_patch_embed_backward, setup_context=_patch_embed_setup_context)
+
+
 def patch_embed(x, prev, weight, bias, pos_embed, brick_size, field_size, patch_index=None, backend="auto"):
     """Embed every l x l field of every r x r patch of [x, prev, coordinates] as one token.
 
     x [B, C, H, W]; prev [B, C, H, W] or None; weight [d, C', l, l] over channels (x, prev, row, col);
     bias [d]; pos_embed [S, d] with S = (r/l)^2; patch_index [B, P] flat patch ids or None.
     Returns tokens [N, S, d], N = B * P (P = all patches, row-major, when patch_index is None).
+    The gradients of x and prev take each patch's field from its one sequence: a patch_index row must not repeat an id.
     """
     op = "patch_embed"
     check_float(op, "x", x, 4)
@@ -79,4 +515,15 @@ def patch_embed(x, prev, weight, bias, pos_embed, brick_size, field_size, patch_
         if patch_index.shape[0] != b:
             raise ValueError(f"{op}: patch_index has {patch_index.shape[0]} rows for {b} images")
     backend = resolve_backend(backend, x.device, op, _IMPLEMENTED)
+    if backend == "triton":
+        return _patch_embed_fwd_op(
+            x.contiguous(),
+            prev.contiguous() if prev is not None else None,
+            weight.contiguous(),
+            bias.contiguous() if bias is not None else None,
+            pos_embed.contiguous(),
+            patch_index.contiguous() if patch_index is not None else None,
+            brick_size,
+            field_size,
+        )
     return patch_embed_ref(x, prev, weight, bias, pos_embed, brick_size, field_size, patch_index)

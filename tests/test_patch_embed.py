@@ -1,0 +1,277 @@
+"""patch_embed: the fused Triton kernels (forward, dweight/dbias/dpos, dx/dprev) against the fp64 reference."""
+
+import contextlib
+import importlib
+import importlib.util
+import sys
+
+import pytest
+import torch
+from conftest import DEVICES, assert_close_to_reference, compile_for_gpu
+
+from lego_kernels import patch_embed, patch_embed_ref
+
+pe = importlib.import_module("lego_kernels.patch_embed")  # the module (the package exports the function by that name)
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+# (B, C, H, W, brick r, field l, d): non-square canvases, d not a multiple of the tiles.
+CASES = [
+    (3, 4, 16, 36, 4, 2, 40),  # XL's latent brick (S = 4); 108 sequences: two row blocks and two dweight splits
+    (3, 3, 12, 20, 4, 4, 24),  # S = 1: one token per patch
+    (2, 3, 16, 8, 8, 4, 24),  # brick 8, field 4
+    (3, 1, 16, 32, 16, 8, 40),  # C = 1, field 8: K = (2 or 4) * 64, several K tiles
+    (2, 2, 1, 5, 1, 1, 24),  # H = 1: the row coordinate is linspace(-1, 1, 1) = [-1]
+]
+
+
+def _inputs(b, c, h, w, r, l, d, has_prev, dtype, device, has_bias=True):
+    c_in = c * (2 if has_prev else 1) + 2
+    x = torch.randn(b, c, h, w, dtype=dtype, device=device)
+    prev = torch.randn(b, c, h, w, dtype=dtype, device=device) if has_prev else None
+    weight = torch.randn(d, c_in, l, l, dtype=dtype, device=device) / (c_in * l * l) ** 0.5
+    bias = torch.randn(d, dtype=dtype, device=device) if has_bias else None
+    pos_embed = torch.randn((r // l) ** 2, d, dtype=dtype, device=device)
+    return [x, prev, weight, bias, pos_embed]
+
+
+def _random_subset(b, num_patches, fraction, dtype, device):
+    """[B, P] distinct patch ids per image, a random subset in random order."""
+    p = max(1, round(num_patches * fraction))
+    return torch.stack([torch.randperm(num_patches)[:p] for _ in range(b)]).to(device=device, dtype=dtype)
+
+
+def _leaves(tensors, dtype=None):
+    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+def _check(tensors, r, l, patch_index, atol, backend="triton"):
+    """Forward and every gradient (x, prev, weight, bias, pos_embed) of the kernel against the fp64 reference, with
+    plain PyTorch in the same dtype as the yardstick."""
+    names = ["x", "prev", "weight", "bias", "pos_embed"]
+    kernel, torch_same, fp64 = _leaves(tensors), _leaves(tensors), _leaves(tensors, torch.float64)
+    out = patch_embed(*kernel, r, l, patch_index, backend=backend)
+    out_torch = patch_embed_ref(*torch_same, r, l, patch_index)
+    out_fp64 = patch_embed_ref(*fp64, r, l, patch_index)
+    assert_close_to_reference(out, out_torch, out_fp64, atol, "tokens")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_torch.backward(grad)
+    out_fp64.backward(grad.double())
+    for name, a, b, c in zip(names, kernel, torch_same, fp64):
+        if a is not None:
+            assert_close_to_reference(a.grad, b.grad, c.grad, atol, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("indexed", [False, True], ids=["all-patches", "patch-index"])
+@pytest.mark.parametrize("has_prev", [False, True], ids=["no-prev", "prev"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-C{}-{}x{}-r{}-l{}-d{}".format(*c))
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_embed_matches_reference(device, case, has_prev, indexed, dtype):
+    b, c, h, w, r, l, d = case
+    tensors = _inputs(b, c, h, w, r, l, d, has_prev, dtype, device)
+    # int32 ids with fp16 and int64 with fp32, so both index dtypes run.
+    index_dtype = torch.int32 if dtype == torch.float16 else torch.int64
+    patch_index = _random_subset(b, (h // r) * (w // r), 2 / 3, index_dtype, device) if indexed else None
+    _check(tensors, r, l, patch_index, ATOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_embed_without_bias(device):
+    tensors = _inputs(2, 3, 8, 12, 4, 2, 24, True, torch.float32, device, has_bias=False)
+    _check(tensors, 4, 2, _random_subset(2, 6, 0.5, torch.int64, device), ATOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_embed_one_weight_split(device, monkeypatch):
+    """dweight/dpos with a single split, so one program sums several row blocks (small CPU shapes get one per split)."""
+    monkeypatch.setattr(pe, "_BWD_WEIGHT_PROGRAMS", 1)
+    tensors = _inputs(3, 4, 16, 36, 4, 2, 40, True, torch.float32, device)
+    _check(tensors, 4, 2, _random_subset(3, 36, 0.9, torch.int64, device), ATOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_embed_gradients_only_where_required(device):
+    """dx/dprev are computed only when one of them requires grad; each of them alone still comes out right."""
+    x, prev, weight, bias, pos_embed = _inputs(2, 3, 8, 12, 4, 2, 24, True, torch.float32, device)
+    patch_index = _random_subset(2, 6, 0.5, torch.int64, device)
+    grad = torch.randn(6, 4, 24, device=device)
+    for wanted in ("weight", "prev"):
+        leaves = {"x": x, "prev": prev, "weight": weight, "bias": bias, "pos_embed": pos_embed}
+        leaves[wanted] = leaves[wanted].detach().clone().requires_grad_()
+        ref = {k: v.detach().double().requires_grad_(k == wanted) for k, v in leaves.items()}
+        patch_embed(*leaves.values(), 4, 2, patch_index, backend="triton").backward(grad)
+        patch_embed_ref(*ref.values(), 4, 2, patch_index).backward(grad.double())
+        torch.testing.assert_close(leaves[wanted].grad.double(), ref[wanted].grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_embed_torch_compile(device):
+    """The custom ops trace without graph breaks (fake impls, registered autograd), for both backends."""
+    tensors = _inputs(2, 3, 8, 12, 4, 2, 24, True, torch.float32, device)
+    patch_index = _random_subset(2, 6, 0.5, torch.int64, device)
+    for backend in ("triton", "torch"):
+        torch._dynamo.reset()
+
+        def step(x, prev, weight, bias, pos_embed, patch_index, backend=backend):
+            return patch_embed(x, prev, weight, bias, pos_embed, 4, 2, patch_index, backend=backend).square().sum()
+
+        eager, compiled = _leaves(tensors), _leaves(tensors)
+        step(*eager, patch_index).backward()
+        torch.compile(step, backend="aot_eager", fullgraph=True)(*compiled, patch_index).backward()
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(b.grad, a.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_embed_opcheck(device):
+    x, prev, weight, bias, pos_embed = _inputs(2, 3, 8, 12, 4, 2, 24, True, torch.float32, device)
+    patch_index = _random_subset(2, 6, 0.5, torch.int64, device)
+    weight.requires_grad_()
+    torch.library.opcheck(pe._patch_embed_fwd_op, (x, prev, weight, bias, pos_embed, patch_index, 4, 2))
+    dtokens = torch.randn(6, 4, 24, device=device)  # the backward op has no double backward: no grads here
+    torch.library.opcheck(pe._patch_embed_bwd_op, (dtokens, x, prev, weight.detach(), patch_index, 4, 2, True))
+
+
+def test_patch_embed_torch_and_auto_on_cpu_are_the_reference():
+    tensors = _inputs(2, 3, 8, 12, 4, 2, 24, True, torch.float32, "cpu")
+    ref = patch_embed_ref(*tensors, 4, 2)
+    assert torch.equal(patch_embed(*tensors, 4, 2, backend="torch"), ref)
+    assert torch.equal(patch_embed(*tensors, 4, 2, backend="auto"), ref)
+
+
+def test_patch_embed_bad_shapes_and_backends(monkeypatch):
+    x, prev, weight, bias, pos_embed = _inputs(2, 3, 8, 12, 4, 2, 24, True, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="weight has shape"):
+        patch_embed(x, None, weight, bias, pos_embed, 4, 2, backend="triton")  # weight expects prev's channels
+    with pytest.raises(ValueError, match="not divisible by the brick size"):
+        patch_embed(x[..., :10], prev[..., :10], weight, bias, pos_embed, 4, 2, backend="triton")
+    with pytest.raises(ValueError, match="pos_embed has shape"):
+        patch_embed(x, prev, weight, bias, pos_embed[:3], 4, 2, backend="triton")
+    with pytest.raises(ValueError, match="no 'cuda' kernel"):
+        patch_embed(x, prev, weight, bias, pos_embed, 4, 2, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend 'triton' is not available"):
+        patch_embed(x, prev, weight, bias, pos_embed, 4, 2, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Compile-only: the real compiler rejects what the interpreter lets through (tl.dot shapes, types). Configurations are
+# the launchers' own, at XL's shape (d = 1152, C = 4 with prev, brick 4, field 2) and at a field-8 brick.
+
+
+_MISSING = object()
+
+
+def _language_state():
+    """Every attribute of triton.language's modules and of its tensor class."""
+    import triton.language as tl
+
+    objects = [module for name, module in list(sys.modules.items()) if name.startswith("triton.language")]
+    return {obj: dict(vars(obj)) for obj in [*objects, tl.core.tensor]}
+
+
+# Taken at collection, before any kernel has run through the interpreter.
+_PRISTINE_LANGUAGE = _language_state() if importlib.util.find_spec("triton") else {}
+
+
+@contextlib.contextmanager
+def uninterpreted(*modules):
+    """Let compile_for_gpu compile under TRITON_INTERPRET=1: undo what the interpreter leaves behind and swap real
+    JITFunctions in for the InterpretedFunctions that code generation calls.
+
+    Two things break a real compile in a process that interprets kernels: (1) every @triton.jit function, triton's own
+    tl.zeros and tl.sum and our helpers included, is an InterpretedFunction, which code generation runs as plain
+    Python in interpreter mode; (2) such a call patches triton.language.core for the interpreter and never restores
+    it, so once any kernel that uses tl.zeros has run, triton.language stays patched. A warm Triton cache hides both.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    undo = []
+
+    def put(obj, name, value):
+        undo.append((obj, name, vars(obj).get(name, _MISSING)))
+        if value is _MISSING:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, value)
+
+    for obj, pristine in _PRISTINE_LANGUAGE.items():
+        now = dict(vars(obj))
+        for name in set(now) | set(pristine):
+            if now.get(name, _MISSING) is not pristine.get(name, _MISSING):
+                put(obj, name, pristine.get(name, _MISSING))
+    for obj in [*_PRISTINE_LANGUAGE, *modules]:
+        for name, value in list(vars(obj).items()):
+            if isinstance(value, InterpretedFunction):
+                put(obj, name, JITFunction(value.fn))
+    try:
+        yield
+    finally:
+        for obj, name, value in reversed(undo):
+            if value is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
+
+
+def _signature(kernel, pointers, floats=()):
+    """Triton types in the kernel's argument order: the given pointers, fp32 floats, constexprs, i32 otherwise."""
+    constexprs = {"T", "L", "HAS_PREV", "HAS_BIAS", "HAS_INDEX", "DOT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K"}
+    return {
+        name: pointers.get(name) or ("fp32" if name in floats else "constexpr" if name in constexprs else "i32")
+        for name in kernel.arg_names
+    }
+
+
+# (dtype, (C, field l, prev)): XL's latent brick, and a field-8 brick (several K tiles) for fp16.
+COMPILE_CASES = [("fp32", (4, 2, True)), ("fp16", (1, 8, False)), ("bf16", (4, 2, True))]
+
+
+@pytest.mark.parametrize("dtype, shape", COMPILE_CASES, ids=[case[0] for case in COMPILE_CASES])
+@pytest.mark.parametrize("kernel", ["fwd", "bwd_weight", "bwd_input"])
+def test_patch_embed_kernels_compile(kernel, dtype, shape):
+    pytest.importorskip("triton")
+    d, (c, l, has_prev) = 1152, shape
+    k = (2 * c if has_prev else c) * l * l + 2 * l * l
+    flags = {
+        "T": 2,
+        "L": l,
+        "HAS_PREV": has_prev,
+        "HAS_INDEX": True,
+        "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+    }
+    t, torch_dtype = f"*{dtype}", {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    steps = ("row_step", "col_step")
+    if kernel == "fwd":
+        fn = pe._patch_embed_fwd_kernel
+        ptrs = {"X": t, "PREV": t, "WEIGHT": t, "BIAS": t, "POS": t, "INDEX": "*i64", "OUT": t}
+        sig, constexprs = _signature(fn, ptrs, steps), {**flags, "HAS_BIAS": True, **pe._fwd_config(d, k, torch_dtype)}
+    elif kernel == "bwd_weight":
+        fn = pe._patch_embed_bwd_weight_kernel
+        ptrs = {"DTOK": t, "X": t, "PREV": t, "INDEX": "*i64", "DW_PART": "*fp32", "DPOS_PART": "*fp32"}
+        sig, constexprs = _signature(fn, ptrs, steps), {**flags, **pe._bwd_weight_config(d, k, torch_dtype)}
+    else:
+        fn = pe._patch_embed_bwd_input_kernel
+        ptrs = {"DTOK": t, "WEIGHT": t, "INV": "*i32", "DCANVAS": t}
+        del flags["HAS_PREV"]
+        sig, constexprs = _signature(fn, ptrs), {**flags, **pe._bwd_input_config(d, k - 2 * l * l, torch_dtype)}
+    with uninterpreted(pe):
+        # sm_90 (H100/H200) for every dtype; sm_80 too for bf16, the training dtype.
+        compile_for_gpu(fn, sig, constexprs, capabilities=(80, 90) if dtype == "bf16" else (90,))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU: the XL latent brick at training size (B = 256, 32x32x4, brick 4, field 2, d = 1152, with prev).
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("indexed", [False, True], ids=["all-patches", "patch-index"])
+def test_patch_embed_xl_on_gpu(indexed, dtype):
+    b, c, h, w, r, l, d = 256, 4, 32, 32, 4, 2, 1152
+    tensors = _inputs(b, c, h, w, r, l, d, True, dtype, "cuda")
+    patch_index = _random_subset(b, 64, 0.75, torch.int64, "cuda") if indexed else None
+    _check(tensors, r, l, patch_index, ATOL[dtype])
