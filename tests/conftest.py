@@ -43,20 +43,46 @@ def assert_close_to_reference(out, out_torch, out_fp64, atol, name="output"):
     assert err <= 2 * err_torch + atol, f"{name}: max error {err:.3g} > 2 * torch's {err_torch:.3g} + {atol:g}"
 
 
-def compile_for_gpu(kernel, signature, constexprs, capabilities=(80, 90)):
-    """Compile a Triton kernel to PTX and cubin for each compute capability, without a GPU.
+_COMPILE_SCRIPT = """
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
-    The interpreter accepts programs that a real compile rejects (a tl.dot with K < 16, say); this catches them.
-    signature maps every argument name to a Triton type ("*fp32", "i32", "constexpr", ...).
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    # Under TRITON_INTERPRET=1, @triton.jit gives an InterpretedFunction: rebuild the real JITFunction from its source.
-    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+for module, name, signature, constexprs, options, capabilities in json.loads(sys.argv[1]):
+    kernel = getattr(importlib.import_module(module), name)
+    while not isinstance(kernel, JITFunction):  # unwrap @triton.autotune / @triton.heuristics
+        kernel = kernel.fn
     for cc in capabilities:
-        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32))
-        assert "cubin" in compiled.asm, f"no cubin for sm_{cc}"
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
+        assert "cubin" in compiled.asm, f"{name}: no cubin for sm_{cc}"
+"""
+
+
+def compile_for_gpu(*specs, capabilities=(80, 90)):
+    """Compile Triton kernels to PTX and cubin for each compute capability, without a GPU.
+
+    Each spec is ``(kernel, signature, constexprs)`` or ``(kernel, signature, constexprs, options)``: signature maps
+    every argument name to a Triton type ("*fp32", "i32", "constexpr", ...), options are compile options such as
+    ``{"num_warps": 8}``. The interpreter accepts programs a real compile rejects (a tl.dot with K < 16, say); this
+    catches them. It runs in a child process without TRITON_INTERPRET: under the interpreter, tl.sum and the other
+    jit-defined library functions are interpreted and cannot be compiled, and compiling next to them would leave
+    triton.language patched for the rest of the test run.
+    """
+    import json
+    import subprocess
+    import sys
+
+    jobs = []
+    for kernel, signature, constexprs, *options in specs:
+        fn = kernel
+        while hasattr(fn, "fn"):
+            fn = fn.fn
+        jobs.append([fn.__module__, fn.__name__, signature, constexprs, options[0] if options else {},
+                     list(capabilities)])
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(jobs)], check=False, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
