@@ -4,10 +4,28 @@ Math, per sequence n and head h (d = H * d_head):
 
     q, k, v = qkv[n, :, 0:d], qkv[n, :, d:2d], qkv[n, :, 2d:3d]   each split into H heads of d_head, heads contiguous
     o[n, :, h] = softmax(q_h k_h^T / sqrt(d_head)) v_h
+    lse[n, h, i] = log(sum_j exp(q_h[i] . k_h[j] / sqrt(d_head)))   (saved by the forward for the backward)
 
 qkv [N, S, 3d] exactly as the QKV linear produces it; o [N, S, d] ready for the output projection.
 Short sequences (S <= MAX_SHORT_SPAN) go to the fused kernels; longer ones (the image-brick) go to PyTorch's
 scaled_dot_product_attention, or flash-attn where it is installed and the tensors qualify.
+
+Backward, flash-attention style (Dao et al. 2022), recomputing P from q, k and lse instead of saving it:
+
+    P = exp(q k^T / sqrt(d_head) - lse);  dv = P^T do;  dP = do v^T;  D_i = rowsum(do * o)_i
+    dS = P * (dP - D);  dq = dS k / sqrt(d_head);  dk = dS^T q / sqrt(d_head)
+
+and dqkv [N, S, 3d] comes back in qkv's packed layout, so the QKV linear's backward takes it as it is.
+
+The kernels: a sequence is too short for tensor cores (a tl.dot needs tiles of 16), so scores and outputs are
+broadcast products reduced with tl.sum in registers. A program takes BLOCK_P (sequence, head) pairs, head fastest, so
+that a program reads BLOCK_P * d_head contiguous columns of each token's row and neighbouring programs the next ones.
+It holds the queries of its pairs, [BLOCK_P, BLOCK_S, BLOCK_DH], and walks over the S keys with an online softmax, so
+registers grow with S * d_head, not S^2 * d_head. That loop is unrolled (tl.static_range): every load of a program is
+then issued up front, which is what keeps enough bytes in flight for a memory-bound kernel. BLOCK_DH is d_head rounded
+up to a power of two, so XL's 72 leaves 56 of 128 lanes masked: registers and issue slots, not memory traffic.
+Registers on sm_90 (cuobjdump, bf16, d_head 72, launch configuration below; no spills): S = 4 forward 64, backward 64;
+S = 16 forward 162, backward 64. Not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -18,12 +36,23 @@ import torch
 import torch.nn.functional as F
 
 from lego_kernels._checks import check_float
-from lego_kernels._dispatch import resolve_backend
+from lego_kernels._dispatch import interpreting, new_output, resolve_backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is optional: without it only the torch backend exists and these kernels never run.
+    triton = tl = None
+
+try:
+    from flash_attn import flash_attn_qkvpacked_func
+except ImportError:  # optional (an sdist that needs a CUDA torch and long compiling); SDPA runs in its place
+    flash_attn_qkvpacked_func = None
 
 MAX_SHORT_SPAN = 16
 
 # Backends besides "torch" that this file implements.
-_IMPLEMENTED: tuple[str, ...] = ()
+_IMPLEMENTED: tuple[str, ...] = ("cuda", "triton")
 
 
 def _split_heads(qkv: torch.Tensor, num_heads: int):
@@ -47,6 +76,266 @@ def _sdpa(qkv, num_heads):
     return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)  # (N, S, d)
 
 
+def _long_attention(qkv, num_heads):
+    """S > MAX_SHORT_SPAN: flash-attn when installed and the tensors qualify, else SDPA.
+
+    flash-attn's packed entry point reads qkv viewed as [N, S, 3, H, d_head], our layout exactly, and its backward
+    writes dqkv packed the same way: no copies either way. Untested here (no flash-attn on the machines this was
+    written on); SDPA is what the tests cover.
+    """
+    n, s, three_d = qkv.shape
+    d_head = three_d // (3 * num_heads)
+    if (
+        flash_attn_qkvpacked_func is not None
+        and qkv.is_cuda
+        and qkv.dtype in (torch.float16, torch.bfloat16)
+        and d_head % 8 == 0
+        and d_head <= 256
+    ):
+        o = flash_attn_qkvpacked_func(qkv.contiguous().view(n, s, 3, num_heads, d_head))  # (N, S, H, d_head)
+        return o.reshape(n, s, three_d // 3)  # (N, S, d)
+    return _sdpa(qkv, num_heads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+def _jit(fn):
+    return fn if triton is None else triton.jit(fn)
+
+
+@_jit
+def _short_attention_fwd_kernel(
+    QKV,  # shape (N, S, 3 * NUM_HEADS * HEAD_DIM)
+    O,  # shape (N, S, NUM_HEADS * HEAD_DIM)
+    LSE,  # shape (N, NUM_HEADS, S), fp32, contiguous
+    num_pairs,  # N * NUM_HEADS
+    stride_qkv_n,
+    stride_qkv_s,
+    stride_o_n,
+    stride_o_s,
+    sm_scale,  # 1 / sqrt(HEAD_DIM)
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SEQ: tl.constexpr,  # S, at most 16: the key loop is unrolled
+    BLOCK_P: tl.constexpr,  # (sequence, head) pairs per program
+    BLOCK_S: tl.constexpr,  # next power of two >= SEQ
+    BLOCK_DH: tl.constexpr,  # next power of two >= HEAD_DIM
+):
+    D: tl.constexpr = NUM_HEADS * HEAD_DIM
+    pairs = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # head fastest
+    seq_idx = pairs // NUM_HEADS
+    head = pairs % NUM_HEADS
+    rows = tl.arange(0, BLOCK_S)
+    cols = tl.arange(0, BLOCK_DH)
+    pair_ok = pairs < num_pairs
+    row_ok = rows < SEQ
+    col_ok = cols < HEAD_DIM
+
+    qkv_base = seq_idx * stride_qkv_n + head * HEAD_DIM  # (BLOCK_P,) start of the pair's q in token 0
+    tile = rows[None, :, None] * stride_qkv_s + cols[None, None, :]
+    tile_mask = pair_ok[:, None, None] & row_ok[None, :, None] & col_ok[None, None, :]
+    q = tl.load(QKV + qkv_base[:, None, None] + tile, mask=tile_mask, other=0.0).to(tl.float32) * sm_scale
+
+    kv_mask = pair_ok[:, None] & col_ok[None, :]
+    m = tl.full((BLOCK_P, BLOCK_S), float("-inf"), tl.float32)  # running max of the scores
+    l_sum = tl.zeros((BLOCK_P, BLOCK_S), tl.float32)  # running sum of exp(score - m)
+    acc = tl.zeros((BLOCK_P, BLOCK_S, BLOCK_DH), tl.float32)
+    for j in tl.static_range(SEQ):
+        k_ptrs = QKV + qkv_base[:, None] + j * stride_qkv_s + D + cols[None, :]
+        k_j = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_DH)
+        v_j = tl.load(k_ptrs + D, mask=kv_mask, other=0.0).to(tl.float32)
+        s_j = tl.sum(q * k_j[:, None, :], axis=2)  # (BLOCK_P, BLOCK_S) scores of every query against key j
+        m_new = tl.maximum(m, s_j)
+        alpha = tl.exp(m - m_new)
+        p_j = tl.exp(s_j - m_new)
+        l_sum = l_sum * alpha + p_j
+        acc = acc * alpha[:, :, None] + p_j[:, :, None] * v_j[:, None, :]
+        m = m_new
+
+    o = acc / l_sum[:, :, None]
+    o_ptrs = O + (seq_idx * stride_o_n + head * HEAD_DIM)[:, None, None] + rows[None, :, None] * stride_o_s
+    tl.store(o_ptrs + cols[None, None, :], o.to(O.dtype.element_ty), mask=tile_mask)
+    lse_ptrs = LSE + pairs[:, None] * SEQ + rows[None, :]
+    tl.store(lse_ptrs, m + tl.log(l_sum), mask=pair_ok[:, None] & row_ok[None, :])
+
+
+@_jit
+def _short_attention_bwd_kernel(
+    DO,  # shape (N, S, NUM_HEADS * HEAD_DIM), strides as O
+    QKV,  # shape (N, S, 3 * NUM_HEADS * HEAD_DIM)
+    O,  # shape (N, S, NUM_HEADS * HEAD_DIM)
+    LSE,  # shape (N, NUM_HEADS, S), fp32, contiguous
+    DQKV,  # shape (N, S, 3 * NUM_HEADS * HEAD_DIM), strides as QKV
+    num_pairs,  # N * NUM_HEADS
+    stride_qkv_n,
+    stride_qkv_s,
+    stride_o_n,
+    stride_o_s,
+    sm_scale,  # 1 / sqrt(HEAD_DIM)
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SEQ: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+):
+    D: tl.constexpr = NUM_HEADS * HEAD_DIM
+    pairs = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # head fastest
+    seq_idx = pairs // NUM_HEADS
+    head = pairs % NUM_HEADS
+    rows = tl.arange(0, BLOCK_S)
+    cols = tl.arange(0, BLOCK_DH)
+    pair_ok = pairs < num_pairs
+    row_ok = rows < SEQ
+    col_ok = cols < HEAD_DIM
+
+    qkv_base = seq_idx * stride_qkv_n + head * HEAD_DIM  # (BLOCK_P,)
+    q_tile = qkv_base[:, None, None] + rows[None, :, None] * stride_qkv_s + cols[None, None, :]
+    o_tile = (seq_idx * stride_o_n + head * HEAD_DIM)[:, None, None] + rows[None, :, None] * stride_o_s
+    o_tile = o_tile + cols[None, None, :]
+    tile_mask = pair_ok[:, None, None] & row_ok[None, :, None] & col_ok[None, None, :]
+    q = tl.load(QKV + q_tile, mask=tile_mask, other=0.0).to(tl.float32) * sm_scale
+    do = tl.load(DO + o_tile, mask=tile_mask, other=0.0).to(tl.float32)
+    o = tl.load(O + o_tile, mask=tile_mask, other=0.0).to(tl.float32)
+    delta = tl.sum(do * o, axis=2)  # (BLOCK_P, BLOCK_S) D_i = rowsum(do * o)
+    row_mask = pair_ok[:, None] & row_ok[None, :]
+    lse = tl.load(LSE + pairs[:, None] * SEQ + rows[None, :], mask=row_mask, other=0.0)
+
+    kv_mask = pair_ok[:, None] & col_ok[None, :]
+    dq = tl.zeros((BLOCK_P, BLOCK_S, BLOCK_DH), tl.float32)
+    for j in tl.static_range(SEQ):
+        k_off = qkv_base[:, None] + j * stride_qkv_s + D + cols[None, :]  # (BLOCK_P, BLOCK_DH)
+        k_j = tl.load(QKV + k_off, mask=kv_mask, other=0.0).to(tl.float32)
+        v_j = tl.load(QKV + k_off + D, mask=kv_mask, other=0.0).to(tl.float32)
+        s_j = tl.sum(q * k_j[:, None, :], axis=2)  # (BLOCK_P, BLOCK_S), already scaled through q
+        p_j = tl.where(row_mask, tl.exp(s_j - lse), 0.0)  # column j of P
+        dv_j = tl.sum(p_j[:, :, None] * do, axis=1)  # (BLOCK_P, BLOCK_DH) row j of P^T do
+        dp_j = tl.sum(do * v_j[:, None, :], axis=2)  # (BLOCK_P, BLOCK_S) column j of do v^T
+        ds_j = p_j * (dp_j - delta)
+        dq += ds_j[:, :, None] * k_j[:, None, :]
+        dk_j = tl.sum(ds_j[:, :, None] * q, axis=1)  # q carries the scale: dS^T q / sqrt(d_head)
+        tl.store(DQKV + k_off, dk_j.to(DQKV.dtype.element_ty), mask=kv_mask)
+        tl.store(DQKV + k_off + D, dv_j.to(DQKV.dtype.element_ty), mask=kv_mask)
+    tl.store(DQKV + q_tile, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=tile_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers (same signatures and return conventions as lego_kernels._cuda's)
+
+
+def _launch_config(num_pairs: int, seq: int, d_head: int, backward: bool):
+    """(BLOCK_P, BLOCK_S, BLOCK_DH, num_warps) for a launch.
+
+    On a GPU: about 1024 elements per [BLOCK_P, BLOCK_S, BLOCK_DH] register tile for 4 warps (8 per thread), twice
+    the warps where one pair alone is bigger, and twice the warps for the backward, which holds three such tiles
+    (q, do, dq) to the forward's two (q, acc). The key loop is unrolled, so every load of a program is in flight at
+    once; more tiles per program would only trade occupancy for the same bytes in flight. Under the interpreter,
+    where each program costs milliseconds, as many pairs per program as fit 32768 elements.
+    """
+    block_s = triton.next_power_of_2(seq)
+    block_dh = triton.next_power_of_2(d_head)
+    budget = 32768 if interpreting() else 1024
+    block_p = max(1, min(budget // (block_s * block_dh), triton.next_power_of_2(num_pairs)))
+    num_warps = 4 if block_p * block_s * block_dh <= 1024 else 8
+    return block_p, block_s, block_dh, num_warps * 2 if backward else num_warps
+
+
+def _short_attention_fwd_triton(qkv: torch.Tensor, num_heads: int):
+    """qkv [N, S, 3d] contiguous, S <= MAX_SHORT_SPAN -> (o [N, S, d], lse fp32 [N, H, S])."""
+    n, s, three_d = qkv.shape
+    d = three_d // 3
+    d_head = d // num_heads
+    o = new_output((n, s, d), qkv.dtype, qkv.device)
+    lse = new_output((n, num_heads, s), torch.float32, qkv.device)
+    num_pairs = n * num_heads
+    if num_pairs * s == 0:
+        return o, lse
+    block_p, block_s, block_dh, num_warps = _launch_config(num_pairs, s, d_head, backward=False)
+    _short_attention_fwd_kernel[(triton.cdiv(num_pairs, block_p),)](
+        qkv, o, lse, num_pairs,
+        qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1),
+        1.0 / math.sqrt(d_head),
+        NUM_HEADS=num_heads, HEAD_DIM=d_head, SEQ=s,
+        BLOCK_P=block_p, BLOCK_S=block_s, BLOCK_DH=block_dh,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return o, lse
+
+
+def _short_attention_bwd_triton(do, qkv, o, lse, num_heads: int):
+    """do, o [N, S, d] and qkv [N, S, 3d] contiguous, lse fp32 [N, H, S] -> dqkv [N, S, 3d] in qkv's dtype."""
+    n, s, three_d = qkv.shape
+    d_head = three_d // (3 * num_heads)
+    dqkv = new_output((n, s, three_d), qkv.dtype, qkv.device)
+    num_pairs = n * num_heads
+    if num_pairs * s == 0:
+        return dqkv
+    block_p, block_s, block_dh, num_warps = _launch_config(num_pairs, s, d_head, backward=True)
+    _short_attention_bwd_kernel[(triton.cdiv(num_pairs, block_p),)](
+        do, qkv, o, lse, dqkv, num_pairs,
+        qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1),
+        1.0 / math.sqrt(d_head),
+        NUM_HEADS=num_heads, HEAD_DIM=d_head, SEQ=s,
+        BLOCK_P=block_p, BLOCK_S=block_s, BLOCK_DH=block_dh,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return dqkv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Custom ops: torch.compile sees them through their fake implementations; autograd through register_autograd.
+
+
+@torch.library.custom_op("lego::short_attention_fwd", mutates_args=())
+def _short_attention_fwd_op(qkv: torch.Tensor, num_heads: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "cuda":
+        from lego_kernels import _cuda
+
+        return _cuda.short_attention_fwd(qkv, num_heads)
+    return _short_attention_fwd_triton(qkv, num_heads)
+
+
+@_short_attention_fwd_op.register_fake
+def _(qkv, num_heads, backend):
+    n, s, three_d = qkv.shape
+    return qkv.new_empty(n, s, three_d // 3), qkv.new_empty(n, num_heads, s, dtype=torch.float32)
+
+
+@torch.library.custom_op("lego::short_attention_bwd", mutates_args=())
+def _short_attention_bwd_op(
+    do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int, backend: str
+) -> torch.Tensor:
+    if backend == "cuda":
+        from lego_kernels import _cuda
+
+        return _cuda.short_attention_bwd(do, qkv, o, lse, num_heads)
+    return _short_attention_bwd_triton(do, qkv, o, lse, num_heads)
+
+
+@_short_attention_bwd_op.register_fake
+def _(do, qkv, o, lse, num_heads, backend):
+    return torch.empty_like(qkv)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    qkv, num_heads, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse)
+    ctx.num_heads, ctx.backend = num_heads, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _fwd_backward(ctx, do, dlse):
+    qkv, o, lse = ctx.saved_tensors
+    dqkv = _short_attention_bwd_op(do.contiguous(), qkv, o, lse, ctx.num_heads, ctx.backend)
+    return dqkv, None, None
+
+
+_short_attention_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
 def short_attention(qkv, num_heads, backend="auto"):
     """Multi-head self-attention of every sequence in ``qkv`` [N, S, 3d] -> [N, S, d] (no mask, no dropout).
 
@@ -58,4 +347,9 @@ def short_attention(qkv, num_heads, backend="auto"):
     if num_heads <= 0 or qkv.shape[2] % (3 * num_heads):
         raise ValueError(f"{op}: qkv's last dimension {qkv.shape[2]} is not 3 * num_heads ({num_heads}) * d_head")
     backend = resolve_backend(backend, qkv.device, op, _IMPLEMENTED)
-    return _sdpa(qkv, num_heads)
+    if qkv.shape[1] > MAX_SHORT_SPAN:
+        return _long_attention(qkv, num_heads)
+    if backend == "torch":
+        return _sdpa(qkv, num_heads)
+    o, _ = _short_attention_fwd_op(qkv.contiguous(), num_heads, backend)
+    return o  # (N, S, d)

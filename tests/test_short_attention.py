@@ -1,0 +1,258 @@
+"""short_attention: the fused Triton kernels (forward, backward) against the fp64 reference, the S > 16 path, backend
+choice and argument errors, torch.compile, a GPU compile of each kernel, and the XL shape on a GPU."""
+
+import inspect
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import DEVICES, assert_close_to_reference
+
+from lego_kernels import short_attention, short_attention_ref
+from lego_kernels._dispatch import available_backends
+from lego_kernels.short_attention import (
+    MAX_SHORT_SPAN,
+    _launch_config,
+    _short_attention_bwd_kernel,
+    _short_attention_bwd_op,
+    _short_attention_fwd_kernel,
+    _short_attention_fwd_op,
+)
+
+# (N, S, H, d_head): odd N, every S of the brief, head sizes 32, 40 and XL's 72 (BLOCK_DH 128, 56 lanes masked).
+CASES = [
+    (7, 1, 2, 32),
+    (13, 2, 1, 40),
+    (7, 3, 2, 72),
+    (13, 4, 3, 40),
+    (7, 4, 2, 72),
+    (7, 5, 1, 40),
+    (7, 16, 2, 32),
+    (13, 16, 1, 72),
+]
+# atol for (o, dqkv): covers what rounding the output to the dtype adds beyond twice plain PyTorch's error.
+ATOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 2e-3), torch.bfloat16: (8e-3, 2e-2)}
+
+
+def _kernel_backends(device):
+    """The fused backends this op can run here ("cuda" only where the extension is built)."""
+    return [b for b in ("triton", "cuda") if b in available_backends(device)]
+
+
+def _forward_backward(fn, qkv, grad):
+    x = qkv.detach().clone().requires_grad_()
+    o = fn(x)
+    (dx,) = torch.autograd.grad(o, x, grad)
+    return o.detach(), dx
+
+
+def _check_against_reference(qkv, num_heads, backend, atol_o, atol_g):
+    """Forward and d(qkv) of short_attention(backend) vs short_attention_ref in fp64 and in qkv's dtype."""
+    n, s, three_d = qkv.shape
+    d = three_d // 3
+    grad = torch.randn(n, s, d, dtype=qkv.dtype, device=qkv.device)
+    out, dx = _forward_backward(lambda x: short_attention(x, num_heads, backend=backend), qkv, grad)
+    out_t, dx_t = _forward_backward(lambda x: short_attention_ref(x, num_heads), qkv, grad)
+    out_64, dx_64 = _forward_backward(lambda x: short_attention_ref(x, num_heads), qkv.double(), grad.double())
+    assert out.dtype == qkv.dtype and dx.dtype == qkv.dtype
+    assert_close_to_reference(out, out_t, out_64, atol_o, "o")
+    for i, name in enumerate(("dq", "dk", "dv")):
+        part = slice(i * d, (i + 1) * d)
+        assert_close_to_reference(dx[..., part], dx_t[..., part], dx_64[..., part], atol_g, name)
+
+
+def _random_qkv(n, s, num_heads, d_head, dtype, device):
+    # 1.5x randn: scores of a few units, so that the softmax is neither uniform nor one-hot.
+    return (1.5 * torch.randn(n, s, 3 * num_heads * d_head, device=device)).to(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n, s, num_heads, d_head", CASES)
+def test_triton_matches_reference(device, dtype, n, s, num_heads, d_head):
+    qkv = _random_qkv(n, s, num_heads, d_head, dtype, device)
+    _check_against_reference(qkv, num_heads, "triton", *ATOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lse_is_the_logsumexp_of_the_scaled_scores(device):
+    n, s, num_heads, d_head = 7, 5, 2, 40
+    qkv = _random_qkv(n, s, num_heads, d_head, torch.float32, device)
+    _, lse = _short_attention_fwd_op(qkv, num_heads, "triton")
+    q, k, _ = qkv.double().view(n, s, 3, num_heads, d_head).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, S, d_head)
+    expected = (q @ k.transpose(-1, -2) / math.sqrt(d_head)).logsumexp(dim=-1)  # (N, H, S)
+    assert lse.dtype == torch.float32 and lse.shape == (n, num_heads, s)
+    torch.testing.assert_close(lse.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_input(device):
+    n, s, num_heads, d_head = 7, 4, 2, 40
+    qkv = 1.5 * torch.randn(s, n, 3 * num_heads * d_head, device=device).transpose(0, 1)  # (N, S, 3d), strided
+    assert not qkv.is_contiguous()
+    _check_against_reference(qkv, num_heads, "triton", *ATOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    qkv = torch.randn(0, 4, 3 * 2 * 32, device=device, requires_grad=True)
+    out = short_attention(qkv, 2, backend="triton")
+    assert out.shape == (0, 4, 2 * 32)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("s", [MAX_SHORT_SPAN + 1, 64])
+def test_long_sequences_match_reference(device, s):
+    """S > 16 runs on SDPA (or flash-attn) whatever the backend, also when the fused kernels are asked for."""
+    qkv = _random_qkv(3, s, 2, 32, torch.float32, device)
+    for backend in ["torch", "auto", *_kernel_backends(device)]:
+        _check_against_reference(qkv, 2, backend, *ATOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_torch_backends_on_cpu_give_the_reference(backend):
+    qkv = _random_qkv(5, 4, 3, 16, torch.float32, "cpu")
+    _check_against_reference(qkv, 3, backend, *ATOL[torch.float32])
+
+
+def test_bad_arguments_raise_clear_errors():
+    qkv = torch.randn(3, 4, 3 * 2 * 8)
+    with pytest.raises(ValueError, match="not 3 \\* num_heads"):
+        short_attention(qkv, 5)
+    with pytest.raises(ValueError, match="not 3 \\* num_heads"):
+        short_attention(qkv, 0)
+    with pytest.raises(ValueError, match="3 dimensions"):
+        short_attention(qkv[0], 2)
+    with pytest.raises(TypeError, match="floating-point"):
+        short_attention(qkv.long(), 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for CPU tensors")
+def test_missing_backend_raises():
+    qkv = torch.randn(3, 4, 3 * 2 * 8)
+    with pytest.raises(ValueError, match="'cuda' is not available"):
+        short_attention(qkv, 2, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        short_attention(qkv, 2, backend="cudnn")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_ops_pass_opcheck(device):
+    """Schema, fake (meta) implementations and autograd registration of both custom ops."""
+    qkv = _random_qkv(5, 3, 2, 40, torch.float32, device).requires_grad_()
+    torch.library.opcheck(_short_attention_fwd_op, (qkv, 2, "triton"))
+    o, lse = _short_attention_fwd_op(qkv.detach(), 2, "triton")
+    torch.library.opcheck(_short_attention_bwd_op, (torch.randn_like(o), qkv.detach(), o, lse, 2, "triton"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    """The fused path traces into one graph (aot_eager: the kernels still run as they are, under the interpreter on
+    the CPU), and so does the torch path through inductor."""
+    qkv = _random_qkv(5, 4, 2, 40, torch.float32, device)
+    fused = torch.compile(short_attention, backend="aot_eager", fullgraph=True)
+    grad = torch.randn(5, 4, 80, device=device)
+    out, dx = _forward_backward(lambda x: fused(x, 2, backend="triton"), qkv, grad)
+    out_ref, dx_ref = _forward_backward(lambda x: short_attention_ref(x, 2), qkv, grad)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-5)
+    plain = torch.compile(short_attention, fullgraph=True)
+    torch.testing.assert_close(plain(qkv, 2, backend="torch"), out_ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compile-only: a real compile for sm_80 / sm_90 catches what the interpreter lets through (a tl.dot on tiles under 16,
+# say). It runs in a child process without TRITON_INTERPRET, not through conftest.compile_for_gpu in this one: under
+# the interpreter, Triton's own @jit helpers (tl.sum, tl.zeros) are interpreted functions, and compiling a kernel
+# that calls them patches triton.language for good, which breaks that compile and every later one in the process.
+# The child also passes the launch's num_warps, which compile_for_gpu cannot: register pressure depends on it.
+
+# (S, pointer dtype, compute capability): every pointer dtype at XL's S = 4, and the longest short sequence; A100 and
+# H100 each at least once (this kernel uses nothing that differs between them, so not every pair of the two).
+COMPILE_JOBS = [(4, "fp16", 90), (4, "bf16", 80), (4, "fp32", 90), (16, "bf16", 90)]
+
+
+def _signature(kernel, dtype):
+    types = {"LSE": "*fp32", "num_pairs": "i32", "sm_scale": "fp32"}
+    signature = {}
+    for name, param in inspect.signature(kernel.fn).parameters.items():
+        if "constexpr" in str(param.annotation):
+            signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
+        else:
+            signature[name] = "i32" if name.startswith("stride") else f"*{dtype}"
+    return signature
+
+
+def _compile_in_child(jobs, timeout=300):
+    """jobs: (kernel name, signature, constexprs, compute capability, num_warps); each must give a cubin."""
+    script = textwrap.dedent(f"""
+        import importlib
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        module = importlib.import_module("lego_kernels.short_attention")
+        for name, signature, constexprs, cc, num_warps in {jobs!r}:
+            source = ASTSource(fn=getattr(module, name), signature=signature, constexprs=constexprs)
+            compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32), options={{"num_warps": num_warps}})
+            assert "cubin" in compiled.asm, f"no cubin for {{name}} on sm_{{cc}}"
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
+@pytest.mark.parametrize("kernel", [_short_attention_fwd_kernel, _short_attention_bwd_kernel], ids=["fwd", "bwd"])
+def test_kernel_compiles_for_gpu(kernel, monkeypatch):
+    """XL's head size 72 (BLOCK_DH 128) and 16 heads, at the block sizes and warps the launcher picks on a GPU."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the launch configuration of a GPU, not the interpreter's
+    jobs = []
+    for s, dtype, cc in COMPILE_JOBS:
+        block_p, block_s, block_dh, num_warps = _launch_config(
+            256 * 64 * 16, s, 72, kernel is _short_attention_bwd_kernel
+        )
+        assert block_dh == 128
+        constexprs = {"NUM_HEADS": 16, "HEAD_DIM": 72, "SEQ": s}
+        constexprs.update(BLOCK_P=block_p, BLOCK_S=block_s, BLOCK_DH=block_dh)
+        jobs.append((kernel.fn.__name__, _signature(kernel, dtype), constexprs, cc, num_warps))
+    monkeypatch.undo()
+    _compile_in_child(jobs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On a GPU: the XL patch-brick shape (B = 256 images of 64 patches, S = 4, d = 1152, 16 heads of 72).
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_xl_shape_on_gpu(dtype):
+    qkv = _random_qkv(256 * 64, 4, 16, 72, dtype, "cuda")
+    for backend in _kernel_backends("cuda"):
+        _check_against_reference(qkv, 16, backend, *ATOL[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, s", [(7, 1), (13, 16), (3, 5)])
+def test_short_shapes_on_gpu_half(dtype, n, s):
+    qkv = _random_qkv(n, s, 16, 72, dtype, "cuda")
+    for backend in _kernel_backends("cuda"):
+        _check_against_reference(qkv, 16, backend, *ATOL[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_image_brick_on_gpu(dtype):
+    """S = 256 (the image-brick): SDPA, or flash-attn where installed (this is the test that would exercise it)."""
+    qkv = _random_qkv(4, 256, 16, 72, dtype, "cuda")
+    _check_against_reference(qkv, 16, "auto", *ATOL[dtype])
