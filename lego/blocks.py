@@ -71,7 +71,7 @@ class DiTBlock(nn.Module):
 
     def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per-image (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each [B, d]."""
-        return self.adaLN_modulation(c).chunk(6, dim=1)
+        return _split(self.adaLN_modulation(c), 6)
 
     def forward(self, x, h, mod, next_shift, next_scale, image_index=None):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
@@ -93,7 +93,13 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.adaLN_modulation(c).chunk(2, dim=1)  # shift, scale: (B, d) each
+        return _split(self.adaLN_modulation(c), 2)  # shift, scale: (B, d) each
+
+
+def _split(v: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+    """[B, parts * d] -> parts x [B, d] by slicing: chunk's backward would concatenate the gradients (aten::cat)."""
+    d = v.shape[1] // parts
+    return tuple(v[:, i * d : (i + 1) * d] for i in range(parts))
 
 
 def sincos_pos_embed_2d(hidden_size: int, grid_size: int) -> np.ndarray:

@@ -56,7 +56,7 @@ class LegoBrick(nn.Module):
         embed_in = in_channels * (2 if has_prev else 1) + 2
         self.embed_weight = nn.Parameter(torch.empty(hidden_size, embed_in, field_size, field_size))
         self.embed_bias = nn.Parameter(torch.empty(hidden_size))
-        pos = torch.from_numpy(sincos_pos_embed_2d(hidden_size, grid)).float()
+        pos = torch.tensor(sincos_pos_embed_2d(hidden_size, grid), dtype=torch.float32)
         self.register_buffer("pos_embed", pos, persistent=False)  # (S, d), fixed
         self.cond_proj = nn.Identity() if cond_size in (None, hidden_size) else nn.Linear(cond_size, hidden_size)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, backend) for _ in range(depth))
@@ -103,7 +103,9 @@ class LegoBrick(nn.Module):
         elif not self.has_prev:
             prev = None
         # Under autocast the linears emit the autocast dtype; the fused ops want one dtype, so the whole brick runs in it.
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dev = x.device.type
+        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        dt = torch.get_autocast_dtype(dev) if autocast else x.dtype
         cond = self.cond_proj(cond)  # (B, d)
         mods = [[v.to(dt) for v in block.modulation(cond)] for block in self.blocks]  # per image: depth x 6 x (B, d)
         final_shift, final_scale = (v.to(dt) for v in self.final_layer.modulation(cond))  # (B, d) each

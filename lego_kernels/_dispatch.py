@@ -13,7 +13,7 @@ The environment variable ``LEGO_KERNELS_BACKEND`` overrides ``auto`` (never an e
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -31,23 +31,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@functools.cache
-def cuda_extension():
-    """The compiled ``lego_kernels._C`` module, or None when it was not built."""
+def _import_extension():
     try:
         from lego_kernels import _C
     except ImportError:
         return None
     return _C
+
+
+# Looked up once at import, so that resolving a backend inside torch.compile traces no imports or caches.
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+_CUDA_EXTENSION = _import_extension()
+
+
+def triton_importable() -> bool:
+    return _TRITON_IMPORTABLE
+
+
+def cuda_extension():
+    """The compiled ``lego_kernels._C`` module, or None when it was not built."""
+    return _CUDA_EXTENSION
 
 
 def available_backends(device: torch.device | str) -> list[str]:
