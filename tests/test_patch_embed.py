@@ -1,9 +1,6 @@
 """patch_embed: the fused Triton kernels (forward, dweight/dbias/dpos, dx/dprev) against the fp64 reference."""
 
-import contextlib
 import importlib
-import importlib.util
-import sys
 
 import pytest
 import torch
@@ -161,62 +158,6 @@ def test_patch_embed_bad_shapes_and_backends(monkeypatch):
 # the launchers' own, at XL's shape (d = 1152, C = 4 with prev, brick 4, field 2) and at a field-8 brick.
 
 
-_MISSING = object()
-
-
-def _language_state():
-    """Every attribute of triton.language's modules and of its tensor class."""
-    import triton.language as tl
-
-    objects = [module for name, module in list(sys.modules.items()) if name.startswith("triton.language")]
-    return {obj: dict(vars(obj)) for obj in [*objects, tl.core.tensor]}
-
-
-# Taken at collection, before any kernel has run through the interpreter.
-_PRISTINE_LANGUAGE = _language_state() if importlib.util.find_spec("triton") else {}
-
-
-@contextlib.contextmanager
-def uninterpreted(*modules):
-    """Let compile_for_gpu compile under TRITON_INTERPRET=1: undo what the interpreter leaves behind and swap real
-    JITFunctions in for the InterpretedFunctions that code generation calls.
-
-    Two things break a real compile in a process that interprets kernels: (1) every @triton.jit function, triton's own
-    tl.zeros and tl.sum and our helpers included, is an InterpretedFunction, which code generation runs as plain
-    Python in interpreter mode; (2) such a call patches triton.language.core for the interpreter and never restores
-    it, so once any kernel that uses tl.zeros has run, triton.language stays patched. A warm Triton cache hides both.
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    undo = []
-
-    def put(obj, name, value):
-        undo.append((obj, name, vars(obj).get(name, _MISSING)))
-        if value is _MISSING:
-            delattr(obj, name)
-        else:
-            setattr(obj, name, value)
-
-    for obj, pristine in _PRISTINE_LANGUAGE.items():
-        now = dict(vars(obj))
-        for name in set(now) | set(pristine):
-            if now.get(name, _MISSING) is not pristine.get(name, _MISSING):
-                put(obj, name, pristine.get(name, _MISSING))
-    for obj in [*_PRISTINE_LANGUAGE, *modules]:
-        for name, value in list(vars(obj).items()):
-            if isinstance(value, InterpretedFunction):
-                put(obj, name, JITFunction(value.fn))
-    try:
-        yield
-    finally:
-        for obj, name, value in reversed(undo):
-            if value is _MISSING:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, value)
-
-
 def _signature(kernel, pointers, floats=()):
     """Triton types in the kernel's argument order: the given pointers, fp32 floats, constexprs, i32 otherwise."""
     constexprs = {"T", "L", "HAS_PREV", "HAS_BIAS", "HAS_INDEX", "DOT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K"}
@@ -230,10 +171,8 @@ def _signature(kernel, pointers, floats=()):
 COMPILE_CASES = [("fp32", (4, 2, True)), ("fp16", (1, 8, False)), ("bf16", (4, 2, True))]
 
 
-@pytest.mark.parametrize("dtype, shape", COMPILE_CASES, ids=[case[0] for case in COMPILE_CASES])
-@pytest.mark.parametrize("kernel", ["fwd", "bwd_weight", "bwd_input"])
-def test_patch_embed_kernels_compile(kernel, dtype, shape):
-    pytest.importorskip("triton")
+def _compile_spec(kernel, dtype, shape):
+    """(kernel, signature, constexprs) of one kernel with the launcher's configuration at d = 1152."""
     d, (c, l, has_prev) = 1152, shape
     k = (2 * c if has_prev else c) * l * l + 2 * l * l
     flags = {
@@ -248,19 +187,24 @@ def test_patch_embed_kernels_compile(kernel, dtype, shape):
     if kernel == "fwd":
         fn = pe._patch_embed_fwd_kernel
         ptrs = {"X": t, "PREV": t, "WEIGHT": t, "BIAS": t, "POS": t, "INDEX": "*i64", "OUT": t}
-        sig, constexprs = _signature(fn, ptrs, steps), {**flags, "HAS_BIAS": True, **pe._fwd_config(d, k, torch_dtype)}
-    elif kernel == "bwd_weight":
+        return fn, _signature(fn, ptrs, steps), {**flags, "HAS_BIAS": True, **pe._fwd_config(d, k, torch_dtype)}
+    if kernel == "bwd_weight":
         fn = pe._patch_embed_bwd_weight_kernel
         ptrs = {"DTOK": t, "X": t, "PREV": t, "INDEX": "*i64", "DW_PART": "*fp32", "DPOS_PART": "*fp32"}
-        sig, constexprs = _signature(fn, ptrs, steps), {**flags, **pe._bwd_weight_config(d, k, torch_dtype)}
-    else:
-        fn = pe._patch_embed_bwd_input_kernel
-        ptrs = {"DTOK": t, "WEIGHT": t, "INV": "*i32", "DCANVAS": t}
-        del flags["HAS_PREV"]
-        sig, constexprs = _signature(fn, ptrs), {**flags, **pe._bwd_input_config(d, k - 2 * l * l, torch_dtype)}
-    with uninterpreted(pe):
-        # sm_90 (H100/H200) for every dtype; sm_80 too for bf16, the training dtype.
-        compile_for_gpu(fn, sig, constexprs, capabilities=(80, 90) if dtype == "bf16" else (90,))
+        return fn, _signature(fn, ptrs, steps), {**flags, **pe._bwd_weight_config(d, k, torch_dtype)}
+    fn = pe._patch_embed_bwd_input_kernel
+    ptrs = {"DTOK": t, "WEIGHT": t, "INV": "*i32", "DCANVAS": t}
+    del flags["HAS_PREV"]
+    return fn, _signature(fn, ptrs), {**flags, **pe._bwd_input_config(d, k - 2 * l * l, torch_dtype)}
+
+
+def test_patch_embed_kernels_compile():
+    """The three kernels in every dtype for sm_90 (H100/H200), and in bf16, the training dtype, for sm_80 too."""
+    pytest.importorskip("triton")
+    kernels = ["fwd", "bwd_weight", "bwd_input"]
+    compile_for_gpu(*[_compile_spec(k, dt, shape) for dt, shape in COMPILE_CASES for k in kernels], capabilities=(90,))
+    bf16 = [_compile_spec(k, dt, shape) for dt, shape in COMPILE_CASES if dt == "bf16" for k in kernels]
+    compile_for_gpu(*bf16, capabilities=(80,))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -3,14 +3,10 @@ choice and argument errors, torch.compile, a GPU compile of each kernel, and the
 
 import inspect
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import DEVICES, assert_close_to_reference
+from conftest import DEVICES, assert_close_to_reference, compile_for_gpu
 
 from lego_kernels import short_attention, short_attention_ref
 from lego_kernels._dispatch import available_backends
@@ -168,10 +164,7 @@ def test_torch_compile_fullgraph(device):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Compile-only: a real compile for sm_80 / sm_90 catches what the interpreter lets through (a tl.dot on tiles under 16,
-# say). It runs in a child process without TRITON_INTERPRET, not through conftest.compile_for_gpu in this one: under
-# the interpreter, Triton's own @jit helpers (tl.sum, tl.zeros) are interpreted functions, and compiling a kernel
-# that calls them patches triton.language for good, which breaks that compile and every later one in the process.
-# The child also passes the launch's num_warps, which compile_for_gpu cannot: register pressure depends on it.
+# say), at the launch's num_warps (register pressure depends on it), through conftest.compile_for_gpu.
 
 # (S, pointer dtype, compute capability): every pointer dtype at XL's S = 4, and the longest short sequence; A100 and
 # H100 each at least once (this kernel uses nothing that differs between them, so not every pair of the two).
@@ -191,42 +184,24 @@ def _signature(kernel, dtype):
     return signature
 
 
-def _compile_in_child(jobs, timeout=300):
-    """jobs: (kernel name, signature, constexprs, compute capability, num_warps); each must give a cubin."""
-    script = textwrap.dedent(f"""
-        import importlib
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        module = importlib.import_module("lego_kernels.short_attention")
-        for name, signature, constexprs, cc, num_warps in {jobs!r}:
-            source = ASTSource(fn=getattr(module, name), signature=signature, constexprs=constexprs)
-            compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32), options={{"num_warps": num_warps}})
-            assert "cubin" in compiled.asm, f"no cubin for {{name}} on sm_{{cc}}"
-    """)
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-
-
-@pytest.mark.parametrize("kernel", [_short_attention_fwd_kernel, _short_attention_bwd_kernel], ids=["fwd", "bwd"])
-def test_kernel_compiles_for_gpu(kernel, monkeypatch):
-    """XL's head size 72 (BLOCK_DH 128) and 16 heads, at the block sizes and warps the launcher picks on a GPU."""
+def test_kernels_compile_for_gpu(monkeypatch):
+    """Forward and backward at XL's head size 72 (BLOCK_DH 128) and 16 heads, at the block sizes and warps the
+    launcher picks on a GPU; one child process per compute capability."""
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the launch configuration of a GPU, not the interpreter's
-    jobs = []
-    for s, dtype, cc in COMPILE_JOBS:
-        block_p, block_s, block_dh, num_warps = _launch_config(
-            256 * 64 * 16, s, 72, kernel is _short_attention_bwd_kernel
-        )
-        assert block_dh == 128
-        constexprs = {"NUM_HEADS": 16, "HEAD_DIM": 72, "SEQ": s}
-        constexprs.update(BLOCK_P=block_p, BLOCK_S=block_s, BLOCK_DH=block_dh)
-        jobs.append((kernel.fn.__name__, _signature(kernel, dtype), constexprs, cc, num_warps))
+    specs = {}
+    for kernel in (_short_attention_fwd_kernel, _short_attention_bwd_kernel):
+        for s, dtype, cc in COMPILE_JOBS:
+            block_p, block_s, block_dh, num_warps = _launch_config(
+                256 * 64 * 16, s, 72, kernel is _short_attention_bwd_kernel
+            )
+            assert block_dh == 128
+            constexprs = {"NUM_HEADS": 16, "HEAD_DIM": 72, "SEQ": s}
+            constexprs.update(BLOCK_P=block_p, BLOCK_S=block_s, BLOCK_DH=block_dh)
+            specs.setdefault(cc, []).append((kernel, _signature(kernel, dtype), constexprs, {"num_warps": num_warps}))
     monkeypatch.undo()
-    _compile_in_child(jobs)
+    for cc, cc_specs in sorted(specs.items()):
+        compile_for_gpu(*cc_specs, capabilities=(cc,))
 
 
 # ---------------------------------------------------------------------------------------------------------------
