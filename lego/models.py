@@ -151,7 +151,7 @@ class LegoModel(nn.Module):
 
     def condition(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         """Per-image conditioning [B, d]: time embedding + class embedding (the null class when labels are None)."""
-        c = self.t_embedder(c_noise)  # (B, d)
+        c = self.t_embedder(c_noise * self.precond.embed_scale)  # (B, d)
         if self.y_embedder is not None:
             if class_labels is None:
                 class_labels = torch.full((c.shape[0],), self.num_classes, dtype=torch.long, device=c.device)

@@ -16,6 +16,10 @@ import torch
 
 class EDMPrecond:
     kind = "edm"
+    # c_noise = ln(sigma) / 4 spans about [-1.6, 1.1]; DiT's sinusoidal time embedding is built for steps in
+    # [0, 1000), where most of its frequencies would hardly move over that span. The model multiplies c_noise by this
+    # before embedding it (measured on the MNIST demo: a lower held-out loss than the unscaled c_noise).
+    embed_scale = 250.0
 
     def __init__(self, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, p_mean=-1.2, p_std=1.2):
         self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
@@ -39,6 +43,7 @@ class EDMPrecond:
 
 class VPPrecond:
     kind = "vp"
+    embed_scale = 1.0  # c_noise is already the DDPM step index, DiT's convention
 
     def __init__(self, num_steps=1000, beta_start=1e-4, beta_end=0.02):
         betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)

@@ -12,14 +12,13 @@ images and non-square included.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from lego.checkpoint import load_model
-from lego.errors import LegoError
+from lego.errors import LegoError, run_cli
 from lego.images import save_grid, save_npz
 from lego.sampling import SAMPLERS, skip_schedule
 
@@ -71,6 +70,23 @@ def sample(
     return torch.cat(chunks), labels
 
 
+def write_samples(args: argparse.Namespace) -> None:
+    outs = [Path(p) for p in (args.out, args.npz) if p]
+    for path in outs:
+        if path.suffix not in (".png", ".npz"):
+            raise LegoError(f"{path}: the output must end in .png (a grid) or .npz")
+    images, labels = sample(
+        args.ckpt, args.n, args.sampler, args.steps, args.cfg_scale, args.labels, args.t_break, args.height,
+        args.width, args.seed, args.batch, args.device, not args.raw, args.churn,
+    )
+    for path in outs:
+        if path.suffix == ".png":
+            save_grid(images, path)
+        else:
+            save_npz(images, path, labels)
+        print(f"lego.sample: wrote {path} ({len(images)} samples, {images.shape[2]}x{images.shape[3]})")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lego.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint.safetensors written by lego.train")
@@ -94,27 +110,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    try:
-        outs = [Path(p) for p in (args.out, args.npz) if p]
-        for path in outs:
-            if path.suffix not in (".png", ".npz"):
-                raise LegoError(f"{path}: the output must end in .png (a grid) or .npz")
-        images, labels = sample(
-            args.ckpt, args.n, args.sampler, args.steps, args.cfg_scale, args.labels, args.t_break, args.height,
-            args.width, args.seed, args.batch, args.device, not args.raw, args.churn,
-        )
-        for path in outs:
-            if path.suffix == ".png":
-                save_grid(images, path)
-            else:
-                save_npz(images, path, labels)
-            print(f"lego.sample: wrote {path} ({len(images)} samples, {images.shape[2]}x{images.shape[3]})")
-    except (LegoError, ValueError) as e:
-        if "LEGO_DEBUG" in os.environ:
-            raise
-        print(f"lego.sample: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("lego.sample", lambda: write_samples(args))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from lego.checkpoint import load_checkpoint, save_checkpoint
 from lego.data import load_dataset
-from lego.errors import LegoError
+from lego.errors import LegoError, run_cli
 from lego.images import save_grid
 from lego.loss import LegoLoss
 from lego.models import MODELS, LegoModel
@@ -34,22 +33,25 @@ from lego.sampling import edm_sampler
 
 @dataclass
 class TrainConfig:
-    model: str = "LEGO-T-PG-16"
+    model: str = "LEGO-T-PR-16"
     data: str = "default"
     resolution: int | None = None  # default: the model's canvas
     precond: str = "edm"
-    batch: int = 64
-    steps: int = 3000
+    batch: int = 128
+    steps: int = 1200
     lr: float = 1e-3
     warmup: int = 200  # steps of linear learning-rate warm-up
-    ema: float = 0.999  # EMA decay per step (ramped up over the first steps)
+    ema: float = 0.995  # EMA decay per step (ramped up over the first steps); ~0.9999 for long runs
     precision: str = "fp32"  # or "bf16" (autocast)
-    patch_fraction: float = 0.5  # fraction of each patch-brick's patches trained per image (paper: 0.5 / 0.75)
+    # Share of each patch-brick's patches trained per image (paper: 0.5 CelebA, 0.75 ImageNet). The tiny demo uses
+    # all of them: the bricks above see x0 in the others, and a tiny model learns to lean on it (measured on the
+    # demo: held-out loss 0.315 at 0.5 vs 0.283 at 1.0 after 500 steps, and grainy samples at 0.5).
+    patch_fraction: float = 1.0
     label_dropout: float = 0.1  # for classifier-free guidance
     seed: int = 0
     out: str = "runs/lego"
     log_every: int = 50
-    ckpt_every: int = 500
+    ckpt_every: int = 400
     sample_n: int = 100
     sample_steps: int = 18
     device: str | None = None  # default: cuda if available
@@ -214,14 +216,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    try:
-        train(config_from_args(args), resume=args.resume, progress=not args.no_progress)
-    except (LegoError, ValueError) as e:
-        if "LEGO_DEBUG" in os.environ:
-            raise
-        print(f"lego.train: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("lego.train", lambda: train(config_from_args(args), resume=args.resume, progress=not args.no_progress))
 
 
 if __name__ == "__main__":

@@ -45,13 +45,14 @@ def patch_embed_ref(x, prev, weight, bias, pos_embed, brick_size, field_size, pa
     b, _, h, w = x.shape
     r, l = brick_size, field_size
     parts = [x] + ([prev] if prev is not None else []) + [coordinate_channels(b, h, w, x.dtype, x.device)]
-    emb = F.conv2d(torch.cat(parts, dim=1), weight, bias, stride=l)  # (B, d, H/l, W/l): one token per field
-    d, t = emb.shape[1], r // l
-    emb = emb.view(b, d, h // r, t, w // r, t).permute(0, 2, 4, 3, 5, 1)  # (B, H/r, W/r, r/l, r/l, d)
-    tokens = emb.reshape(b, (h // r) * (w // r), t * t, d) + pos_embed  # (B, P_all, S, d)
-    if patch_index is not None:
-        tokens = tokens[torch.arange(b, device=x.device)[:, None], patch_index]  # (B, P, S, d)
-    return tokens.reshape(-1, t * t, d)  # (N, S, d)
+    u = torch.cat(parts, dim=1)  # (B, C', H, W)
+    c_in = u.shape[1]
+    patches = u.view(b, c_in, h // r, r, w // r, r).permute(0, 2, 4, 1, 3, 5)  # (B, H/r, W/r, C', r, r)
+    patches = patches.reshape(b, (h // r) * (w // r), c_in, r, r)  # (B, P_all, C', r, r)
+    if patch_index is not None:  # select first, so unprocessed patches cost no embedding compute
+        patches = patches[torch.arange(b, device=x.device)[:, None], patch_index]  # (B, P, C', r, r)
+    emb = F.conv2d(patches.reshape(-1, c_in, r, r), weight, bias, stride=l)  # (N, d, r/l, r/l): a token per field
+    return emb.flatten(2).transpose(1, 2) + pos_embed  # (N, S, d), tokens row-major within the patch
 
 
 # ----------------------------------------------------------------------------------------------------------------------
