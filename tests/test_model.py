@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lego import LegoBrick, LegoModel, MODELS, model_config
+from lego import MODELS, LegoBrick, LegoModel, model_config
 
 
 def tiny(name="LEGO-T-PG-16", **kw):

@@ -5,8 +5,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import DEVICES
+
 from lego import LegoModel
 
 FUSED = "cuda" if torch.cuda.is_available() else "triton"
