@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lego.errors import LegoError
 from lego.models import LegoConfig, LegoModel
@@ -65,14 +65,17 @@ def save_checkpoint(path, model, ema, optimizer, step: int, train_config: dict) 
     atomic_write(Path(path).with_name("config.json"), lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
-def load_checkpoint(path) -> Checkpoint:
+def load_checkpoint(path, parts: tuple[str, ...] = ("model", "ema", "optim")) -> Checkpoint:
+    """Read a checkpoint's configs and step, and of its tensors only the groups in ``parts`` ("model", "ema",
+    "optim"; the others come back empty), so that sampling or reading the options does not load everything."""
     path = Path(path)
     if not path.is_file():
         raise LegoError(f"checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+            wanted = [k for k in f.keys() if k.partition("/")[0] in parts]  # noqa: SIM118 -- not a dict
+            tensors = {k: f.get_tensor(k) for k in wanted}
     except (SafetensorError, OSError, ValueError) as e:
         raise LegoError(f"{path} is not a readable safetensors checkpoint ({e}); it may be corrupt or truncated") from None
     if metadata.get("format") != FORMAT:
@@ -83,23 +86,23 @@ def load_checkpoint(path) -> Checkpoint:
         step = int(metadata["step"])
     except (KeyError, TypeError, ValueError) as e:
         raise LegoError(f"{path}: the checkpoint's metadata is damaged ({e})") from None
-    parts: dict[str, dict] = {"model": {}, "ema": {}, "optim": {}}
+    groups: dict[str, dict] = {"model": {}, "ema": {}, "optim": {}}
     for key, value in tensors.items():
         head, _, rest = key.partition("/")
-        parts.setdefault(head, {})[rest] = value
+        groups[head][rest] = value
     optimizer = None
-    if "param_groups" in metadata:
+    if "optim" in parts and "param_groups" in metadata:
         state: dict[int, dict] = {}
-        for key, value in parts["optim"].items():
+        for key, value in groups["optim"].items():
             idx, _, name = key.partition("/")
             state.setdefault(int(idx), {})[name] = value
         optimizer = {"state": state, "param_groups": json.loads(metadata["param_groups"])}
-    return Checkpoint(model_config, train_config, step, parts["model"], parts["ema"], optimizer)
+    return Checkpoint(model_config, train_config, step, groups["model"], groups["ema"], optimizer)
 
 
 def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel:
     """The model stored in a checkpoint (its EMA weights by default), in eval mode on ``device``."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, parts=("ema",) if use_ema else ("model",))
     model = LegoModel(ckpt.model_config)
     try:
         model.load_state_dict(ckpt.ema if use_ema else ckpt.model)

@@ -13,7 +13,7 @@ and the CPU demo.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -106,7 +106,7 @@ class BrickOutput:
     index: int  # which brick (0 = bottom)
     output: torch.Tensor  # F_k on the full canvas, [B, C, H, W]
     patch_index: torch.Tensor | None  # [B, P] patches it processed, None for all
-    mask: torch.Tensor | None = field(default=None)  # [B, 1, H, W] 1 where processed (None for all)
+    mask: torch.Tensor | None = None  # [B, 1, H, W] 1 where processed (None for all)
 
 
 class LegoModel(nn.Module):

@@ -97,7 +97,7 @@ def _vp_denoise(net, x, abar, class_labels, cfg_scale, skip_now):
     sigma = ((1 - abar) / abar).sqrt()
     x_ve = x / abar.sqrt()
     sigma_b = torch.full((x.shape[0],), float(sigma), device=x.device)
-    return guided(net, x_ve.float(), sigma_b, class_labels, cfg_scale, skip_now).double(), sigma
+    return guided(net, x_ve.float(), sigma_b, class_labels, cfg_scale, skip_now).double()
 
 
 @torch.no_grad()
@@ -109,7 +109,7 @@ def ddpm_sampler(net, latents, class_labels=None, num_steps=250, cfg_scale=1.0, 
     for i in reversed(range(num_steps)):
         a_t, a_prev = abar[i], (abar[i - 1] if i > 0 else torch.ones_like(abar[i]))
         beta = 1 - a_t / a_prev
-        x0, _ = _vp_denoise(net, x, a_t, class_labels, cfg_scale, skip((i + 1) / num_steps))
+        x0 = _vp_denoise(net, x, a_t, class_labels, cfg_scale, skip((i + 1) / num_steps))
         mean = (beta * a_prev.sqrt() / (1 - a_t)) * x0 + ((1 - a_prev) * (1 - beta).sqrt() / (1 - a_t)) * x
         if i > 0:
             var = beta * (1 - a_prev) / (1 - a_t)
@@ -127,7 +127,7 @@ def ddim_sampler(net, latents, class_labels=None, num_steps=50, eta=0.0, cfg_sca
     x = latents.double()
     for i in reversed(range(num_steps)):
         a_t, a_prev = abar[i], (abar[i - 1] if i > 0 else torch.ones_like(abar[i]))
-        x0, _ = _vp_denoise(net, x, a_t, class_labels, cfg_scale, skip((i + 1) / num_steps))
+        x0 = _vp_denoise(net, x, a_t, class_labels, cfg_scale, skip((i + 1) / num_steps))
         eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
         s = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev - s**2).clamp(min=0).sqrt() * eps

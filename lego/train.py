@@ -27,7 +27,7 @@ from lego.data import load_dataset
 from lego.errors import LegoError, run_cli
 from lego.images import save_grid
 from lego.loss import LegoLoss
-from lego.models import MODELS, LegoModel
+from lego.models import MODELS, LegoModel, model_config
 from lego.sampling import edm_sampler
 
 
@@ -97,9 +97,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     device = _device(cfg.device)
     if cfg.precision not in ("fp32", "bf16"):
         raise LegoError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
-    if cfg.model not in MODELS:
-        raise LegoError(f"unknown model {cfg.model!r}; choose one of: {', '.join(MODELS)}")
-    resolution = cfg.resolution or MODELS[cfg.model].resolution
+    resolution = cfg.resolution or model_config(cfg.model).resolution  # (an unknown name fails here, clearly)
     data = load_dataset(cfg.data, resolution)
     channels = data.images.shape[1]
     torch.manual_seed(cfg.seed)  # the initial weights; every later draw comes from per-step generators
@@ -209,7 +207,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     base = TrainConfig()
     if args.resume:
         out = Path(given.get("out", base.out))
-        saved = load_checkpoint(out / "checkpoint.safetensors").train_config
+        saved = load_checkpoint(out / "checkpoint.safetensors", parts=()).train_config
         base = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     return dataclasses.replace(base, **given)
 
