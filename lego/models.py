@@ -43,6 +43,9 @@ class LegoConfig:
     precond: str = "edm"  # "edm" or "vp"
     sigma_data: float = 0.5
     backend: str = "auto"  # lego_kernels backend
+    # Multiplies c_noise before the time embedding; None: the preconditioning's own (EDM 250, VP 1). The authors'
+    # released models feed EDM's c_noise unscaled, so lego.convert sets 1.0.
+    time_scale: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,7 +154,8 @@ class LegoModel(nn.Module):
 
     def condition(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         """Per-image conditioning [B, d]: time embedding + class embedding (the null class when labels are None)."""
-        c = self.t_embedder(c_noise * self.precond.embed_scale)  # (B, d)
+        scale = self.precond.embed_scale if self.config.time_scale is None else self.config.time_scale
+        c = self.t_embedder(c_noise * scale)  # (B, d)
         if self.y_embedder is not None:
             if class_labels is None:
                 class_labels = torch.full((c.shape[0],), self.num_classes, dtype=torch.long, device=c.device)
