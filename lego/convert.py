@@ -152,8 +152,10 @@ def read_snapshot(path) -> Snapshot:
             data = SnapshotUnpickler(f).load()
     except _Refused as e:
         raise LegoError(f"{path}: refused to load: {e}, which a released LEGO snapshot never does") from None
-    except EOFError:
-        raise LegoError(f"{path} ends early: the snapshot is truncated; download it again") from None
+    except (EOFError, pickle.UnpicklingError) as e:
+        if isinstance(e, EOFError) or "truncated" in str(e):
+            raise LegoError(f"{path} ends early: the snapshot is truncated; download it again") from None
+        raise LegoError(f"{path} is not a readable snapshot pickle ({e})") from None
     except Exception as e:  # whatever a damaged or foreign pickle raises, the answer is the same
         raise LegoError(f"{path} is not a readable snapshot pickle ({type(e).__name__}: {e})") from None
     ema = data.get("ema") if isinstance(data, dict) else None
