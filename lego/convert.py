@@ -30,6 +30,7 @@ import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -119,7 +120,7 @@ class SnapshotUnpickler(pickle.Unpickler):
     """Resolves only the names in SAFE_CALLABLES and placeholders for classes of PLACEHOLDER_MODULES; refuses the rest
     (and persistent ids: a snapshot has none)."""
 
-    _placeholders: dict[tuple[str, str], type] = {}
+    _placeholders: ClassVar[dict[tuple[str, str], type]] = {}
 
     def find_class(self, module, name):
         if (module, name) in SAFE_CALLABLES:
@@ -156,7 +157,7 @@ def read_snapshot(path) -> Snapshot:
         if isinstance(e, EOFError) or "truncated" in str(e):
             raise LegoError(f"{path} ends early: the snapshot is truncated; download it again") from None
         raise LegoError(f"{path} is not a readable snapshot pickle ({e})") from None
-    except Exception as e:  # whatever a damaged or foreign pickle raises, the answer is the same
+    except Exception as e:  # noqa: BLE001 -- whatever a damaged or foreign pickle raises, the answer is the same
         raise LegoError(f"{path} is not a readable snapshot pickle ({type(e).__name__}: {e})") from None
     ema = data.get("ema") if isinstance(data, dict) else None
     if not isinstance(ema, Placeholder) or not isinstance(ema.state, dict):

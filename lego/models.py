@@ -59,9 +59,12 @@ class LegoConfig:
 
 # Hidden size and heads per model size (paper, Table 5); T is ours, for tests and the CPU demo.
 SIZES = {"T": (128, 4), "S": (384, 6), "L": (1024, 16), "XL": (1152, 16)}
-# Depths of the (small patch, large patch, image) bricks for PG/PR, and of the five U bricks.
+# Depths of the (small patch, large patch, image) bricks for PG/PR (paper, Table 5; the released code's lego_L_PG_64
+# gives L's 4 x 4 brick 6 blocks, not 4: pass depths=(6, 8, 12) for it), and of the five U bricks.
 DEPTHS = {"T": (2, 2, 2), "S": (2, 4, 6), "L": (4, 8, 12), "XL": (4, 12, 14)}
 U_DEPTHS = {"T": (2, 1, 2, 1, 2), "S": (6, 4, 2, 4, 6), "L": (12, 8, 6, 8, 12), "XL": (14, 10, 4, 10, 14)}
+# The released code's lego_XL_U_64 gives its 16 x 16 bricks 12 blocks where lego_XL_U_32 gives them 10.
+U_DEPTHS_AT = {("XL", 64): (14, 12, 4, 12, 14)}
 # (brick, field) of the (small patch, large patch, image) bricks per canvas, from Tables 5 and 6. XL's 4 x 4 brick
 # uses l = 4 (one token per patch) in both tables. The U variants use the released code's 16 x 16 (l = 8) middle brick.
 CANVAS_BRICKS = {16: ((4, 2), (8, 4), (16, 2)), 32: ((4, 2), (8, 4), (32, 2)), 64: ((4, 2), (16, 8), (64, 2))}
@@ -78,7 +81,8 @@ def _registry() -> dict[str, LegoConfig]:
                 small = (4, 4)
             pg = tuple(BrickSpec(r, l, d) for (r, l), d in zip((small, large, image), DEPTHS[size]))
             u_layout = (image, U_MIDDLE[canvas], (4, 2), U_MIDDLE[canvas], image)
-            u = tuple(BrickSpec(r, l, d) for (r, l), d in zip(u_layout, U_DEPTHS[size]))
+            u_depths = U_DEPTHS_AT.get((size, canvas), U_DEPTHS[size])
+            u = tuple(BrickSpec(r, l, d) for (r, l), d in zip(u_layout, u_depths))
             for stack, bricks in (("PG", pg), ("PR", pg[::-1]), ("U", u)):
                 name = f"LEGO-{size}-{stack}-{canvas}"
                 configs[name] = LegoConfig(name, bricks, hidden, heads, resolution=canvas)

@@ -152,7 +152,7 @@ def test_converted_checkpoint_fine_tunes_with_resume(converted, tmp_path):
 def test_shapes_reveal_the_rest():
     """Unconditional snapshots, augmentation conditioning, and tensors the converter cannot place."""
     snap = read_snapshot(FIXTURES / "lego_T_PG_32.pkl")
-    config, state = convert_state(snap)
+    _, state = convert_state(snap)
     # map_augment's input is zero at sampling: a weight alone contributes nothing and is dropped.
     aug = dataclasses.replace(snap, tensors={**snap.tensors, "model.map_augment.weight": torch.randn(64, 9)})
     assert convert_state(aug)[1].keys() == state.keys()
@@ -271,3 +271,22 @@ def test_a_file_that_is_not_a_snapshot_is_refused(tmp_path, content, message):
         read_snapshot(path)
     with pytest.raises(LegoError, match="snapshot not found"):
         read_snapshot(tmp_path / "missing.pkl")
+
+
+def test_registry_depths_and_time_scale():
+    """The registry's U stacks follow the released configurations; time_scale None is the preconditioning's own."""
+    from lego.models import model_config
+
+    assert [b.depth for b in model_config("LEGO-XL-U-64").bricks] == [14, 12, 4, 12, 14]
+    assert [b.depth for b in model_config("LEGO-XL-U-32").bricks] == [14, 10, 4, 10, 14]
+    x, sigma = torch.randn(2, 1, 16, 16), torch.tensor([0.3, 4.0])
+    for precond, scale in (("edm", 250.0), ("vp", 1.0)):
+        default = LegoModel.from_name("LEGO-T-PG-16", in_channels=1, precond=precond).eval()
+        with torch.no_grad():
+            for p in default.parameters():
+                p.normal_(0, 0.2)  # no zero-initialized paths: the time embedding reaches D
+            d = default(x, sigma)
+            for time_scale, same in ((scale, True), (scale / 2, False)):
+                other = LegoModel(dataclasses.replace(default.config, time_scale=time_scale)).eval()
+                other.load_state_dict(default.state_dict())
+                assert torch.allclose(other(x, sigma), d) == same, (precond, time_scale)
