@@ -96,7 +96,8 @@ def _rebuild_tensor(storage, offset, size, stride, *_ignored):
         raise _Refused("a tensor over something other than a storage")
     if not all(isinstance(v, int) for v in (offset, *size, *stride)):
         raise _Refused("a tensor with non-integer sizes")
-    return torch._utils._rebuild_tensor_v2(storage, offset, tuple(size), tuple(stride), False, collections.OrderedDict())
+    hooks = collections.OrderedDict()  # fresh: the pickle's own hooks are never attached
+    return torch._utils._rebuild_tensor_v2(storage, offset, tuple(size), tuple(stride), False, hooks)
 
 
 def _rebuild_parameter(data, *_ignored):
@@ -189,87 +190,103 @@ def _walk_module(obj, prefix, tensors, attrs, path):
             _walk_module(child, f"{prefix}{name}.", tensors, attrs, path)
 
 
+# Linears of a brick: (theirs, ours) names under model.model.<k>. / bricks.<k>.; a block's under blocks.<i>.
+BLOCK_LINEARS = (("attn.qkv", "qkv"), ("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"),
+                 ("adaLN_modulation.1", "adaLN_modulation.1"))
+FINAL_LINEARS = (("final_layer.linear", "final_layer.linear"),
+                 ("final_layer.adaLN_modulation.1", "final_layer.adaLN_modulation.1"))
+
+
+class _Source(dict):
+    """The snapshot's tensors; each is taken once, so the ones left over are the ones nobody could place."""
+
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self:
+            raise LegoError(f"the snapshot has no {name}; it is not a LEGO network of the released code")
+        return self.pop(name)
+
+    def linear(self, theirs: str, ours: str, out: dict) -> None:
+        out[f"{ours}.weight"], out[f"{ours}.bias"] = self.take(f"{theirs}.weight"), self.take(f"{theirs}.bias")
+
+
+def _convert_brick(src: _Source, k: int, channels: int, attrs: dict, out: dict) -> tuple[BrickSpec, int, set, set]:
+    """Map brick k's tensors into ``out``; returns its spec, hidden size, head counts and MLP widths."""
+    p, q = f"model.model.{k}.", f"bricks.{k}."
+    weight = src.take(p + "x_embedder.proj.weight")  # (d, C', l, l)
+    d, c_in, l = weight.shape[:3]
+    want = channels + 2 if k == 0 else 2 * channels + 2
+    if weight.shape[3] != l or c_in != want:
+        raise LegoError(
+            f"brick {k}'s embedding takes {tuple(weight.shape)}; expected {want} input channels in l x l fields "
+            f"({channels} image channels{'' if k == 0 else ', the previous output'} and 2 coordinates)"
+        )
+    pos = src.take(p + "pos_embed")[0]  # (S, d)
+    grid = math.isqrt(pos.shape[0])  # r / l
+    fixed = grid * grid == pos.shape[0] and torch.allclose(
+        pos, torch.tensor(sincos_pos_embed_2d(d, grid), dtype=torch.float32), atol=1e-5
+    )
+    if not fixed:
+        raise LegoError(f"brick {k}'s position embedding is not the fixed 2-D sin-cos one that lego uses")
+    if k > 0:  # theirs [prev, x_t, row, col], ours [x_t, prev, row, col]
+        weight = torch.cat([weight[:, channels : 2 * channels], weight[:, :channels], weight[:, 2 * channels :]], 1)
+    out[q + "embed_weight"], out[q + "embed_bias"] = weight, src.take(p + "x_embedder.proj.bias")
+    depth, heads, widths = 0, set(), set()
+    while f"{p}blocks.{depth}.attn.qkv.weight" in src:
+        b = f"{p}blocks.{depth}."
+        for theirs, ours in BLOCK_LINEARS:
+            src.linear(b + theirs, f"{q}blocks.{depth}.{ours}", out)
+        widths.add(out[f"{q}blocks.{depth}.fc1.weight"].shape[0])
+        heads.add(attrs.get(b + "attn", {}).get("num_heads") or attrs.get(p[:-1], {}).get("num_heads"))
+        depth += 1
+    for theirs, ours in FINAL_LINEARS:
+        src.linear(p + theirs, q + ours, out)
+    values = out[q + "final_layer.linear.weight"].shape[0]
+    if values != l * l * channels:
+        raise LegoError(f"brick {k} outputs {values} values per token, not l*l*C = {l * l * channels} "
+                        "(a learned-variance output is not supported)")
+    return BrickSpec(l * grid, l, depth), d, heads, widths
+
+
 def convert_state(snapshot: Snapshot, num_heads: int | None = None) -> tuple[LegoConfig, dict[str, torch.Tensor]]:
     """Our model config and state_dict for a snapshot's network. ``num_heads`` is only needed if the snapshot does
     not record it (shapes cannot tell it)."""
     if not snapshot.class_name.startswith("EDMPrecond"):
         raise LegoError(f"the snapshot's network is a {snapshot.class_name}; only EDM-preconditioned ones convert")
-    src = {k: v.detach().float() for k, v in snapshot.tensors.items()}
+    src = _Source({k: v.detach().float() for k, v in snapshot.tensors.items()})
     kw, attrs = snapshot.kwargs, snapshot.attrs
-
-    def take(name):
-        if name not in src:
-            raise LegoError(f"the snapshot has no {name}; it is not a LEGO network of the released code")
-        return src.pop(name)
+    if "model.model.0.x_embedder.proj.weight" not in src:
+        raise LegoError("the snapshot has no bricks (model.model.0.x_embedder...); it is not a released LEGO network")
+    channels = kw.get("img_channels") or src["model.model.0.x_embedder.proj.weight"].shape[1] - 2
 
     out: dict[str, torch.Tensor] = {}
-    channels = kw.get("img_channels")
-    bricks, hidden, heads, mlp_hidden = [], None, set(), set()
-    k = 0
-    while f"model.model.{k}.x_embedder.proj.weight" in src:
-        p, q = f"model.model.{k}.", f"bricks.{k}."
-        weight = take(p + "x_embedder.proj.weight")  # (d, C', l, l)
-        d, c_in, l = weight.shape[:3]
-        channels = channels or (c_in - 2 if k == 0 else (c_in - 2) // 2)
-        want = channels + 2 if k == 0 else 2 * channels + 2
-        if weight.shape[3] != l or c_in != want:
-            raise LegoError(
-                f"brick {k}'s embedding takes {tuple(weight.shape)}; expected {want} input channels in l x l fields "
-                f"({channels} image channels{'' if k == 0 else ', the previous output'} and 2 coordinates)"
-            )
-        if hidden not in (None, d):
-            raise LegoError(f"brick {k} has hidden size {d}, brick 0 has {hidden}; lego needs one hidden size")
-        hidden = d
-        pos = take(p + "pos_embed")[0]  # (S, d)
-        grid = math.isqrt(pos.shape[0])
-        if grid * grid != pos.shape[0] or not torch.allclose(
-            pos, torch.tensor(sincos_pos_embed_2d(d, grid), dtype=torch.float32), atol=1e-5
-        ):
-            raise LegoError(f"brick {k}'s position embedding is not the fixed 2-D sin-cos one that lego uses")
-        if k > 0:  # theirs [prev, x_t, coords], ours [x_t, prev, coords]
-            c = channels
-            weight = torch.cat([weight[:, c : 2 * c], weight[:, :c], weight[:, 2 * c :]], dim=1)
-        out[q + "embed_weight"], out[q + "embed_bias"] = weight, take(p + "x_embedder.proj.bias")
-        depth = 0
-        while f"{p}blocks.{depth}.attn.qkv.weight" in src:
-            b, ours = f"{p}blocks.{depth}.", f"{q}blocks.{depth}."
-            for theirs, mine in (("attn.qkv", "qkv"), ("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"),
-                                 ("adaLN_modulation.1", "adaLN_modulation.1")):
-                out[f"{ours}{mine}.weight"], out[f"{ours}{mine}.bias"] = take(f"{b}{theirs}.weight"), take(f"{b}{theirs}.bias")
-            mlp_hidden.add(out[f"{ours}fc1.weight"].shape[0])
-            heads.add(attrs.get(f"{b}attn", {}).get("num_heads") or attrs.get(p.rstrip("."), {}).get("num_heads"))
-            depth += 1
-        for name in ("final_layer.linear", "final_layer.adaLN_modulation.1"):
-            out[f"{q}{name}.weight"], out[f"{q}{name}.bias"] = take(f"{p}{name}.weight"), take(f"{p}{name}.bias")
-        if out[f"{q}final_layer.linear.weight"].shape[0] != l * l * channels:
-            raise LegoError(f"brick {k} outputs {out[f'{q}final_layer.linear.weight'].shape[0]} values per token, "
-                            f"not l*l*C = {l * l * channels} (a learned-variance output is not supported)")
-        bricks.append(BrickSpec(l * grid, l, depth))
-        k += 1
-    if not bricks:
-        raise LegoError("the snapshot has no bricks (model.model.0.x_embedder...); it is not a released LEGO network")
-
+    bricks, hidden, heads, widths = [], set(), set(), set()
+    while f"model.model.{len(bricks)}.x_embedder.proj.weight" in src:
+        spec, d, h, w = _convert_brick(src, len(bricks), channels, attrs, out)
+        bricks.append(spec)
+        hidden.add(d)
+        heads |= h
+        widths |= w
     heads.discard(None)
-    if num_heads is not None:
-        heads = {num_heads}
-    if len(heads) != 1:
-        raise LegoError("the snapshot does not record one number of attention heads for all blocks; pass --num-heads"
-                        if not heads else f"the snapshot's blocks use different head counts {sorted(heads)}")
-    if len(mlp_hidden) > 1:
-        raise LegoError(f"the snapshot's blocks use different MLP widths {sorted(mlp_hidden)}; lego needs one")
+    heads = {num_heads} if num_heads is not None else heads
+    for what, values in (("hidden sizes", hidden), ("MLP widths", widths), ("attention head counts", heads)):
+        if len(values) > 1:
+            raise LegoError(f"the snapshot's bricks use different {what} {sorted(values)}; lego needs one")
+    if not heads:
+        raise LegoError("the snapshot does not record its number of attention heads; pass --num-heads")
+    (hidden,) = hidden
 
     freq = attrs.get("model.t_embedder", {}).get("frequency_embedding_size", 256)
     pe = attrs.get("model.t_embedder.positional_embedding", {})
     if freq != 256 or pe.get("max_positions", 10000) != 10000 or pe.get("endpoint", False):
         raise LegoError(f"the snapshot's time embedding ({freq} frequencies, {pe}) is not DiT's, which lego uses")
     for i in (0, 2):
-        out[f"t_embedder.mlp.{i}.weight"], out[f"t_embedder.mlp.{i}.bias"] = (
-            take(f"model.t_embedder.mlp.{i}.weight"), take(f"model.t_embedder.mlp.{i}.bias"))
+        src.linear(f"model.t_embedder.mlp.{i}", f"t_embedder.mlp.{i}", out)
 
     num_classes = 0
     if "model.y_embedder.embedding_table.weight" in src:
-        w, b = take("model.y_embedder.embedding_table.weight"), take("model.y_embedder.embedding_table.bias")
-        num_classes = w.shape[1]  # w (d, K) over a one-hot label; the null label (all zeros) gives b alone
+        w = src.take("model.y_embedder.embedding_table.weight")  # (d, K), over a one-hot label
+        b = src.take("model.y_embedder.embedding_table.bias")  # (d,): the null label (all zeros) gives it alone
+        num_classes = w.shape[1]
         out["y_embedder.embedding_table.weight"] = torch.cat([w.t() + b, b[None]])  # (K + 1, d)
     if kw.get("label_dim", num_classes) != num_classes:
         raise LegoError(f"the snapshot says label_dim {kw['label_dim']} but its label embedding has {num_classes}")
@@ -280,12 +297,11 @@ def convert_state(snapshot: Snapshot, num_heads: int | None = None) -> tuple[Leg
     if src:
         raise LegoError(f"the snapshot has tensors that this converter cannot place: {', '.join(sorted(src)[:8])}")
 
-    top = max(b.brick_size for b in bricks)
     config = LegoConfig(
         name=str(kw.get("model_type") or "converted"), bricks=tuple(bricks), hidden_size=hidden,
-        num_heads=heads.pop(), mlp_ratio=mlp_hidden.pop() / hidden if mlp_hidden else 4.0, in_channels=channels,
-        num_classes=num_classes, resolution=int(kw.get("img_resolution") or top), precond="edm",
-        sigma_data=float(kw.get("sigma_data", 0.5)), time_scale=1.0,
+        num_heads=heads.pop(), mlp_ratio=widths.pop() / hidden if widths else 4.0, in_channels=channels,
+        num_classes=num_classes, resolution=int(kw.get("img_resolution") or max(b.brick_size for b in bricks)),
+        precond="edm", sigma_data=float(kw.get("sigma_data", 0.5)), time_scale=1.0,
     )
     return config, out
 

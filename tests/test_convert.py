@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import sys
 import types
 from pathlib import Path
@@ -59,10 +60,11 @@ def _cases():
         ):
             for name in NAMES:
                 marks = []
-                if device == "cpu" and backend == "triton":
-                    marks = [pytest.mark.slow]
-                    if name != "lego_T_PG_32":  # same kernels; the GPU run covers both
-                        marks.append(pytest.mark.skip(reason="the U fixture takes ~30 s in Triton's interpreter"))
+                if device == "cpu" and backend == "triton":  # measured: 17-34 s, 90% of it in patch_embed (l = 8)
+                    marks = [pytest.mark.slow, pytest.mark.skipif(
+                        not os.environ.get("LEGO_TEST_INTERPRETER"),
+                        reason="Triton's interpreter takes 20 s and more per fixture; LEGO_TEST_INTERPRETER=1 runs it "
+                        "(test_model_kernels checks the triton model path against torch's on the CPU)")]
                 yield pytest.param(name, device, backend, marks=marks, id=f"{name}-{device}-{backend}")
 
 
@@ -165,10 +167,10 @@ def test_shapes_reveal_the_rest():
     assert config_u.num_classes == 0
     # An affine LayerNorm (say) has nowhere to go in our blocks: refused, by name.
     extra = {**snap.tensors, "model.model.0.blocks.0.norm1.weight": torch.ones(64)}
-    with pytest.raises(LegoError, match="cannot place: model.model.0.blocks.0.norm1.weight"):
+    with pytest.raises(LegoError, match=re.escape("cannot place: model.model.0.blocks.0.norm1.weight")):
         convert_state(dataclasses.replace(snap, tensors=extra))
     # The label embedding: class k = column k + bias, the null class = the bias.
-    w, b = snap.tensors["model.y_embedder.embedding_table.weight"], snap.tensors["model.y_embedder.embedding_table.bias"]
+    w, b = (snap.tensors[f"model.y_embedder.embedding_table.{k}"] for k in ("weight", "bias"))
     table = state["y_embedder.embedding_table.weight"]
     torch.testing.assert_close(table[4], w[:, 4] + b)
     torch.testing.assert_close(table[10], b)
@@ -229,7 +231,7 @@ def test_any_other_global_is_refused(tmp_path, target):
     bad = tmp_path / "bad.pkl"
     # protocol 2: GLOBAL 'module name', then call it with one argument
     bad.write_bytes(b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"X\x01\x00\x00\x00x\x85R.")
-    with pytest.raises(LegoError, match=f"refused to load: it asks for {target}"):
+    with pytest.raises(LegoError, match=re.escape(f"refused to load: it asks for {target}")):
         read_snapshot(bad)
 
 
