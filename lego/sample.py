@@ -89,7 +89,7 @@ def write_samples(args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lego.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint.safetensors written by lego.train")
+    p.add_argument("--ckpt", required=True, help="checkpoint.safetensors written by lego.train or lego.convert")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="output .png grid or .npz")
     p.add_argument("--npz", help="also write the samples to this .npz")
