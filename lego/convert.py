@@ -247,6 +247,16 @@ def _convert_brick(src: _Source, k: int, channels: int, attrs: dict, out: dict) 
     return BrickSpec(l * grid, l, depth), d, heads, widths
 
 
+def _number(kw: dict, key: str, default):
+    """A constructor argument that must be a plain number (None or absent: ``default``)."""
+    value = kw.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int | float):
+        raise LegoError(f"the snapshot's {key} is {value!r}, not a number")
+    return value
+
+
 def convert_state(snapshot: Snapshot, num_heads: int | None = None) -> tuple[LegoConfig, dict[str, torch.Tensor]]:
     """Our model config and state_dict for a snapshot's network. ``num_heads`` is only needed if the snapshot does
     not record it (shapes cannot tell it)."""
@@ -256,7 +266,7 @@ def convert_state(snapshot: Snapshot, num_heads: int | None = None) -> tuple[Leg
     kw, attrs = snapshot.kwargs, snapshot.attrs
     if "model.model.0.x_embedder.proj.weight" not in src:
         raise LegoError("the snapshot has no bricks (model.model.0.x_embedder...); it is not a released LEGO network")
-    channels = kw.get("img_channels") or src["model.model.0.x_embedder.proj.weight"].shape[1] - 2
+    channels = int(_number(kw, "img_channels", src["model.model.0.x_embedder.proj.weight"].shape[1] - 2))
 
     out: dict[str, torch.Tensor] = {}
     bricks, hidden, heads, widths = [], set(), set(), set()
@@ -288,7 +298,7 @@ def convert_state(snapshot: Snapshot, num_heads: int | None = None) -> tuple[Leg
         b = src.take("model.y_embedder.embedding_table.bias")  # (d,): the null label (all zeros) gives it alone
         num_classes = w.shape[1]
         out["y_embedder.embedding_table.weight"] = torch.cat([w.t() + b, b[None]])  # (K + 1, d)
-    if kw.get("label_dim", num_classes) != num_classes:
+    if _number(kw, "label_dim", num_classes) != num_classes:
         raise LegoError(f"the snapshot says label_dim {kw['label_dim']} but its label embedding has {num_classes}")
 
     if "model.map_augment.bias" in src:
@@ -300,8 +310,8 @@ def convert_state(snapshot: Snapshot, num_heads: int | None = None) -> tuple[Leg
     config = LegoConfig(
         name=str(kw.get("model_type") or "converted"), bricks=tuple(bricks), hidden_size=hidden,
         num_heads=heads.pop(), mlp_ratio=widths.pop() / hidden if widths else 4.0, in_channels=channels,
-        num_classes=num_classes, resolution=int(kw.get("img_resolution") or max(b.brick_size for b in bricks)),
-        precond="edm", sigma_data=float(kw.get("sigma_data", 0.5)), time_scale=1.0,
+        num_classes=num_classes, resolution=int(_number(kw, "img_resolution", max(b.brick_size for b in bricks))),
+        precond="edm", sigma_data=float(_number(kw, "sigma_data", 0.5)), time_scale=1.0,
     )
     return config, out
 

@@ -169,6 +169,9 @@ def test_shapes_reveal_the_rest():
     extra = {**snap.tensors, "model.model.0.blocks.0.norm1.weight": torch.ones(64)}
     with pytest.raises(LegoError, match=re.escape("cannot place: model.model.0.blocks.0.norm1.weight")):
         convert_state(dataclasses.replace(snap, tensors=extra))
+    # Constructor arguments that are not plain numbers (a numpy scalar reads as an inert placeholder) are refused.
+    with pytest.raises(LegoError, match="sigma_data is .* not a number"):
+        convert_state(dataclasses.replace(snap, kwargs={**snap.kwargs, "sigma_data": object()}))
     # The label embedding: class k = column k + bias, the null class = the bias.
     w, b = (snap.tensors[f"model.y_embedder.embedding_table.{k}"] for k in ("weight", "bias"))
     table = state["y_embedder.embedding_table.weight"]
