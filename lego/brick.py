@@ -109,7 +109,8 @@ class LegoBrick(nn.Module):
             if t is not None and t.shape != x.shape:
                 raise ValueError(f"LegoBrick: {name} must have the canvas's shape {list(x.shape)}, got {list(t.shape)}")
         if patch_index is not None and (patch_index.dim() != 2 or patch_index.shape[0] != batch):
-            raise ValueError(f"LegoBrick: patch_index must be [batch, P] with batch {batch}, got {list(patch_index.shape)}")
+            shape = list(patch_index.shape)
+            raise ValueError(f"LegoBrick: patch_index must be [{batch}, P] (one row per image), got {shape}")
         if self.has_prev and prev is None:
             prev = torch.zeros_like(x)
         elif not self.has_prev:

@@ -57,7 +57,8 @@ def sample(
     w = width or model.config.resolution
     model.check_canvas(torch.empty(1, model.in_channels, h, w, device="meta"))
     labels = parse_labels(labels, n, model.num_classes)
-    kwargs = {"num_steps": DEFAULT_STEPS[sampler] if steps is None else steps, "cfg_scale": cfg_scale, "skip": skip_schedule(model, t_break)}
+    num_steps = DEFAULT_STEPS[sampler] if steps is None else steps
+    kwargs = {"num_steps": num_steps, "cfg_scale": cfg_scale, "skip": skip_schedule(model, t_break)}
     if sampler == "heun" and churn:
         kwargs.update(S_churn=churn, S_min=0.05, S_max=20.0, S_noise=1.003)  # the paper's ImageNet settings
     g = torch.Generator(device).manual_seed(seed)

@@ -198,7 +198,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help=f"seed (default {d.seed})")
     p.add_argument("--out", help=f"output folder (default {d.out})")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a checkpoint, replacing it")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out with a checkpoint, replacing it")
     p.add_argument("--log-every", type=int, help=f"steps between log lines (default {d.log_every})")
     p.add_argument("--ckpt-every", type=int, help=f"steps between checkpoints (default {d.ckpt_every})")
     p.add_argument("--sample-n", type=int, help=f"samples in the final grid, 0 for none (default {d.sample_n})")
@@ -223,8 +223,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.resume and args.overwrite:
         parser().error("--resume and --overwrite contradict each other; give one")
-    return run_cli("lego.train", lambda: train(config_from_args(args), resume=args.resume, progress=not args.no_progress,
-                                               overwrite=args.overwrite))
+    return run_cli("lego.train", lambda: train(
+        config_from_args(args), resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":
