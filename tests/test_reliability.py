@@ -321,7 +321,7 @@ def test_non_finite_latents_name_the_file_and_index(tmp_path, capsys):
     ["--steps", "0"], ["--steps", "-5"], ["--batch", "0"], ["--batch", "-4"], ["--ckpt-every", "0"],
     ["--log-every", "0"], ["--ema", "2"], ["--ema", "-1"], ["--lr", "inf"], ["--lr", "nan"], ["--lr", "0"],
     ["--resolution", "-16"], ["--device", "tpu9"], ["--warmup", "-1"], ["--sample-steps", "0"], ["--seed", "-1"],
-    ["--label-dropout", "1"],
+    ["--label-dropout", "1"], ["--patch-fraction", "1.5"], ["--sample-n", "-1"],
 ])
 def test_train_options_are_range_checked(run, capsys, bad):
     before = snapshot(run)
@@ -349,6 +349,7 @@ def test_out_without_write_permission(tmp_path, capsys):
     ["--batch", "0"], ["--batch", "-1"], ["--steps", "0"], ["--steps", "-2"], ["--height", "-16"],
     ["--width", "0"], ["--cfg-scale", "nan"], ["--churn", "-5"], ["--device", "tpu9"], ["--n", "0"],
     ["--sampler", "ddpm", "--steps", "2000"], ["--sampler", "ddim", "--churn", "10"], ["--t-break", "2"],
+    ["--seed", "-1"],
 ])
 def test_sample_options_are_range_checked(trained, tmp_path, capsys, bad):
     out = tmp_path / "a.png"
