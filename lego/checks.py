@@ -10,6 +10,7 @@ import math
 import torch
 
 from lego.errors import LegoError
+from lego.models import model_config
 
 MAX_SEED = 2**31 - 1  # seeds are combined with the step into generator seeds, which must stay below 2^63
 
@@ -72,6 +73,12 @@ def check_train_config(cfg) -> None:
     integer("--sample-steps", cfg.sample_steps, 1)
     if cfg.resolution is not None:
         integer("--resolution", cfg.resolution, 1, meaning=" (a multiple of the model's largest brick)")
+        largest = max(b.brick_size for b in model_config(cfg.model).bricks)
+        if cfg.resolution % largest:
+            raise LegoError(
+                f"--resolution {cfg.resolution} is not divisible by {cfg.model}'s largest brick size {largest}; "
+                f"use a multiple of {largest}"
+            )
     if cfg.precision not in ("fp32", "bf16"):
         raise LegoError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
     if cfg.precond not in ("edm", "vp"):

@@ -320,7 +320,7 @@ def test_non_finite_latents_name_the_file_and_index(tmp_path, capsys):
 @pytest.mark.parametrize("bad", [
     ["--steps", "0"], ["--steps", "-5"], ["--batch", "0"], ["--batch", "-4"], ["--ckpt-every", "0"],
     ["--log-every", "0"], ["--ema", "2"], ["--ema", "-1"], ["--lr", "inf"], ["--lr", "nan"], ["--lr", "0"],
-    ["--resolution", "-16"], ["--device", "tpu9"], ["--warmup", "-1"], ["--sample-steps", "0"], ["--seed", "-1"],
+    ["--resolution", "-16"], ["--resolution", "24"], ["--device", "tpu9"], ["--warmup", "-1"], ["--sample-steps", "0"], ["--seed", "-1"],
     ["--label-dropout", "1"], ["--patch-fraction", "1.5"], ["--sample-n", "-1"],
 ])
 def test_train_options_are_range_checked(run, capsys, bad):
@@ -355,6 +355,16 @@ def test_sample_options_are_range_checked(trained, tmp_path, capsys, bad):
     out = tmp_path / "a.png"
     code = sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(out), *bad])
     one_line_error(capsys, code, bad[-2])
+    assert not out.exists()
+
+
+def test_non_finite_samples_are_not_written(trained, tmp_path, capsys, monkeypatch):
+    from lego import sample as sample_mod
+
+    monkeypatch.setitem(sample_mod.SAMPLERS, "heun", lambda net, z, *a, **k: torch.full_like(z, float("nan")))
+    out = tmp_path / "a.png"
+    one_line_error(capsys, sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(out)]),
+                   "NaN or inf values; nothing was written")
     assert not out.exists()
 
 
