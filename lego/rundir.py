@@ -55,14 +55,18 @@ class RunDir:
             raise LegoError(f"--out {out}: cannot write there ({e.strerror}); pick a folder you can write") from None
         try:
             remove_orphans(out, unattributed=True)
-            if self.ckpt_path.exists():
+            if self.ckpt_path.exists() and self.resume:
                 self.saved_step = load_checkpoint(self.ckpt_path, parts=()).step
-                if not self.resume and not self.overwrite:
-                    raise LegoError(
-                        f"--out {out} already holds a checkpoint (step {self.saved_step}); continue it with --resume, "
-                        "pick a new --out, or pass --overwrite to replace it"
-                    )
                 sync_config_json(self.ckpt_path)
+            elif self.ckpt_path.exists() and not self.overwrite:
+                try:
+                    held = f"step {load_checkpoint(self.ckpt_path, parts=()).step}"
+                except LegoError:
+                    held = "unreadable"
+                raise LegoError(
+                    f"--out {out} already holds a checkpoint ({held}); continue it with --resume, pick a new --out, "
+                    "or pass --overwrite to replace it"
+                )
             self._trim_log()
             self._catch_signals()
         except BaseException:
