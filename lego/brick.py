@@ -98,6 +98,19 @@ class LegoBrick(nn.Module):
                 f"LegoBrick: the canvas {h}x{w} is not divisible by the brick size {self.brick_size}; "
                 f"use sides that are multiples of {self.brick_size}"
             )
+        batch = x.shape[0]
+        want = self.hidden_size if isinstance(self.cond_proj, nn.Identity) else self.cond_proj.in_features
+        if cond.dim() != 2 or cond.shape != (batch, want):
+            raise ValueError(
+                f"LegoBrick: cond must be [batch, cond_size] = [{batch}, {want}] (one row per image), "
+                f"got {list(cond.shape)}"
+            )
+        for name, t in (("prev", prev), ("fill", fill)):
+            if t is not None and t.shape != x.shape:
+                raise ValueError(f"LegoBrick: {name} must have the canvas's shape {list(x.shape)}, got {list(t.shape)}")
+        if patch_index is not None and (patch_index.dim() != 2 or patch_index.shape[0] != batch):
+            shape = list(patch_index.shape)
+            raise ValueError(f"LegoBrick: patch_index must be [{batch}, P] (one row per image), got {shape}")
         if self.has_prev and prev is None:
             prev = torch.zeros_like(x)
         elif not self.has_prev:

@@ -1,12 +1,20 @@
-"""Checkpoints: one safetensors file (model, EMA and optimizer tensors; configs and step in its metadata) plus a
-config.json beside it, both written atomically (temporary file in the same folder, fsync, rename), so a crash never
-leaves a half-written checkpoint where the last good one was."""
+"""Checkpoints: one safetensors file holding everything (model, EMA and optimizer tensors; both configs and the step
+in its metadata), written atomically with one rename (temporary file in the same folder, fsync, rename, fsync of the
+folder), so a crash never leaves a half-written checkpoint where the last good one was. ``config.json`` beside it is a
+readable copy of the metadata, written after it; nothing reads it back, and ``sync_config_json`` (called when a run
+starts) rewrites it if a crash between the two writes left it behind the checkpoint.
+
+Temporary files live in ``.<name>.<pid>.<random>.tmp`` folders; ``remove_orphans`` deletes the ones whose writer has
+died (a ``kill -9`` during a save). Files get mode 0666 less the umask, like any file ``open`` creates."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,20 +28,79 @@ from lego.models import LegoConfig, LegoModel
 FORMAT = "lego-checkpoint-1"
 
 
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+# Temporary files without a pid: tempfile.mkstemp's (older versions of this module) and safetensors' own.
+_UNATTRIBUTED = re.compile(r"^\.(.+\.[A-Za-z0-9_]{8}\.tmp|tmp[A-Za-z0-9]{6})$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _umask() -> int:
+    try:  # Linux >= 4.7 shows it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_orphans(folder, unattributed: bool = False) -> list[Path]:
+    """Delete the temporary files in ``folder`` left by atomic writers that died; returns them. ``unattributed``
+    also deletes temporary files without a pid (older versions', safetensors'): only safe holding the folder's lock."""
+    removed = []
+    for p in Path(folder).glob(".*"):
+        m = _TMP.match(p.name)
+        dead = (m and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"]))) or (
+            not m and unattributed and _UNATTRIBUTED.match(p.name))
+        if dead:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the file into place; the old file stays intact until the rename."""
+    """Call ``write(tmp_path)`` then move the file into place; the old file stays intact until the rename.
+
+    ``tmp_path`` lies in a private folder ``.<name>.<pid>.<random>.tmp`` beside ``path``, so that whatever the writer
+    makes there (safetensors writes its own temporary file first) is cleaned up with it, and is found by
+    ``remove_orphans`` if this process is killed. The file gets mode 0666 less the umask, as ``open`` would give it
+    (safetensors' temporary files are 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    remove_orphans(path.parent)
+    tmp_dir = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp_dir.mkdir()
+    tmp = tmp_dir / path.name
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every file system)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 @dataclass
@@ -47,8 +114,16 @@ class Checkpoint:
 
 
 def save_checkpoint(path, model, ema, optimizer, step: int, train_config: dict) -> None:
+    """Write a checkpoint; refuses (LegoError, nothing written) when the model's or the EMA's weights are not finite,
+    so a diverged run never replaces a good checkpoint. A failed write (OSError) leaves the old file as it was."""
     tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tensors.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
+    bad = non_finite(tensors)
+    if bad:
+        raise LegoError(
+            f"not saving step {step} to {path}: {len(bad)} weight tensors hold NaN or inf (first {bad[0]}); "
+            "the previous checkpoint is kept"
+        )
     opt_state = optimizer.state_dict()
     for idx, state in opt_state["state"].items():
         for key, value in state.items():
@@ -61,8 +136,25 @@ def save_checkpoint(path, model, ema, optimizer, step: int, train_config: dict) 
         "param_groups": json.dumps(opt_state["param_groups"]),
     }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    config = {"step": step, "model": model.config.to_dict(), "train": train_config}
+    write_config_json(path, step, model.config.to_dict(), train_config)
+
+
+def write_config_json(path, step: int, model_config: dict, train_config: dict) -> None:
+    config = {"step": step, "model": model_config, "train": train_config}
     atomic_write(Path(path).with_name("config.json"), lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+
+
+def sync_config_json(path) -> None:
+    """Rewrite config.json from the checkpoint ``path`` if it is missing or names another step (a crash between the
+    checkpoint's rename and config.json's)."""
+    path = Path(path)
+    try:
+        step = json.loads(path.with_name("config.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        step = None
+    ckpt = load_checkpoint(path, parts=())
+    if step != ckpt.step:
+        write_config_json(path, ckpt.step, ckpt.model_config.to_dict(), ckpt.train_config)
 
 
 def load_checkpoint(path, parts: tuple[str, ...] = ("model", "ema", "optim")) -> Checkpoint:
@@ -103,9 +195,16 @@ def load_checkpoint(path, parts: tuple[str, ...] = ("model", "ema", "optim")) ->
 def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel:
     """The model stored in a checkpoint (its EMA weights by default), in eval mode on ``device``."""
     ckpt = load_checkpoint(path, parts=("ema",) if use_ema else ("model",))
+    weights = ckpt.ema if use_ema else ckpt.model
+    bad = non_finite(weights)
+    if bad:
+        raise LegoError(
+            f"{path}: {len(bad)} of its {len(weights)} {'EMA' if use_ema else 'raw'} weight tensors hold NaN or inf "
+            f"(first {bad[0]}); it would sample NaN images: use a checkpoint from before the run diverged"
+        )
     model = LegoModel(ckpt.model_config)
     try:
-        model.load_state_dict(ckpt.ema if use_ema else ckpt.model)
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise LegoError(f"{path}: the weights do not fit the model in its config ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()

@@ -27,6 +27,8 @@ from lego.errors import LegoError
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 NAMED = ("default", "mnist", "fashion-mnist")
+# Label ids become rows of the class embedding: above this they are a mistake (ImageNet-21k has 21,841 classes).
+MAX_CLASSES = 100_000
 
 
 @dataclass
@@ -71,12 +73,25 @@ def _from_uint8(images: np.ndarray, labels, name: str) -> Dataset:
 def _with_labels(x: torch.Tensor, labels, name: str) -> Dataset:
     if labels is None:
         return Dataset(x, None, 0, name)
-    y = torch.from_numpy(np.asarray(labels).astype(np.int64).reshape(-1))
+    labels = np.asarray(labels).reshape(-1)
+    integral = labels.dtype.kind in "iub" or (
+        labels.dtype.kind == "f" and (np.isfinite(labels) & (labels == np.round(labels))).all())
+    if not integral:
+        raise LegoError(f"{name}: labels must be integers, got {labels.dtype} values such as {labels[:3].tolist()}")
+    y = torch.from_numpy(labels.astype(np.int64))
     if y.shape[0] != x.shape[0]:
         raise LegoError(f"{name}: {y.shape[0]} labels for {x.shape[0]} images")
-    if y.min() < 0:
-        raise LegoError(f"{name}: labels must be non-negative integers")
-    return Dataset(x, y, int(y.max()) + 1, name)
+    if y.numel() and y.min() < 0:
+        raise LegoError(f"{name}: labels must be non-negative integers, got {int(y.min())}")
+    num_classes = int(y.max()) + 1 if y.numel() else 0
+    if num_classes > MAX_CLASSES:
+        used = len(torch.unique(y))
+        raise LegoError(
+            f"{name}: the label id {num_classes - 1} would make a class embedding of {num_classes} rows for "
+            f"{used} distinct labels (at most {MAX_CLASSES} classes); renumber them 0..{used - 1}, e.g. with "
+            "np.unique(labels, return_inverse=True)[1]"
+        )
+    return Dataset(x, y, num_classes, name)
 
 
 def _load_default() -> Dataset:
@@ -118,6 +133,13 @@ def _load_npz(path: Path) -> Dataset:
         x = torch.from_numpy(np.asarray(arrays["latents"], dtype=np.float32))
         if x.dim() != 4:
             raise LegoError(f"{path}: latents must be [N, C, H, W], got shape {tuple(x.shape)}")
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            first = tuple(int(i) for i in np.unravel_index(int(bad.flatten().nonzero()[0]), tuple(x.shape)))
+            raise LegoError(
+                f"{path}: 'latents' holds {int(bad.sum())} NaN or inf values, the first at index {first} "
+                f"(latent {first[0]}); fix or drop those latents"
+            )
         data = _with_labels(x, labels, path.name)
         data.latent = True
         return data
@@ -129,31 +151,52 @@ def _load_npz(path: Path) -> Dataset:
     return _from_uint8(arrays[key], labels, path.name)
 
 
-def _load_folder(path: Path) -> Dataset:
+def _load_folder(path: Path, resolution: int | None) -> Dataset:
+    """Every image below ``path``; one sub-folder per class gives labels (class ids in sorted name order). Images of
+    different sizes are each scaled (short side to ``resolution``) and center-cropped to a square, as ADM and DiT
+    prepare ImageNet; the dataset's name says so."""
     from PIL import Image
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise LegoError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {path}")
+    loose = [p.name for p in files if p.parent == path]
     classes = sorted({p.parent.relative_to(path).parts[0] for p in files if p.parent != path})
-    labelled = len(classes) > 1 and all(p.parent != path for p in files)
-    arrays = []
+    if loose and classes:
+        raise LegoError(
+            f"{path} mixes class sub-folders ({', '.join(classes[:5])}) with loose images ({', '.join(loose[:5])}); "
+            "move the loose images into a class folder, or remove them"
+        )
+    labelled = len(classes) > 1
+    images = []
     for p in files:
         try:
             with Image.open(p) as im:
-                arrays.append(np.asarray(im.convert("RGB")))
+                images.append(im.convert("RGB"))
         except Exception as e:  # noqa: BLE001 -- PIL raises many types for one meaning: unreadable
             raise LegoError(f"could not read the image {p} ({e})") from None
-    if len({a.shape for a in arrays}) > 1:
-        side = min(min(a.shape[:2]) for a in arrays)  # center-crop to a common square, as DiT/ADM do
-        arrays = [_center_crop(a, side) for a in arrays]
+    name = path.name
+    sizes = sorted({im.size for im in images})  # (width, height)
+    if len(sizes) > 1:
+        if resolution is None:
+            shown = ", ".join(f"{w}x{h}" for w, h in sizes[:6])
+            raise LegoError(f"{path} holds images of {len(sizes)} sizes ({shown}); give a resolution to resize them to")
+        images = [_scale_and_center_crop(im, resolution) for im in images]
+        name = f"{path.name} ({len(sizes)} image sizes, each scaled and center-cropped to {resolution}x{resolution})"
+    arrays = np.stack([np.asarray(im) for im in images])  # (N, H, W, 3)
     labels = [classes.index(p.relative_to(path).parts[0]) for p in files] if labelled else None
-    return _from_uint8(np.stack(arrays).transpose(0, 3, 1, 2), labels, path.name)
+    return _from_uint8(arrays.transpose(0, 3, 1, 2), labels, name)
 
 
-def _center_crop(a: np.ndarray, side: int) -> np.ndarray:
-    top, left = (a.shape[0] - side) // 2, (a.shape[1] - side) // 2
-    return a[top : top + side, left : left + side]
+def _scale_and_center_crop(im, side: int):
+    """Short side to ``side`` (bicubic), then the central side x side square (ADM's center_crop_arr)."""
+    from PIL import Image
+
+    scale = side / min(im.size)
+    w, h = max(side, round(im.width * scale)), max(side, round(im.height * scale))
+    im = im.resize((w, h), Image.BICUBIC)
+    left, top = (w - side) // 2, (h - side) // 2
+    return im.crop((left, top, left + side, top + side))
 
 
 def load_dataset(spec: str = "default", resolution: int | None = None) -> Dataset:
@@ -170,7 +213,7 @@ def load_dataset(spec: str = "default", resolution: int | None = None) -> Datase
             raise LegoError(
                 f"dataset {spec!r} not found: give {', '.join(NAMED)}, a folder of images, or an .npz file"
             )
-        data = _load_folder(path) if path.is_dir() else _load_npz(path)
+        data = _load_folder(path, resolution) if path.is_dir() else _load_npz(path)
     if len(data) == 0:
         raise LegoError(f"dataset {data.name} is empty")
     if resolution is not None and data.images.shape[-2:] != (resolution, resolution):

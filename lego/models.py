@@ -1,7 +1,8 @@
 """LegoModel: a stack of LEGO bricks (PG, PR or U) with a shared time/class embedding and EDM-style calling.
 
 ``model(x, sigma, class_labels=None, skip=())`` returns the denoised D(x; sigma) = c_skip x + c_out F, where F is the
-output of the top brick that ran; bricks listed in ``skip`` are not run and pass their predecessor's output on.
+output of the top brick that ran; bricks listed in ``skip`` (0 = bottom; negative indices count from the top, -1 being
+the top brick) are not run and pass their predecessor's output on. sigma must be >= 0; sigma = 0 returns x.
 
 Configurations follow the paper's Tables 5 (64 x 64) and 6 (32 x 32) and the U variants of the released code:
     PG: bricks grow bottom to top (4 -> 16 -> 64, or 4 -> 8 -> 32); PR: the same bricks reversed;
@@ -176,7 +177,11 @@ class LegoModel(nn.Module):
         self.check_canvas(x)
         batch, _, h, w = x.shape
         sigma = as_batch_sigma(sigma, batch, x.device)
-        skip = {int(k) % len(self.bricks) for k in skip}
+        n = len(self.bricks)
+        out_of_range = [int(k) for k in skip if not -n <= int(k) < n]
+        if out_of_range:
+            raise ValueError(f"skip {out_of_range}: this model's bricks are 0..{n - 1} (or -{n}..-1 from the top)")
+        skip = {int(k) % n for k in skip}  # negative indices count from the top, as in Python
         if len(skip) == len(self.bricks):
             raise ValueError("every brick is skipped; keep at least one")
         _, _, c_in, c_noise = self.precond.coefficients(sigma)
@@ -201,9 +206,27 @@ class LegoModel(nn.Module):
         """The denoiser D(x; sigma) [B, C, H, W] (fp32), from the top brick that runs."""
         x = x.float()
         sigma_b = as_batch_sigma(sigma, x.shape[0], x.device)
+        if not torch.compiler.is_compiling():  # data-dependent checks: eager calls only (they wait for the device)
+            self._check_inputs(sigma_b, class_labels, x.shape[0])
+        zero = sigma_b == 0  # D(x; 0) = x: there is no noise to remove (and c_noise = log 0 would poison the batch)
+        sigma_b = torch.where(zero, torch.ones_like(sigma_b), sigma_b)
         top = self.run_bricks(x, sigma_b, class_labels, skip)[-1].output  # (B, C, H, W)
         c_skip, c_out, _, _ = self.precond.coefficients(sigma_b)
-        return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * top
+        d = c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * top  # (B, C, H, W)
+        return torch.where(zero.view(-1, 1, 1, 1), x, d)
+
+    def _check_inputs(self, sigma, class_labels, batch):
+        if not (torch.isfinite(sigma) & (sigma >= 0)).all():
+            raise ValueError(f"sigma must be finite and >= 0 (0 returns x), got {sigma.tolist()[:8]}")
+        if class_labels is not None and self.num_classes:
+            labels = torch.as_tensor(class_labels).reshape(-1)
+            if labels.numel() != batch:
+                raise ValueError(f"{labels.numel()} class labels for a batch of {batch}")
+            if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) <= self.num_classes):
+                raise ValueError(
+                    f"class labels must be in 0..{self.num_classes - 1} ({self.num_classes}: none, for guidance), "
+                    f"got {labels.min().item()}..{labels.max().item()}"
+                )
 
 
 def _patch_mask(patch_index, total, brick_size, height, width):

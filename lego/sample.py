@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lego import checks
 from lego.checkpoint import load_model
 from lego.errors import LegoError, run_cli
 from lego.images import save_grid, save_npz
@@ -49,15 +50,15 @@ def sample(
     """Draw n samples [n, C, H, W] (and their labels) from the checkpoint ``ckpt``; see the module docstring."""
     if sampler not in SAMPLERS:
         raise LegoError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if n <= 0:
-        raise LegoError(f"--n must be positive, got {n}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    checks.check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn)
+    device = checks.device(device)
     model = load_model(ckpt, use_ema=use_ema, device=device)
     h = height or model.config.resolution
     w = width or model.config.resolution
     model.check_canvas(torch.empty(1, model.in_channels, h, w, device="meta"))
     labels = parse_labels(labels, n, model.num_classes)
-    kwargs = {"num_steps": steps or DEFAULT_STEPS[sampler], "cfg_scale": cfg_scale, "skip": skip_schedule(model, t_break)}
+    num_steps = DEFAULT_STEPS[sampler] if steps is None else steps
+    kwargs = {"num_steps": num_steps, "cfg_scale": cfg_scale, "skip": skip_schedule(model, t_break)}
     if sampler == "heun" and churn:
         kwargs.update(S_churn=churn, S_min=0.05, S_max=20.0, S_noise=1.003)  # the paper's ImageNet settings
     g = torch.Generator(device).manual_seed(seed)
@@ -67,7 +68,11 @@ def sample(
         z = torch.randn(size, model.in_channels, h, w, generator=g, device=device)
         y = labels[start : start + size].to(device) if labels is not None else None
         chunks.append(SAMPLERS[sampler](model, z, y, generator=g, **kwargs).cpu())
-    return torch.cat(chunks), labels
+    images = torch.cat(chunks)
+    if not torch.isfinite(images).all():
+        raise LegoError(f"sampling {ckpt} gave NaN or inf values; nothing was written. Try fewer guidance "
+                        "(--cfg-scale) or another checkpoint")
+    return images, labels
 
 
 def write_samples(args: argparse.Namespace) -> None:

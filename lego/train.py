@@ -13,7 +13,7 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -22,12 +22,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lego.checkpoint import load_checkpoint, save_checkpoint
+from lego import checks
+from lego.checkpoint import load_checkpoint
 from lego.data import load_dataset
-from lego.errors import LegoError, run_cli
+from lego.errors import Stopped, run_cli
 from lego.images import save_grid
 from lego.loss import LegoLoss
 from lego.models import MODELS, LegoModel, model_config
+from lego.rundir import RunDir
 from lego.sampling import edm_sampler
 
 
@@ -58,11 +60,7 @@ class TrainConfig:
 
 
 def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LegoError(f"--device {name} asked for a GPU but torch sees none; drop --device to use the CPU")
-    return torch.device(name)
+    return checks.device(name)
 
 
 def _batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
@@ -90,13 +88,18 @@ def sample_grid(model, path, n, steps, num_classes, resolution, device, seed=0):
     return images
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train per ``cfg``; returns the output folder. ``resume`` continues from ``cfg.out``'s checkpoint."""
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.safetensors"
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
+    """Train per ``cfg``; returns the output folder. ``resume`` continues from ``cfg.out``'s checkpoint; without it a
+    folder that holds a checkpoint is refused unless ``overwrite``. Every option is checked before anything is loaded
+    or written; the folder is locked while the run lasts (lego/rundir.py)."""
+    checks.check_train_config(cfg)
     device = _device(cfg.device)
-    if cfg.precision not in ("fp32", "bf16"):
-        raise LegoError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
+    with RunDir(cfg.out, resume=resume, overwrite=overwrite) as run:
+        return _train(cfg, run, device, resume, progress)
+
+
+def _train(cfg: TrainConfig, run: RunDir, device: torch.device, resume: bool, progress: bool) -> Path:
+    out, ckpt_path = run.out, run.ckpt_path
     resolution = cfg.resolution or model_config(cfg.model).resolution  # (an unknown name fails here, clearly)
     data = load_dataset(cfg.data, resolution)
     channels = data.images.shape[1]
@@ -104,10 +107,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     ckpt = None
     if resume:
         ckpt = load_checkpoint(ckpt_path)
-        if ckpt.model_config.in_channels != channels:
-            raise LegoError(
-                f"{cfg.data} has {channels} channels but the checkpoint's model takes {ckpt.model_config.in_channels}"
-            )
+        checks.check_resume(cfg, ckpt.model_config, ckpt.step, resolution, channels, data.num_classes)
         model = LegoModel(ckpt.model_config)
     else:
         model = LegoModel.from_name(
@@ -126,12 +126,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     loss_fn = LegoLoss(cfg.patch_fraction, cfg.label_dropout)
     images, labels = data.images, data.labels
     n_params = sum(p.numel() for p in model.parameters())
-    out.mkdir(parents=True, exist_ok=True)
     print(
         f"lego.train: {cfg.model} ({n_params / 1e6:.2f}M parameters) on {data.name} "
         f"({len(data)} x {tuple(images.shape[1:])}), {device}, steps {start}..{cfg.steps} -> {out}",
         flush=True,
     )
+    hint = f"Lower --lr (now {cfg.lr:g})" + (" or use --precision fp32" if cfg.precision == "bf16" else "")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, dynamic_ncols=True)
     tick, seen = time.perf_counter(), 0
@@ -148,11 +148,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         loss.backward()
         opt.step()
         _ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
+        run.observe(loss, step + 1)
         seen += x.shape[0]
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            run.check_loss(hint)
             value = loss.item()
-            if not math.isfinite(value):
-                raise LegoError(f"the loss is not finite at step {step + 1}; lower --lr or use --precision fp32")
             if device.type == "cuda":
                 torch.cuda.synchronize()
             rate = seen / (time.perf_counter() - tick)
@@ -164,9 +164,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}")
             if not progress:
                 print(json.dumps(record), flush=True)
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(ckpt_path, model, ema, opt, step + 1, dataclasses.asdict(cfg))
+        stop = run.stop_signal
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop:
+            run.save(model, ema, opt, step + 1, dataclasses.asdict(cfg), hint)
+        if stop:
+            bar.close()
+            raise Stopped(stop, f"stopped by {signal.Signals(stop).name} after step {step + 1}; saved {ckpt_path} "
+                                "(continue with --resume)")
     bar.close()
+    run.release_signals()  # from here on Ctrl-C interrupts the sample grid at once; the checkpoint is saved
     if cfg.sample_n > 0:
         sample_grid(ema, out / "samples.png", cfg.sample_n, cfg.sample_steps, model.num_classes, resolution, device)
         print(f"lego.train: wrote {out / 'samples.png'} ({cfg.sample_n} EMA samples, {cfg.sample_steps} Heun steps)")
@@ -192,6 +198,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help=f"seed (default {d.seed})")
     p.add_argument("--out", help=f"output folder (default {d.out})")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out with a checkpoint, replacing it")
     p.add_argument("--log-every", type=int, help=f"steps between log lines (default {d.log_every})")
     p.add_argument("--ckpt-every", type=int, help=f"steps between checkpoints (default {d.ckpt_every})")
     p.add_argument("--sample-n", type=int, help=f"samples in the final grid, 0 for none (default {d.sample_n})")
@@ -214,7 +221,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    return run_cli("lego.train", lambda: train(config_from_args(args), resume=args.resume, progress=not args.no_progress))
+    if args.resume and args.overwrite:
+        parser().error("--resume and --overwrite contradict each other; give one")
+    return run_cli("lego.train", lambda: train(
+        config_from_args(args), resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def test_bad_options(capsys, trained, tmp_path):
     _one_line_error(capsys, sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "a.jpg")]), ".png")
     _one_line_error(capsys, sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "a.png"), "--labels", "12"]),
                     "out of range")
-    _one_line_error(capsys, train_main([*FAST, "--patch-fraction", "0", "--out", str(tmp_path)]), "patch fraction")
+    _one_line_error(capsys, train_main([*FAST, "--patch-fraction", "0", "--out", str(tmp_path)]), "--patch-fraction")
 
 
 def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):

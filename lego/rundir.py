@@ -1,0 +1,178 @@
+"""A training run's output folder: who may write it, what a new run may replace, and stopping without loss.
+
+- One run per folder: ``.lock`` holds an exclusive ``flock`` for the run's lifetime; the kernel drops it when its
+  holder dies, so a ``kill -9`` leaves nothing to clean by hand (the next run takes the stale file over).
+- A new run never replaces a checkpoint: it needs ``--resume`` or ``--overwrite``.
+- On start, temporary files of crashed saves are deleted and config.json is re-synced with the checkpoint.
+- SIGINT / SIGTERM ask the training loop to save at the end of the current step and stop (``Stopped``); a second
+  signal stops at once.
+- ``save`` writes a checkpoint only when the loss of every step since the last save and the weights are finite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from lego.checkpoint import atomic_write, load_checkpoint, remove_orphans, save_checkpoint, sync_config_json
+from lego.errors import LegoError
+
+CHECKPOINT = "checkpoint.safetensors"
+LOCK = ".lock"
+
+
+class RunDir:
+    def __init__(self, out, resume: bool = False, overwrite: bool = False):
+        self.out = Path(out)
+        self.ckpt_path = self.out / CHECKPOINT
+        self.resume, self.overwrite = resume, overwrite
+        self.stop_signal: int | None = None  # set by SIGINT / SIGTERM
+        self._lock_fd: int | None = None
+        self._created = False
+        self._old_handlers: dict = {}
+        self._bad_step = None  # tensor: first step since the last save whose loss was not finite (-1: none)
+        self.saved_step: int | None = None
+
+    # -- opening and closing --------------------------------------------------------------------------------------
+    def open(self) -> RunDir:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise LegoError(f"--out {out} is a file, not a folder; give a folder name (it is created if missing)")
+        self._created = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self._lock()
+        except OSError as e:
+            raise LegoError(f"--out {out}: cannot write there ({e.strerror}); pick a folder you can write") from None
+        try:
+            remove_orphans(out, unattributed=True)
+            if self.ckpt_path.exists() and self.resume:
+                self.saved_step = load_checkpoint(self.ckpt_path, parts=()).step
+                sync_config_json(self.ckpt_path)
+            elif self.ckpt_path.exists() and not self.overwrite:
+                try:
+                    held = f"step {load_checkpoint(self.ckpt_path, parts=()).step}"
+                except LegoError:
+                    held = "unreadable"
+                raise LegoError(
+                    f"--out {out} already holds a checkpoint ({held}); continue it with --resume, pick a new --out, "
+                    "or pass --overwrite to replace it"
+                )
+            self._trim_log()
+            self._catch_signals()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def release_signals(self) -> None:
+        """Give SIGINT / SIGTERM back their previous handlers."""
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        self._old_handlers = {}
+
+    def close(self) -> None:
+        self.release_signals()
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                (self.out / LOCK).unlink()
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+        if self._created:  # a run that failed before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _lock(self) -> None:
+        path = self.out / LOCK
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise LegoError(
+                    f"--out {self.out} is in use by another lego.train (pid {holder}); wait for it to finish or pick "
+                    "another --out"
+                ) from None
+            try:  # the holder we waited on may have unlinked the file we opened: lock the file that is there now
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _trim_log(self) -> None:
+        """A new run starts log.jsonl afresh; a resumed one drops the lines written after its checkpoint (a crashed
+        run's steps, which it is about to run again)."""
+        log = self.out / "log.jsonl"
+        if not log.exists():
+            return
+        keep = []
+        if self.resume and self.saved_step is not None:
+            for line in log.read_text().splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    if json.loads(line)["step"] <= self.saved_step:
+                        keep.append(line + "\n")
+        atomic_write(log, lambda tmp: Path(tmp).write_text("".join(keep)))
+
+    def _catch_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only; elsewhere the defaults stay
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:  # asked twice: stop now, without saving
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+
+    # -- during training ------------------------------------------------------------------------------------------
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        """Remember the first step since the last save whose loss is not finite, without a device sync."""
+        bad = ~torch.isfinite(loss.detach())
+        if self._bad_step is None:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        self._bad_step = torch.where(bad & (self._bad_step < 0), step, self._bad_step)
+
+    def check_loss(self, hint: str) -> None:
+        """Raise (keeping the last checkpoint) if a loss since the last save was not finite."""
+        bad = -1 if self._bad_step is None else int(self._bad_step)
+        if bad >= 0:
+            kept = f"the checkpoint of step {self.saved_step} in {self.out} is kept" if self.saved_step else \
+                "no checkpoint was written"
+            raise LegoError(f"the training loss is not finite at step {bad}: the run diverged; {kept}. {hint}")
+
+    def save(self, model, ema, optimizer, step: int, train_config: dict, hint: str) -> None:
+        self.check_loss(hint)
+        try:
+            save_checkpoint(self.ckpt_path, model, ema, optimizer, step, train_config)
+        except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as SafetensorError
+            kept = f"the checkpoint of step {self.saved_step} is intact" if self.saved_step else "nothing was replaced"
+            full = getattr(e, "errno", None) == errno.ENOSPC or f"os error {errno.ENOSPC})" in str(e)
+            reason = "the disk is full" if full else (getattr(e, "strerror", None) or str(e))
+            raise LegoError(
+                f"could not write the checkpoint of step {step} to {self.ckpt_path}: {reason}; {kept}. "
+                "Free some space and continue with --resume"
+            ) from None
+        self.saved_step = step
+        self._bad_step = None

@@ -1,0 +1,431 @@
+"""Nothing a user made is lost, and no wrong answer exits 0 (issue 13; issue 9's option checks).
+
+Each test names the case of the issue it covers. Training runs are tiny (LEGO-T-PG-16, 8 images a step, a few
+steps); the kill and signal tests run ``python -m lego.train`` in a subprocess, bounded in time.
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+import lego.checkpoint as ckpt_mod
+from lego import LegoBrick, LegoModel
+from lego.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from lego.data import load_dataset
+from lego.loss import LegoLoss
+from lego.rundir import RunDir
+from lego.sample import main as sample_main
+from lego.train import main as train_main
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--model", "LEGO-T-PG-16", "--batch", "8", "--log-every", "1", "--sample-n", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    data = load_dataset("default")
+    path = tmp_path_factory.mktemp("data") / "digits.npz"
+    images = ((data.images[:32, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
+    np.savez(path, images=images, labels=data.labels[:32].numpy())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits):
+    """A run folder with a 2-step checkpoint; tests copy it before changing anything."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert train_main([*FAST, "--data", digits, "--steps", "2", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    return out
+
+
+def one_line_error(capsys, code, *needles):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and ": error: " in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def all_finite(path) -> bool:
+    c = load_checkpoint(path)
+    return all(torch.isfinite(v).all() for part in (c.model, c.ema) for v in part.values())
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def child_env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+# -- 1. a diverged run never replaces a good checkpoint ----------------------------------------------------------------
+def nan_from(step_no):
+    """A LegoLoss whose loss turns NaN from its ``step_no``-th call on (between log steps: --log-every is large)."""
+    calls = {"n": 0}
+    real = LegoLoss.__call__
+
+    def call(self, *args, **kwargs):
+        calls["n"] += 1
+        loss, per_brick = real(self, *args, **kwargs)
+        return (loss * float("nan"), per_brick) if calls["n"] >= step_no else (loss, per_brick)
+
+    return call
+
+
+def test_divergence_between_log_steps_keeps_the_last_good_checkpoint(run, capsys, monkeypatch):
+    before = (run / "checkpoint.safetensors").read_bytes()
+    monkeypatch.setattr(LegoLoss, "__call__", nan_from(2))  # resumed at step 2: step 3 fine, step 4 on NaN
+    code = train_main(["--resume", "--out", str(run), "--steps", "8", "--ckpt-every", "4", "--log-every", "100",
+                       "--no-progress"])
+    one_line_error(capsys, code, "not finite at step 4", "step 2", "kept")
+    assert (run / "checkpoint.safetensors").read_bytes() == before and all_finite(run / "checkpoint.safetensors")
+
+
+def test_a_fresh_run_that_diverges_writes_no_checkpoint(tmp_path, digits, capsys, monkeypatch):
+    monkeypatch.setattr(LegoLoss, "__call__", nan_from(1))
+    code = train_main([*FAST, "--data", digits, "--steps", "3", "--log-every", "100", "--out", str(tmp_path / "r")])
+    one_line_error(capsys, code, "not finite at step 1", "no checkpoint was written")
+    assert not (tmp_path / "r" / "checkpoint.safetensors").exists()
+
+
+def test_save_checkpoint_refuses_non_finite_weights(run):
+    model = ckpt_mod.load_model(run / "checkpoint.safetensors", use_ema=False)
+    before = (run / "checkpoint.safetensors").read_bytes()
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        save_checkpoint(run / "checkpoint.safetensors", model, model, torch.optim.AdamW(model.parameters()), 3, {})
+    assert (run / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_sampling_a_checkpoint_with_nan_weights_fails(run, capsys, tmp_path):
+    path = run / "checkpoint.safetensors"
+    with ckpt_mod.safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- not a dict
+    for k, v in tensors.items():
+        if k.startswith("ema/") and v.is_floating_point():
+            tensors[k] = torch.full_like(v, float("nan"))
+    save_file(tensors, str(path), metadata=meta)
+    one_line_error(capsys, sample_main(["--ckpt", str(path), "--out", str(tmp_path / "a.png"), "--steps", "2"]),
+                   "NaN or inf")
+    assert not (tmp_path / "a.png").exists()
+
+
+# -- 2. a new run never overwrites a checkpoint; one run per folder ----------------------------------------------------
+def test_a_new_run_refuses_a_folder_with_a_checkpoint(run, digits, capsys):
+    before = snapshot(run)
+    one_line_error(capsys, train_main([*FAST, "--data", digits, "--steps", "1", "--out", str(run)]),
+                   "already holds a checkpoint (step 2)", "--resume", "--overwrite")
+    assert snapshot(run) == before
+    assert train_main([*FAST, "--data", digits, "--steps", "1", "--out", str(run), "--overwrite"]) == 0
+    assert load_checkpoint(run / "checkpoint.safetensors").step == 1
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1  # a new log, not the old run's lines
+
+
+def test_a_second_run_is_kept_out_of_a_folder_in_use(run, digits, capsys):
+    before = (run / "checkpoint.safetensors").read_bytes()
+    with RunDir(run, resume=True):  # another run holds the folder
+        code = train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress"])
+        one_line_error(capsys, code, "in use by another lego.train", f"pid {os.getpid()}")
+    assert (run / "checkpoint.safetensors").read_bytes() == before
+    assert not (run / ".lock").exists()  # its holder left cleanly
+
+
+# -- 3. --resume refuses options that contradict the checkpoint --------------------------------------------------------
+@pytest.mark.parametrize(("option", "needle"), [
+    (["--model", "LEGO-T-PR-16"], "--model LEGO-T-PR-16 (the checkpoint holds LEGO-T-PG-16)"),
+    (["--resolution", "32"], "--resolution 32 (the checkpoint was trained at 16)"),
+    (["--precond", "vp"], "--precond vp"),
+])
+def test_resume_refuses_contradicting_options(run, capsys, option, needle):
+    before = snapshot(run)
+    code = train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress", *option])
+    one_line_error(capsys, code, needle)
+    assert snapshot(run) == before
+
+
+def test_resume_refuses_data_with_other_classes(run, capsys, tmp_path):
+    more = tmp_path / "more.npz"
+    np.savez(more, images=np.zeros((8, 16, 16), np.uint8), labels=np.arange(8) + 5)  # 13 classes, checkpoint 10
+    code = train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress", "--data", str(more)])
+    one_line_error(capsys, code, "13 classes", "has 10")
+
+
+# -- 4. no orphans; config.json follows the checkpoint -----------------------------------------------------------------
+def test_kill_9_during_saves_loses_nothing_and_the_next_start_cleans_up(tmp_path, digits):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lego.train", *FAST, "--data", digits, "--steps", "100000", "--ckpt-every", "1",
+           "--out", str(out)]
+    child = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 3:
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the training child made no progress"
+            time.sleep(0.05)
+        time.sleep(0.013)  # a save happens every step: the kill lands in or near one
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+        child.stderr.close()
+    ckpt = load_checkpoint(out / "checkpoint.safetensors")  # the file in place is always a whole checkpoint
+    assert ckpt.step >= 2 and all_finite(out / "checkpoint.safetensors")
+    # Leftovers a kill can leave: this one's temporary folder (if it landed in a save), safetensors' own temporary
+    # file, an older version's mkstemp file, and a config.json left a step behind (a kill between the two renames).
+    orphan = out / f".checkpoint.safetensors.{dead_pid()}.0123abcd.tmp"
+    orphan.mkdir(exist_ok=True)
+    (orphan / "checkpoint.safetensors").write_bytes(b"x" * 100)
+    (out / ".tmpAbC123").write_bytes(b"x")
+    (out / ".config.json.k2j4h5g6.tmp").write_bytes(b"x")
+    (out / "config.json").write_text(json.dumps({"step": ckpt.step - 1}))
+    with RunDir(out, resume=True):  # the stale lock of the killed run is taken over
+        assert json.loads((out / "config.json").read_text())["step"] == ckpt.step
+        assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lock"]
+    assert train_main(["--resume", "--out", str(out), "--steps", str(ckpt.step + 1), "--no-progress"]) == 0
+    assert load_checkpoint(out / "checkpoint.safetensors").step == ckpt.step + 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "config.json", "log.jsonl"]
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, ckpt.step + 2))  # the killed run's unsaved steps are not logged twice
+
+
+# -- 5. a full disk, Ctrl-C and SIGTERM --------------------------------------------------------------------------------
+def test_a_full_disk_is_one_line_and_keeps_the_checkpoint(run, capsys, monkeypatch):
+    before = (run / "checkpoint.safetensors").read_bytes()
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)  # what a full disk leaves: a partial file
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", full)
+    one_line_error(capsys, train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress"]),
+                   "the disk is full", "step 2 is intact")
+    assert (run / "checkpoint.safetensors").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+    def full_os(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", full_os)
+    one_line_error(capsys, train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress"]),
+                   "the disk is full")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_once_and_exits_cleanly(tmp_path, digits, signum):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lego.train", *FAST, "--data", digits, "--steps", "100000", "--out", str(out)]
+    child = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text():
+            assert child.poll() is None, child.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the training child made no progress"
+            time.sleep(0.05)
+        child.send_signal(signum)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 128 + signum, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"stopped by {signal.Signals(signum).name}" in err and "--resume" in err, err
+    step = load_checkpoint(out / "checkpoint.safetensors").step
+    assert step >= 1 and f"after step {step};" in err  # the step it stopped at is saved (--ckpt-every is 400)
+    assert not (out / ".lock").exists()
+
+
+# -- 6. files honour the umask -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_honour_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "c.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, tmp))
+        atomic_write(tmp_path / "s.png", lambda tmp: Image.new("L", (4, 4)).save(tmp, format="PNG"))
+    finally:
+        os.umask(old)
+    for name in ("c.safetensors", "s.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "s.png"]
+
+
+# -- 7. image folders and labels ---------------------------------------------------------------------------------------
+def test_mixed_image_sizes_are_scaled_not_cropped(tmp_path):
+    wide = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (40, 1))  # 64 wide, 40 high: dark left, bright right
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    Image.fromarray(np.full((10, 10), 128, np.uint8)).save(tmp_path / "small.png")
+    data = load_dataset(str(tmp_path), 16)
+    assert data.images.shape == (2, 3, 16, 16) and "scaled and center-cropped" in data.name
+    img = data.images[1, 0]  # wide.png: its central 40 x 40 square, scaled to 16 x 16, spans most of the ramp
+    assert img[:, 0].mean() < -0.5 and img[:, -1].mean() > 0.5 and (img[:, 1:] >= img[:, :-1] - 1e-2).all()
+    with pytest.raises(ValueError, match="2 sizes .*10x10, 64x40"):
+        load_dataset(str(tmp_path))
+
+
+def test_a_folder_mixing_classes_and_loose_images_is_refused(tmp_path, capsys):
+    data = tmp_path / "data"
+    for name in ("cats/a.png", "dogs/b.png", "stray.png"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(data / name)
+    one_line_error(capsys, train_main([*FAST, "--data", str(data), "--steps", "1", "--out", str(tmp_path / "o")]),
+                   "cats, dogs", "stray.png")
+
+
+def test_a_huge_label_id_is_refused(tmp_path, capsys):
+    path = tmp_path / "d.npz"
+    np.savez(path, images=np.zeros((3, 16, 16), np.uint8), labels=np.array([0, 1, 1_000_000]))
+    one_line_error(capsys, train_main([*FAST, "--data", str(path), "--steps", "1", "--out", str(tmp_path / "o")]),
+                   "label id 1000000", "renumber")
+    assert not (tmp_path / "o").exists()
+
+
+# -- 10. a NaN in the data is named where it is ------------------------------------------------------------------------
+def test_non_finite_latents_name_the_file_and_index(tmp_path, capsys):
+    latents = np.random.randn(4, 1, 16, 16).astype(np.float32)
+    latents[2, 0, 3, 5] = np.nan
+    path = tmp_path / "lat.npz"
+    np.savez(path, latents=latents)
+    err = one_line_error(capsys, train_main([*FAST, "--data", str(path), "--steps", "1", "--out", str(tmp_path / "o")]),
+                         "lat.npz", "(2, 0, 3, 5)")
+    assert "--lr" not in err
+
+
+# -- 8. and issue 9: every number checked before any work --------------------------------------------------------------
+@pytest.mark.parametrize("bad", [
+    ["--steps", "0"], ["--steps", "-5"], ["--batch", "0"], ["--batch", "-4"], ["--ckpt-every", "0"],
+    ["--log-every", "0"], ["--ema", "2"], ["--ema", "-1"], ["--lr", "inf"], ["--lr", "nan"], ["--lr", "0"],
+    ["--resolution", "-16"], ["--resolution", "24"], ["--device", "tpu9"], ["--warmup", "-1"], ["--sample-steps", "0"], ["--seed", "-1"],
+    ["--label-dropout", "1"], ["--patch-fraction", "1.5"], ["--sample-n", "-1"],
+])
+def test_train_options_are_range_checked(run, capsys, bad):
+    before = snapshot(run)
+    err = one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(run), *bad]), bad[0])
+    assert bad[1] in err
+    assert snapshot(run) == before  # nothing in --out harmed
+
+
+def test_out_must_be_a_writable_folder(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(afile)]), "is a file")
+    one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(afile / "sub")]), "cannot write there")
+    assert afile.read_text() == "mine"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_out_without_write_permission(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(locked / "run")]), "cannot write there")
+
+
+@pytest.mark.parametrize("bad", [
+    ["--batch", "0"], ["--batch", "-1"], ["--steps", "0"], ["--steps", "-2"], ["--height", "-16"],
+    ["--width", "0"], ["--cfg-scale", "nan"], ["--churn", "-5"], ["--device", "tpu9"], ["--n", "0"],
+    ["--sampler", "ddpm", "--steps", "2000"], ["--sampler", "ddim", "--churn", "10"], ["--t-break", "2"],
+    ["--seed", "-1"],
+])
+def test_sample_options_are_range_checked(trained, tmp_path, capsys, bad):
+    out = tmp_path / "a.png"
+    code = sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(out), *bad])
+    one_line_error(capsys, code, bad[-2])
+    assert not out.exists()
+
+
+def test_non_finite_samples_are_not_written(trained, tmp_path, capsys, monkeypatch):
+    from lego import sample as sample_mod
+
+    monkeypatch.setitem(sample_mod.SAMPLERS, "heun", lambda net, z, *a, **k: torch.full_like(z, float("nan")))
+    out = tmp_path / "a.png"
+    one_line_error(capsys, sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(out)]),
+                   "NaN or inf values; nothing was written")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu(trained, tmp_path, capsys):
+    code = sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(tmp_path / "a.png"),
+                        "--device", "cuda"])
+    one_line_error(capsys, code, "torch sees none")
+    one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(tmp_path / "o"), "--device", "cuda"]),
+                   "torch sees none")
+
+
+# -- 9. the Python API -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = LegoModel.from_name("LEGO-T-PG-16", in_channels=1, num_classes=3, depths=(1, 1, 1)).eval()
+    with torch.no_grad():  # adaLN-Zero starts at zero: give the outputs something to show
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.mark.parametrize("precond", ["edm", "vp"])
+def test_sigma_zero_returns_x_and_negative_sigma_is_refused(precond):
+    model = LegoModel.from_name("LEGO-T-PG-16", in_channels=1, depths=(1, 1, 1), precond=precond).eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x, 0.0), x)
+        mixed = model(x, torch.tensor([0.0, 1.5]))
+        assert torch.equal(mixed[0], x[0]) and torch.allclose(mixed[1], model(x[1:], 1.5)[0], atol=1e-5)
+        for bad in (-1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
+                model(x, bad)
+
+
+def test_skip_indices_must_be_in_range(tiny):
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        for bad in ((7,), (3,), (-4,)):
+            with pytest.raises(ValueError, match=r"bricks are 0..2 \(or -3..-1 from the top\)"):
+                tiny(x, 1.0, skip=bad)
+        assert torch.equal(tiny(x, 1.0, skip=(-1,)), tiny(x, 1.0, skip=(2,)))
+        assert not torch.equal(tiny(x, 1.0, skip=(-1,)), tiny(x, 1.0, skip=(1,)))
+
+
+def test_class_labels_are_checked(tiny):
+    x = torch.randn(2, 1, 16, 16)
+    with pytest.raises(ValueError, match="class labels must be in 0..2"):
+        tiny(x, 1.0, torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="3 class labels for a batch of 2"):
+        tiny(x, 1.0, torch.tensor([0, 1, 2]))
+
+
+def test_brick_conditioning_must_match_the_batch_and_width():
+    brick = LegoBrick(8, 4, hidden_size=32, depth=1, num_heads=2, in_channels=1, has_prev=True)
+    x = torch.randn(2, 1, 16, 16)
+    assert brick(x, None, torch.randn(2, 32)).shape == x.shape
+    with pytest.raises(ValueError, match=r"\[2, 32\] \(one row per image\), got \[3, 32\]"):
+        brick(x, None, torch.randn(3, 32))
+    with pytest.raises(ValueError, match=r"got \[2, 16\]"):
+        brick(x, None, torch.randn(2, 16))
+    with pytest.raises(ValueError, match="prev must have the canvas's shape"):
+        brick(x, torch.randn(1, 1, 16, 16), torch.randn(2, 32))
