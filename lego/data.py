@@ -129,14 +129,21 @@ def _load_npz(path: Path) -> Dataset:
     return _from_uint8(arrays[key], labels, path.name)
 
 
-def _load_folder(path: Path) -> Dataset:
-    from PIL import Image
-
+def image_files(path: Path) -> tuple[list[Path], list[int] | None]:
+    """Every image below ``path``, sorted, and their labels: the index of their top sub-folder when there are
+    several sub-folders and no loose images, else None."""
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise LegoError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {path}")
     classes = sorted({p.parent.relative_to(path).parts[0] for p in files if p.parent != path})
     labelled = len(classes) > 1 and all(p.parent != path for p in files)
+    return files, [classes.index(p.relative_to(path).parts[0]) for p in files] if labelled else None
+
+
+def _load_folder(path: Path) -> Dataset:
+    from PIL import Image
+
+    files, labels = image_files(path)
     arrays = []
     for p in files:
         try:
@@ -147,7 +154,6 @@ def _load_folder(path: Path) -> Dataset:
     if len({a.shape for a in arrays}) > 1:
         side = min(min(a.shape[:2]) for a in arrays)  # center-crop to a common square, as DiT/ADM do
         arrays = [_center_crop(a, side) for a in arrays]
-    labels = [classes.index(p.relative_to(path).parts[0]) for p in files] if labelled else None
     return _from_uint8(np.stack(arrays).transpose(0, 3, 1, 2), labels, path.name)
 
 

@@ -60,7 +60,7 @@ class TrainConfig:
     flip: bool = False  # mirror each image with probability 1/2 (the paper's augmentation)
     # How the work is done, not what is computed: a run resumed with other values continues the same run.
     grad_accum: int = 1  # micro-steps per step: the same global batch in less memory
-    compile: bool = False  # torch.compile the bricks
+    compile: str | None = None  # torch.compile the bricks with this backend ("inductor"; "aot_eager" to debug)
     fsdp: bool = False  # shard parameters and optimizer state over the ranks (FSDP2) instead of replicating them
     workers: int | None = None  # DataLoader workers (default: 4 for .npy datasets, none for data held in memory)
 
@@ -74,6 +74,14 @@ def _device(name: str | None) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LegoError(f"--device {name} asked for a GPU but torch sees none; drop --device to use the CPU")
     return torch.device(name)
+
+
+def compile_bricks(model: LegoModel, backend: str = "inductor") -> None:
+    """torch.compile each brick's forward, fullgraph (a graph break is an error): the bricks hold the compute, while
+    the loss's random draws stay eager. The forward is replaced, not the module, so state-dict keys do not change and
+    DDP/FSDP hooks run around the compiled code."""
+    for brick in model.bricks:
+        brick.forward = torch.compile(brick.forward, fullgraph=True, backend=backend)
 
 
 def _workers(cfg: TrainConfig, data) -> int:
@@ -115,6 +123,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, ranks: distributed.Di
     if cfg.grad_accum < 1 or (cfg.workers is not None and cfg.workers < 0):
         raise LegoError(f"--grad-accum must be at least 1 and --workers at least 0, got {cfg.grad_accum} and "
                         f"{cfg.workers}")
+    if cfg.compile and cfg.compile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise LegoError(f"--compile {cfg.compile}: not a torch.compile backend; use inductor (the default) or one of "
+                        f"{', '.join(torch._dynamo.list_backends())}")
     resolution = cfg.resolution or model_config(cfg.model).resolution  # (an unknown name fails here, clearly)
     data = open_dataset(cfg.data, resolution)
     channels = data.channels
@@ -142,8 +153,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, ranks: distributed.Di
     if ckpt is not None:
         ema.load_state_dict(ckpt.ema)
     if cfg.compile:
-        for brick in model.bricks:  # the bricks hold the compute; the loss's random draws stay eager
-            brick.forward = torch.compile(brick.forward, fullgraph=True)
+        compile_bricks(model, cfg.compile)
     step_fn = distributed.wrap(distributed.TrainStep(model, loss_fn), ranks, device, cfg.fsdp)
     if cfg.fsdp:
         distributed.shard_like(ema, model)
@@ -244,7 +254,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     p.add_argument("--flip", action="store_true", default=None, help="mirror each image with probability 1/2")
     p.add_argument("--grad-accum", type=int, metavar="K", help="split each step into K micro-steps (same global batch)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the bricks (fullgraph)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile each brick, fullgraph (backend default inductor)")
     p.add_argument("--fsdp", action="store_true", default=None,
                    help="under torchrun: shard parameters and optimizer state (FSDP2) instead of replicating them")
     p.add_argument("--workers", type=int, help="DataLoader workers (default: 4 for a .npy dataset, else 0)")
