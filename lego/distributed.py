@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,7 @@ def setup(device_name: str | None, resolve) -> tuple[Dist, torch.device, bool]:
     if not launched():
         return Dist(), resolve(device_name), False
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_name is None or device_name == "cuda":
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     else:
@@ -91,6 +92,9 @@ def wrap(step: TrainStep, ranks: Dist, device: torch.device, fsdp: bool) -> nn.M
 
         if not ranks.enabled:
             raise LegoError("--fsdp shards over several processes: launch with torchrun --nproc_per_node N")
+        # FSDP2 warns that a brick returns a view (patch_unembed's canvas); only an in-place op on it would be wrong,
+        # and run_bricks and the loss use brick outputs out of place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         for brick in step.model.bricks:
             fully_shard(brick)
         fully_shard(step)  # the embedders; gathered when the step starts

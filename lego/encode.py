@@ -1,7 +1,7 @@
 """Encode a dataset into latents with an autoencoder, for latent-space training.
 
 Usage: python -m lego.encode --vae PATH_OR_HUB_ID --data FOLDER_OR_NPZ --out latents.npy [--resolution 256]
-         [--batch 32] [--fp16] [--device cuda]
+         [--batch 32] [--half] [--device cuda]
 
 Writes ``latents.npy`` (float [N, c, R/f, R/f], memory-mappable: ``python -m lego.train --data latents.npy``),
 ``latents.labels.npy`` when the data have labels, and ``latents.json`` with the autoencoder and the scaling and shift
@@ -42,7 +42,7 @@ def center_crop_arr(image, size: int) -> np.ndarray:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = size / min(*image.size)
     image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
+    arr = np.array(image)
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top : top + size, left : left + size]
 
@@ -159,7 +159,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="image side before encoding (default: 256 for a folder, else the "
                    "stored size)")
     p.add_argument("--batch", type=int, default=32, help="images per autoencoder call (default 32)")
-    p.add_argument("--fp16", action="store_true", help="store float16 latents (half the disk)")
+    p.add_argument("--half", action="store_true", help="store float16 latents (half the disk)")
     p.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -168,7 +168,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     return run_cli("lego.encode", lambda: encode_dataset(args.vae, args.data, args.out, args.resolution, args.batch,
-                                                         args.fp16, args.device, not args.no_progress))
+                                                         args.half, args.device, not args.no_progress))
 
 
 if __name__ == "__main__":

@@ -180,6 +180,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, ranks: distributed.Di
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
         flips = loader.flip_draws(step, cfg.seed, cfg.batch) if cfg.flip else None
         opt.zero_grad(set_to_none=True)
+        loss = per_brick = 0  # summed over micro-steps
         for k in range(cfg.grad_accum):  # micro-steps: this rank's chunks of the global batch
             x, y = next(batches)
             first = (k * ranks.world + ranks.rank) * chunk  # where the chunk sits in the global batch
@@ -190,8 +191,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, ranks: distributed.Di
             with distributed.grad_sync(step_fn, k == cfg.grad_accum - 1), autocast:
                 micro_loss, micro_per_brick = step_fn(x, y, g, (first, cfg.batch))
             (micro_loss / cfg.grad_accum if cfg.grad_accum > 1 else micro_loss).backward()
-            loss = micro_loss.detach() if k == 0 else loss + micro_loss.detach()
-            per_brick = micro_per_brick if k == 0 else per_brick + micro_per_brick
+            loss, per_brick = loss + micro_loss.detach(), per_brick + micro_per_brick
         opt.step()
         _ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
         seen += cfg.batch

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from lego import loader
-from lego.data import load_dataset
 from lego.errors import LegoError
 from lego.loss import LegoLoss
 from lego.models import LegoModel
