@@ -83,6 +83,12 @@ def check_train_config(cfg) -> None:
         raise LegoError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
     if cfg.precond not in ("edm", "vp"):
         raise LegoError(f"--precond must be edm or vp, got {cfg.precond!r}")
+    integer("--grad-accum", cfg.grad_accum, 1, meaning=" (micro-steps per step)")
+    if cfg.workers is not None:
+        integer("--workers", cfg.workers, 0, meaning=" (DataLoader worker processes)")
+    if cfg.compile and cfg.compile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise LegoError(f"--compile {cfg.compile}: not a torch.compile backend; use inductor (the default) or one of "
+                        f"{', '.join(torch._dynamo.list_backends())}")
 
 
 def check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn) -> None:

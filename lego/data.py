@@ -151,12 +151,10 @@ def _load_npz(path: Path) -> Dataset:
     return _from_uint8(arrays[key], labels, path.name)
 
 
-def _load_folder(path: Path, resolution: int | None) -> Dataset:
-    """Every image below ``path``; one sub-folder per class gives labels (class ids in sorted name order). Images of
-    different sizes are each scaled (short side to ``resolution``) and center-cropped to a square, as ADM and DiT
-    prepare ImageNet; the dataset's name says so."""
-    from PIL import Image
-
+def image_files(path: Path) -> tuple[list[Path], list[int] | None]:
+    """Every image below ``path``, sorted, and their labels: the index of their top sub-folder (in sorted name order)
+    when there are several sub-folders, else None. A folder that mixes class sub-folders with loose images is
+    refused: its labels would be ambiguous."""
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise LegoError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {path}")
@@ -168,6 +166,16 @@ def _load_folder(path: Path, resolution: int | None) -> Dataset:
             "move the loose images into a class folder, or remove them"
         )
     labelled = len(classes) > 1
+    return files, [classes.index(p.relative_to(path).parts[0]) for p in files] if labelled else None
+
+
+def _load_folder(path: Path, resolution: int | None) -> Dataset:
+    """Every image below ``path``; one sub-folder per class gives labels. Images of different sizes are each scaled
+    (short side to ``resolution``) and center-cropped to a square, as ADM and DiT prepare ImageNet; the dataset's
+    name says so."""
+    from PIL import Image
+
+    files, labels = image_files(path)
     images = []
     for p in files:
         try:
@@ -184,7 +192,6 @@ def _load_folder(path: Path, resolution: int | None) -> Dataset:
         images = [_scale_and_center_crop(im, resolution) for im in images]
         name = f"{path.name} ({len(sizes)} image sizes, each scaled and center-cropped to {resolution}x{resolution})"
     arrays = np.stack([np.asarray(im) for im in images])  # (N, H, W, 3)
-    labels = [classes.index(p.relative_to(path).parts[0]) for p in files] if labelled else None
     return _from_uint8(arrays.transpose(0, 3, 1, 2), labels, name)
 
 

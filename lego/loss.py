@@ -4,7 +4,9 @@ Each brick k's output F_k gives its own denoised estimate D_k = c_skip x + c_out
     mean_k  mean over processed pixels of  lambda(sigma) * (D_k - x0)^2
 with lambda and the sigma distribution from the preconditioning (EDM by default, VP/DDPM as the alternative).
 Callable like EDM's losses: ``loss_fn(net, images, labels, generator)``; all randomness comes from ``generator``,
-so a resumed run draws exactly what an uninterrupted one would.
+so a resumed run draws exactly what an uninterrupted one would. ``share=(start, total)`` says that ``images`` are
+rows start.. of a batch of ``total`` images (one rank's share, or one accumulation step's): every draw is made for all
+``total`` images and those rows kept, so an image gets the same noise however the batch is split.
 """
 
 from __future__ import annotations
@@ -21,19 +23,22 @@ class LegoLoss:
         self.patch_fraction = patch_fraction
         self.label_dropout = label_dropout
 
-    def __call__(self, net, images, labels=None, generator=None):
+    def __call__(self, net, images, labels=None, generator=None, share=None):
         """Returns (loss, per-brick losses [K]) for a batch of clean images [B, C, H, W]."""
         batch, device = images.shape[0], images.device
+        start, total = share or (0, batch)
+        rows = slice(start, start + batch)
         precond = net.precond
-        sigma = precond.sample_sigma(batch, generator, device)  # (B,)
-        noise = torch.randn(images.shape, generator=generator, device=device)
+        sigma = precond.sample_sigma(total, generator, device)[rows]  # (B,)
+        noise = torch.randn((total, *images.shape[1:]), generator=generator, device=device)[rows]
         x = images + sigma.view(-1, 1, 1, 1) * noise  # (B, C, H, W)
         if labels is not None and net.num_classes:
-            drop = torch.rand(batch, generator=generator, device=device) < self.label_dropout
+            drop = torch.rand(total, generator=generator, device=device)[rows] < self.label_dropout
             labels = torch.where(drop, torch.full_like(labels, net.num_classes), labels)
         c_skip, c_out, _, _ = (c.view(-1, 1, 1, 1) for c in precond.coefficients(sigma))
         target = (images - c_skip * x) / c_out  # the brick output that reproduces x0 exactly
-        outputs = net.run_bricks(x, sigma, labels, patch_fraction=self.patch_fraction, fill=target, generator=generator)
+        outputs = net.run_bricks(x, sigma, labels, patch_fraction=self.patch_fraction, fill=target, generator=generator,
+                                 share=share)
         weight = precond.loss_weight(sigma).view(-1, 1, 1, 1)
         per_brick = []
         for out in outputs:

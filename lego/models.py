@@ -167,12 +167,15 @@ class LegoModel(nn.Module):
             c = c + self.y_embedder(class_labels.to(c.device).long())
         return c
 
-    def run_bricks(self, x, sigma, class_labels=None, skip=(), patch_fraction=1.0, fill=None, generator=None):
+    def run_bricks(self, x, sigma, class_labels=None, skip=(), patch_fraction=1.0, fill=None, generator=None,
+                   share=None):
         """Run the active bricks bottom to top on x (not yet scaled by c_in); returns one BrickOutput per brick run.
 
         patch_fraction < 1 (training): each patch-brick (one with more than one patch on this canvas) processes that
         fraction of its patches per image, drawn with ``generator``; its other patches are taken from ``fill`` (the
         training target expressed as a brick output, i.e. x0), so the brick above sees a complete canvas.
+        ``share=(start, total)``: x holds rows start.. of a batch of ``total``; patches are drawn for all of them and
+        these rows kept (see lego.loss), so a data-parallel run draws what a one-process run draws.
         """
         self.check_canvas(x)
         batch, _, h, w = x.shape
@@ -195,7 +198,8 @@ class LegoModel(nn.Module):
             total = brick.num_patches(h, w)
             if patch_fraction < 1 and total > 1:
                 keep = max(1, round(patch_fraction * total))
-                scores = torch.rand(batch, total, generator=generator, device=x.device)
+                start, rows = share or (0, batch)
+                scores = torch.rand(rows, total, generator=generator, device=x.device)[start : start + batch]
                 patch_index = scores.argsort(dim=1)[:, :keep].sort(dim=1).values  # (B, P)
                 mask = _patch_mask(patch_index, total, brick.brick_size, h, w)
             prev = brick(x_in, prev, cond, patch_index, fill if patch_index is not None else None).float()

@@ -7,6 +7,9 @@
 - SIGINT / SIGTERM ask the training loop to save at the end of the current step and stop (``Stopped``); a second
   signal stops at once.
 - ``save`` writes a checkpoint only when the loss of every step since the last save and the weights are finite.
+
+Under torchrun rank 0 owns the folder (lock, checks, files); every rank catches the signals, and the checks that can
+stop a run (a non-finite loss) are agreed over the ranks, so that all stop together.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from lego.checkpoint import atomic_write, load_checkpoint, remove_orphans, save_checkpoint, sync_config_json
+from lego import distributed
+from lego.checkpoint import atomic_write, load_checkpoint, remove_orphans, sync_config_json
 from lego.errors import LegoError
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -31,8 +35,9 @@ LOCK = ".lock"
 
 
 class RunDir:
-    def __init__(self, out, resume: bool = False, overwrite: bool = False):
+    def __init__(self, out, resume: bool = False, overwrite: bool = False, ranks=distributed.Dist()):
         self.out = Path(out)
+        self.ranks = ranks
         self.ckpt_path = self.out / CHECKPOINT
         self.resume, self.overwrite = resume, overwrite
         self.stop_signal: int | None = None  # set by SIGINT / SIGTERM
@@ -44,6 +49,9 @@ class RunDir:
 
     # -- opening and closing --------------------------------------------------------------------------------------
     def open(self) -> RunDir:
+        if not self.ranks.main:  # rank 0 owns the folder; the others only stop when it does
+            self._catch_signals()
+            return self
         out = self.out
         if out.exists() and not out.is_dir():
             raise LegoError(f"--out {out} is a file, not a folder; give a folder name (it is created if missing)")
@@ -82,6 +90,8 @@ class RunDir:
 
     def close(self) -> None:
         self.release_signals()
+        if not self.ranks.main:
+            return
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
                 (self.out / LOCK).unlink()
@@ -156,16 +166,18 @@ class RunDir:
 
     def check_loss(self, hint: str) -> None:
         """Raise (keeping the last checkpoint) if a loss since the last save was not finite."""
-        bad = -1 if self._bad_step is None else int(self._bad_step)
+        bad = -1 if self._bad_step is None else int(distributed.first_step(self._bad_step, self.ranks))
         if bad >= 0:
             kept = f"the checkpoint of step {self.saved_step} in {self.out} is kept" if self.saved_step else \
                 "no checkpoint was written"
             raise LegoError(f"the training loss is not finite at step {bad}: the run diverged; {kept}. {hint}")
 
-    def save(self, model, ema, optimizer, step: int, train_config: dict, hint: str) -> None:
+    def save(self, step: int, hint: str, write) -> None:
+        """Check the losses since the last save, then ``write()`` the checkpoint of ``step`` (on every rank: with
+        FSDP gathering the weights is a collective; rank 0 writes). ``write`` refuses non-finite weights."""
         self.check_loss(hint)
         try:
-            save_checkpoint(self.ckpt_path, model, ema, optimizer, step, train_config)
+            distributed.agree(write, self.ranks)
         except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as SafetensorError
             kept = f"the checkpoint of step {self.saved_step} is intact" if self.saved_step else "nothing was replaced"
             full = getattr(e, "errno", None) == errno.ENOSPC or f"os error {errno.ENOSPC})" in str(e)

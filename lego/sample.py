@@ -2,7 +2,7 @@
 
 Usage: python -m lego.sample --ckpt runs/lego/checkpoint.safetensors --n 64 --out samples.png
          [--sampler heun|ddpm|ddim] [--steps N] [--cfg-scale S] [--labels 3 | 0,1,2] [--t-break 0.5]
-         [--height H --width W] [--seed N]
+         [--height H --width W] [--seed N] [--vae PATH]
 
 --out takes a .png (a grid) or an .npz (float samples, uint8 images, labels); --npz writes an .npz as well.
 The canvas may be any height and width that are multiples of the model's largest brick, larger than the training
@@ -80,10 +80,16 @@ def write_samples(args: argparse.Namespace) -> None:
     for path in outs:
         if path.suffix not in (".png", ".npz"):
             raise LegoError(f"{path}: the output must end in .png (a grid) or .npz")
+    if args.vae:  # a latent model: its samples are decoded by the autoencoder (loaded first: a bad --vae fails fast)
+        from lego.vae import decode_samples, load_vae
+
+        vae = load_vae(args.vae, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     images, labels = sample(
         args.ckpt, args.n, args.sampler, args.steps, args.cfg_scale, args.labels, args.t_break, args.height,
         args.width, args.seed, args.batch, args.device, not args.raw, args.churn,
     )
+    if args.vae:
+        images = decode_samples(images, vae, args.ckpt)
     for path in outs:
         if path.suffix == ".png":
             save_grid(images, path)
@@ -110,6 +116,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=64, help="samples per network call (default 64)")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
+    p.add_argument("--vae", help="decode latent samples to images with this AutoencoderKL (folder or hub id)")
     return p
 
 

@@ -1,6 +1,7 @@
 """Train a LEGO model.
 
 Usage: python -m lego.train [--model LEGO-T-PG-32] [--data default] [--steps N] [--out runs/lego] [--resume] ...
+       torchrun --nproc_per_node 8 -m lego.train ...  (data-parallel; --batch is the global batch)
 
 With no arguments it trains the tiny demo model on the embedded MNIST subset (a few minutes on a 2-core CPU) and
 writes to --out: log.jsonl (loss, images/s), checkpoint.safetensors + config.json (model, EMA, optimizer), and
@@ -22,11 +23,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lego import checks
+from lego import checks, distributed, loader
 from lego.checkpoint import load_checkpoint
-from lego.data import load_dataset
 from lego.errors import Stopped, run_cli
 from lego.images import save_grid
+from lego.loader import open_dataset
 from lego.loss import LegoLoss
 from lego.models import MODELS, LegoModel, model_config
 from lego.rundir import RunDir
@@ -56,21 +57,30 @@ class TrainConfig:
     ckpt_every: int = 400
     sample_n: int = 100
     sample_steps: int = 18
-    device: str | None = None  # default: cuda if available
+    device: str | None = None  # default: cuda if available (under torchrun: cuda:LOCAL_RANK)
+    flip: bool = False  # mirror each image with probability 1/2 (the paper's augmentation)
+    # How the work is done, not what is computed: a run resumed with other values continues the same run.
+    grad_accum: int = 1  # micro-steps per step: the same global batch in less memory
+    compile: str | None = None  # torch.compile the bricks with this backend ("inductor"; "aot_eager" to debug)
+    fsdp: bool = False  # shard parameters and optimizer state over the ranks (FSDP2) instead of replicating them
+    workers: int | None = None  # DataLoader workers (default: 4 for .npy datasets, none for data held in memory)
 
 
-def _device(name: str | None) -> torch.device:
-    return checks.device(name)
+RUNTIME_OPTIONS = ("grad_accum", "compile", "fsdp", "workers")  # not taken from the checkpoint on --resume
 
 
-def _batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
-    """Images of a step: epoch-wise shuffles seeded by (seed, epoch), so any step's batch is known without state."""
-    per_epoch = max(n // batch, 1)
-    epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    if n < batch:  # a tiny dataset: repeat it to fill the batch
-        perm = perm.repeat(batch // n + 1)
-    return perm[i * batch : (i + 1) * batch]
+def compile_bricks(model: LegoModel, backend: str = "inductor") -> None:
+    """torch.compile each brick's forward, fullgraph (a graph break is an error): the bricks hold the compute, while
+    the loss's random draws stay eager. The forward is replaced, not the module, so state-dict keys do not change and
+    DDP/FSDP hooks run around the compiled code."""
+    for brick in model.bricks:
+        brick.forward = torch.compile(brick.forward, fullgraph=True, backend=backend)
+
+
+def _workers(cfg: TrainConfig, data) -> int:
+    if cfg.workers is not None:
+        return cfg.workers
+    return 4 if isinstance(data, loader.MappedData) else 0  # data in memory is sliced faster than workers start
 
 
 @torch.no_grad()
@@ -91,18 +101,27 @@ def sample_grid(model, path, n, steps, num_classes, resolution, device, seed=0):
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
     """Train per ``cfg``; returns the output folder. ``resume`` continues from ``cfg.out``'s checkpoint; without it a
     folder that holds a checkpoint is refused unless ``overwrite``. Every option is checked before anything is loaded
-    or written; the folder is locked while the run lasts (lego/rundir.py)."""
+    or written; the folder is locked while the run lasts (lego/rundir.py). Under torchrun every rank calls this;
+    rank 0 alone owns the folder, logs, writes checkpoints and samples (lego.distributed)."""
     checks.check_train_config(cfg)
-    device = _device(cfg.device)
-    with RunDir(cfg.out, resume=resume, overwrite=overwrite) as run:
-        return _train(cfg, run, device, resume, progress)
+    ranks, device, created = distributed.setup(cfg.device, checks.device)
+    try:
+        run = RunDir(cfg.out, resume=resume, overwrite=overwrite, ranks=ranks)
+        distributed.agree(run.open, ranks)  # rank 0's folder checks: if they fail, every rank stops
+        try:
+            return _train(cfg, run, resume, progress and ranks.main, ranks, device)
+        finally:
+            run.close()
+    finally:
+        distributed.teardown(created)
 
 
-def _train(cfg: TrainConfig, run: RunDir, device: torch.device, resume: bool, progress: bool) -> Path:
+def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: distributed.Dist,
+           device: torch.device) -> Path:
     out, ckpt_path = run.out, run.ckpt_path
     resolution = cfg.resolution or model_config(cfg.model).resolution  # (an unknown name fails here, clearly)
-    data = load_dataset(cfg.data, resolution)
-    channels = data.images.shape[1]
+    data = open_dataset(cfg.data, resolution)
+    channels = data.channels
     torch.manual_seed(cfg.seed)  # the initial weights; every later draw comes from per-step generators
     ckpt = None
     if resume:
@@ -113,45 +132,64 @@ def _train(cfg: TrainConfig, run: RunDir, device: torch.device, resume: bool, pr
         model = LegoModel.from_name(
             cfg.model, in_channels=channels, num_classes=data.num_classes, precond=cfg.precond, resolution=resolution
         )
-    model.check_canvas(data.images[:1])
+    model.check_canvas(torch.empty(1, channels, resolution, resolution, device="meta"))
+    loss_fn = LegoLoss(cfg.patch_fraction, cfg.label_dropout)
+    batches = loader.batches(data, cfg.batch, cfg.seed, ckpt.step if ckpt else 0, cfg.steps, ranks.rank, ranks.world,
+                             cfg.grad_accum, _workers(cfg, data), device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt.model)
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if ckpt is not None:
+        ema.load_state_dict(ckpt.ema)
+    if cfg.compile:
+        compile_bricks(model, cfg.compile)
+    step_fn = distributed.wrap(distributed.TrainStep(model, loss_fn), ranks, device, cfg.fsdp)
+    if cfg.fsdp:
+        distributed.shard_like(ema, model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt.model)
-        ema.load_state_dict(ckpt.ema)
-        opt.load_state_dict(ckpt.optimizer)
+        distributed.load_optimizer(opt, step_fn, ckpt.optimizer, cfg.fsdp)
         start = ckpt.step
-    loss_fn = LegoLoss(cfg.patch_fraction, cfg.label_dropout)
-    images, labels = data.images, data.labels
     n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"lego.train: {cfg.model} ({n_params / 1e6:.2f}M parameters) on {data.name} "
-        f"({len(data)} x {tuple(images.shape[1:])}), {device}, steps {start}..{cfg.steps} -> {out}",
-        flush=True,
-    )
+    if ranks.main:
+        launch = f", {ranks.world} ranks" if ranks.world > 1 else ""
+        print(
+            f"lego.train: {cfg.model} ({n_params / 1e6:.2f}M parameters) on {data.name} "
+            f"({len(data)} x {(channels, *data.size)}), {device}{launch}, steps {start}..{cfg.steps} -> {out}",
+            flush=True,
+        )
     hint = f"Lower --lr (now {cfg.lr:g})" + (" or use --precision fp32" if cfg.precision == "bf16" else "")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, dynamic_ncols=True)
     tick, seen = time.perf_counter(), 0
+    chunk = cfg.batch // (ranks.world * cfg.grad_accum)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
-        idx = _batch_indices(step, len(data), cfg.batch, cfg.seed)
-        x = images[idx].to(device, non_blocking=True)
-        y = labels[idx].to(device) if labels is not None else None
-        g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-        with autocast:
-            loss, per_brick = loss_fn(model, x, y, g)
+        flips = loader.flip_draws(step, cfg.seed, cfg.batch) if cfg.flip else None
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = per_brick = 0  # summed over micro-steps
+        for k in range(cfg.grad_accum):  # micro-steps: this rank's chunks of the global batch
+            x, y = next(batches)
+            first = (k * ranks.world + ranks.rank) * chunk  # where the chunk sits in the global batch
+            x = loader.prepare(x.to(device, non_blocking=True), data, resolution,
+                               None if flips is None else flips[first : first + chunk].to(device))
+            y = y.to(device) if y is not None else None
+            g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+            with distributed.grad_sync(step_fn, k == cfg.grad_accum - 1), autocast:
+                micro_loss, micro_per_brick = step_fn(x, y, g, (first, cfg.batch))
+            (micro_loss / cfg.grad_accum if cfg.grad_accum > 1 else micro_loss).backward()
+            loss, per_brick = loss + micro_loss.detach(), per_brick + micro_per_brick
         opt.step()
         _ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
         run.observe(loss, step + 1)
-        seen += x.shape[0]
+        seen += cfg.batch
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             run.check_loss(hint)
+            loss = distributed.mean(loss / cfg.grad_accum, ranks)  # the global batch's loss, on every rank
+            per_brick = distributed.mean(per_brick / cfg.grad_accum, ranks)
             value = loss.item()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -159,24 +197,31 @@ def _train(cfg: TrainConfig, run: RunDir, device: torch.device, resume: bool, pr
             tick, seen = time.perf_counter(), 0
             record = {"step": step + 1, "loss": round(value, 5), "per_brick": [round(v, 5) for v in per_brick.tolist()],
                       "img_per_s": round(rate, 1), "lr": opt.param_groups[0]["lr"]}
-            with open(out / "log.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}")
-            if not progress:
-                print(json.dumps(record), flush=True)
-        stop = run.stop_signal
+            if ranks.main:
+                with open(out / "log.jsonl", "a") as log:
+                    log.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}")
+                if not progress:
+                    print(json.dumps(record), flush=True)
+        stop = distributed.stop_signal(run.stop_signal, ranks)  # every rank stops at the same step
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop:
-            run.save(model, ema, opt, step + 1, dataclasses.asdict(cfg), hint)
+            train_config = {**dataclasses.asdict(cfg), "latents": data.meta} if data.meta else dataclasses.asdict(cfg)
+            run.save(step + 1, hint, lambda: distributed.save(ckpt_path, model, ema, opt, step + 1, train_config,
+                                                              ranks, step_fn, cfg.fsdp))
         if stop:
             bar.close()
             raise Stopped(stop, f"stopped by {signal.Signals(stop).name} after step {step + 1}; saved {ckpt_path} "
                                 "(continue with --resume)")
     bar.close()
     run.release_signals()  # from here on Ctrl-C interrupts the sample grid at once; the checkpoint is saved
-    if cfg.sample_n > 0:
+    if cfg.fsdp:
+        ema = distributed.gathered(ema, ranks)  # a plain model on rank 0 (None elsewhere) for the sample grid
+    if cfg.sample_n > 0 and ranks.main:
         sample_grid(ema, out / "samples.png", cfg.sample_n, cfg.sample_steps, model.num_classes, resolution, device)
         print(f"lego.train: wrote {out / 'samples.png'} ({cfg.sample_n} EMA samples, {cfg.sample_steps} Heun steps)")
-    print(f"lego.train: checkpoint {ckpt_path}")
+    if ranks.main:
+        print(f"lego.train: checkpoint {ckpt_path}")
+    distributed.barrier(ranks)
     return out
 
 
@@ -205,6 +250,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-steps", type=int, help=f"Heun steps for the final grid (default {d.sample_steps})")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    p.add_argument("--flip", action="store_true", default=None, help="mirror each image with probability 1/2")
+    p.add_argument("--grad-accum", type=int, metavar="K", help="split each step into K micro-steps (same global batch)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile each brick, fullgraph (backend default inductor)")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard parameters and optimizer state (FSDP2) instead of replicating them")
+    p.add_argument("--workers", type=int, help="DataLoader workers (default: 4 for a .npy dataset, else 0)")
     return p
 
 
@@ -215,7 +267,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.resume:
         out = Path(given.get("out", base.out))
         saved = load_checkpoint(out / "checkpoint.safetensors", parts=()).train_config
-        base = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+        keep = set(TrainConfig.__dataclass_fields__) - set(RUNTIME_OPTIONS)
+        base = TrainConfig(**{k: v for k, v in saved.items() if k in keep})
     return dataclasses.replace(base, **given)
 
 

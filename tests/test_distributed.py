@@ -1,0 +1,156 @@
+"""Training at scale on the CPU: torchrun with 2 gloo ranks (DDP and FSDP2) gives the weights of one process, runs
+resume across rank counts, gradient accumulation keeps the global batch, and torch.compile takes the bricks whole."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lego.checkpoint import load_checkpoint
+from lego.train import main as train_main
+
+# Every random draw of training is on: patch selection, label dropout, flips; the data are a memory-mapped uint8 .npy
+# of 28 x 28 digits, resized on the fly to the model's 16 x 16 canvas.
+FAST = ["--model", "LEGO-T-PG-16", "--batch", "8", "--log-every", "1", "--sample-n", "0", "--no-progress",
+        "--patch-fraction", "0.5", "--flip", "--workers", "1", "--lr", "3e-3", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def digits_npy(tmp_path_factory):
+    from lego.data import load_dataset
+
+    data = load_dataset("default")
+    path = tmp_path_factory.mktemp("data") / "digits.npy"
+    np.save(path, ((data.images[:40, 0] + 1) * 127.5).round().to(torch.uint8).numpy())  # [40, 28, 28]
+    np.save(path.with_suffix(".labels.npy"), data.labels[:40].numpy())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, digits_npy):
+    """A one-process run to step 3, and the same run resumed to step 5."""
+    root = tmp_path_factory.mktemp("one")
+    at3, at5 = root / "at3", root / "at5"
+    assert train_main([*FAST, "--data", digits_npy, "--steps", "3", "--out", str(at3)]) == 0
+    shutil.copytree(at3, at5)
+    assert train_main(["--resume", "--out", str(at5), "--steps", "5", "--no-progress", "--workers", "0"]) == 0
+    return at3, at5
+
+
+def _torchrun(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "lego.train", *args, "--device", "cpu"], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _assert_same_run(a: Path, b: Path, atol=1e-5):
+    ca, cb = load_checkpoint(a / "checkpoint.safetensors"), load_checkpoint(b / "checkpoint.safetensors")
+    assert ca.step == cb.step
+    for part in ("model", "ema"):
+        ta, tb = getattr(ca, part), getattr(cb, part)
+        assert ta.keys() == tb.keys()
+        for key in ta:
+            torch.testing.assert_close(ta[key], tb[key], atol=atol, rtol=0, msg=f"{part}/{key}")
+    assert ca.optimizer["state"].keys() == cb.optimizer["state"].keys()
+    for idx, state in ca.optimizer["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(value, cb.optimizer["state"][idx][name], atol=atol, rtol=1e-4)
+
+
+def _log(path: Path):
+    return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_equal_one_process_and_resume_into_one(tmp_path, digits_npy, one_process):
+    at3, at5 = one_process
+    ddp = tmp_path / "ddp"
+    done = _torchrun(*FAST, "--data", digits_npy, "--steps", "3", "--out", str(ddp))
+    assert "2 ranks" in done.stdout
+    _assert_same_run(ddp, at3)
+    # rank 0 alone logs, and logs the global batch's loss
+    one, two = _log(at3), _log(ddp)
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+    # the 2-rank checkpoint resumed by one process continues the same run
+    assert train_main(["--resume", "--out", str(ddp), "--steps", "5", "--no-progress", "--workers", "0"]) == 0
+    _assert_same_run(ddp, at5)
+
+
+def test_fsdp_with_grad_accum_resumes_a_one_process_run(tmp_path, one_process):
+    at3, at5 = one_process
+    run = tmp_path / "fsdp"
+    shutil.copytree(at3, run)
+    done = _torchrun("--resume", "--out", str(run), "--steps", "5", "--no-progress", "--fsdp", "--grad-accum", "2",
+                     "--workers", "0")
+    assert "steps 3..5" in done.stdout
+    _assert_same_run(run, at5)
+
+
+def test_grad_accum_keeps_the_global_batch(tmp_path, digits_npy, one_process):
+    at3, _ = one_process
+    run = tmp_path / "accum"
+    assert train_main([*FAST, "--data", digits_npy, "--steps", "3", "--out", str(run), "--grad-accum", "4"]) == 0
+    _assert_same_run(run, at3)
+
+
+def test_batch_must_split_over_ranks_and_micro_steps(capsys, tmp_path, digits_npy):
+    code = train_main([*FAST, "--data", digits_npy, "--steps", "1", "--out", str(tmp_path), "--grad-accum", "3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--batch 8" in err and "multiple of 3" in err
+    code = train_main([*FAST, "--data", digits_npy, "--steps", "1", "--out", str(tmp_path), "--compile", "nope"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--compile nope" in err
+
+
+def test_fsdp_needs_torchrun(capsys, tmp_path, digits_npy):
+    code = train_main([*FAST, "--data", digits_npy, "--steps", "1", "--out", str(tmp_path), "--fsdp"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "torchrun" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_compiled_bricks_are_one_graph_with_the_fused_ops_as_single_nodes():
+    """--compile's fullgraph compile of a brick: no graph break, each fused op one node of the graph, and the same
+    loss and gradients as eager. The fused ops are the Triton ones here (run by the interpreter on the CPU)."""
+    from lego.loss import LegoLoss
+    from lego.models import BrickSpec, LegoModel
+    from lego.train import compile_bricks
+
+    graphs = []
+
+    def capture(gm, example_inputs):  # a torch.compile backend that records the graph and runs it as it is
+        graphs.append(gm)
+        return gm.forward
+
+    model = LegoModel.from_name("LEGO-T-PG-16", in_channels=1, num_classes=3, hidden_size=32, num_heads=2,
+                                bricks=(BrickSpec(8, 4, 1), BrickSpec(16, 8, 1)), backend="triton")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    eager = LegoModel(model.config)
+    eager.load_state_dict(model.state_dict())
+    compile_bricks(model, capture)
+    images, labels = torch.rand(2, 1, 16, 16) * 2 - 1, torch.tensor([0, 2])
+    loss_fn = LegoLoss(patch_fraction=0.5)
+    losses = []
+    for net in (model, eager):
+        loss, _ = loss_fn(net, images, labels, torch.Generator().manual_seed(0))
+        loss.backward()
+        losses.append(loss)
+    assert len(graphs) == 2  # one graph per brick: fullgraph=True would have raised on any break
+    targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert {"lego.patch_embed_fwd.default", "lego.patch_unembed_fwd.default"} <= targets, sorted(targets)
+    assert any("short_attention" in t for t in targets) and any("adaln" in t for t in targets)
+    torch.testing.assert_close(losses[0], losses[1])
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)

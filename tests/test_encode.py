@@ -1,0 +1,115 @@
+"""Latent diffusion end to end on the CPU with a small randomly initialized AutoencoderKL (no download):
+lego.encode -> lego.train on the latents -> lego.sample --vae."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lego.checkpoint import load_checkpoint
+from lego.encode import center_crop_arr
+from lego.encode import main as encode_main
+from lego.sample import main as sample_main
+from lego.train import main as train_main
+
+SCALE = 0.7
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=SCALE)
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """12 non-square colour images in two class folders."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        (root / f"class{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(root / f"class{i % 2}" / f"{i}.png")
+    return root
+
+
+def _one_line_error(capsys, code, *needles):
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_encode_train_sample_with_a_real_autoencoder(tmp_path, vae_dir, image_folder):
+    from diffusers import AutoencoderKL
+
+    latents_path = tmp_path / "latents.npy"
+    assert encode_main(["--vae", str(vae_dir), "--data", str(image_folder), "--out", str(latents_path),
+                        "--resolution", "32", "--batch", "5", "--no-progress"]) == 0
+    latents = np.load(latents_path, mmap_mode="r")
+    assert latents.shape == (12, 4, 16, 16) and latents.dtype == np.float32
+    labels = np.load(tmp_path / "latents.labels.npy")
+    meta = json.loads((tmp_path / "latents.json").read_text())
+    assert meta["scaling_factor"] == pytest.approx(SCALE) and meta["resolution"] == 32 and meta["count"] == 12
+    # each latent is the posterior mean of its (ADM-cropped) image, scaled; files sort as 0, 10, 2, 4, 6, 8 per class
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    first = image_folder / "class0" / "0.png"
+    with Image.open(first) as im:
+        x = torch.from_numpy(center_crop_arr(im.convert("RGB"), 32)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        want = vae.encode(x).latent_dist.mean * SCALE
+    torch.testing.assert_close(torch.from_numpy(np.array(latents[0])), want[0], atol=1e-5, rtol=1e-4)
+    assert labels.tolist() == [0] * 6 + [1] * 6
+
+    run = tmp_path / "run"
+    assert train_main(["--data", str(latents_path), "--model", "LEGO-T-PG-16", "--batch", "4", "--steps", "2",
+                       "--sample-n", "0", "--no-progress", "--workers", "0", "--flip", "--out", str(run)]) == 0
+    ckpt = load_checkpoint(run / "checkpoint.safetensors", parts=())
+    assert ckpt.model_config.in_channels == 4 and ckpt.model_config.num_classes == 2
+    assert ckpt.train_config["latents"]["scaling_factor"] == pytest.approx(SCALE)
+
+    png, npz = tmp_path / "s.png", tmp_path / "s.npz"
+    assert sample_main(["--ckpt", str(run / "checkpoint.safetensors"), "--vae", str(vae_dir), "--n", "2",
+                        "--steps", "2", "--out", str(png), "--npz", str(npz)]) == 0
+    with np.load(npz) as z:
+        assert z["samples"].shape == (2, 3, 32, 32) and z["images"].shape == (2, 32, 32, 3)
+        assert np.abs(z["samples"]).max() <= 1
+    with Image.open(png) as im:
+        assert im.mode == "RGB" and im.size[1] == 32 + 4  # one row of decoded 32 x 32 images, 2 px padding
+
+
+def test_encode_a_grey_npy_to_fp16(tmp_path, vae_dir):
+    np.save(tmp_path / "grey.npy", np.random.default_rng(1).integers(0, 256, (3, 16, 16), dtype=np.uint8))
+    out = tmp_path / "z.npy"
+    (tmp_path / "z.labels.npy").write_bytes(b"stale")  # from an earlier labelled encoding: must go
+    assert encode_main(["--vae", str(vae_dir), "--data", str(tmp_path / "grey.npy"), "--out", str(out), "--half",
+                        "--no-progress"]) == 0
+    z = np.load(out)
+    assert z.shape == (3, 4, 8, 8) and z.dtype == np.float16 and not (tmp_path / "z.labels.npy").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.npy", "z.json", "z.npy"]  # no temporary left
+
+
+def test_encode_and_sample_bad_input(capsys, tmp_path, vae_dir, image_folder):
+    out = str(tmp_path / "z.npy")
+    _one_line_error(capsys, encode_main(["--vae", str(tmp_path / "no-vae"), "--data", str(image_folder), "--out",
+                                         out]), "no such folder")
+    _one_line_error(capsys, encode_main(["--vae", str(vae_dir), "--data", str(image_folder), "--out",
+                                         str(tmp_path / "z.npz")]), ".npy")
+    _one_line_error(capsys, encode_main(["--vae", str(vae_dir), "--data", str(image_folder), "--out", out,
+                                         "--resolution", "33"]), "downsampling factor 2")
+    np.save(tmp_path / "lat.npy", np.zeros((2, 4, 8, 8), np.float32))
+    _one_line_error(capsys, encode_main(["--vae", str(vae_dir), "--data", str(tmp_path / "lat.npy"), "--out", out]),
+                    "latents already")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    _one_line_error(capsys, encode_main(["--vae", str(tmp_path / "broken"), "--data", str(image_folder), "--out",
+                                         out]), "could not load the autoencoder")
+    assert not (tmp_path / "z.npy").exists()
