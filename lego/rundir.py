@@ -35,9 +35,9 @@ LOCK = ".lock"
 
 
 class RunDir:
-    def __init__(self, out, resume: bool = False, overwrite: bool = False, ranks=distributed.Dist()):
+    def __init__(self, out, resume: bool = False, overwrite: bool = False, ranks=None):
         self.out = Path(out)
-        self.ranks = ranks
+        self.ranks = ranks or distributed.Dist()
         self.ckpt_path = self.out / CHECKPOINT
         self.resume, self.overwrite = resume, overwrite
         self.stop_signal: int | None = None  # set by SIGINT / SIGTERM

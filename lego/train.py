@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import signal
 import sys
@@ -206,8 +207,8 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: d
         stop = distributed.stop_signal(run.stop_signal, ranks)  # every rank stops at the same step
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop:
             train_config = {**dataclasses.asdict(cfg), "latents": data.meta} if data.meta else dataclasses.asdict(cfg)
-            run.save(step + 1, hint, lambda: distributed.save(ckpt_path, model, ema, opt, step + 1, train_config,
-                                                              ranks, step_fn, cfg.fsdp))
+            run.save(step + 1, hint, functools.partial(distributed.save, ckpt_path, model, ema, opt, step + 1,
+                                                       train_config, ranks, step_fn, cfg.fsdp))
         if stop:
             bar.close()
             raise Stopped(stop, f"stopped by {signal.Signals(stop).name} after step {step + 1}; saved {ckpt_path} "
