@@ -150,6 +150,12 @@ def test_a_new_run_refuses_a_folder_with_a_checkpoint(run, digits, capsys):
     assert len((run / "log.jsonl").read_text().splitlines()) == 1  # a new log, not the old run's lines
 
 
+def test_resume_and_overwrite_together_are_refused(run, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_main(["--resume", "--overwrite", "--out", str(run)])
+    assert e.value.code == 2 and "contradict each other" in capsys.readouterr().err
+
+
 def test_a_second_run_is_kept_out_of_a_folder_in_use(run, digits, capsys):
     before = (run / "checkpoint.safetensors").read_bytes()
     with RunDir(run, resume=True):  # another run holds the folder
@@ -206,6 +212,7 @@ def test_kill_9_during_saves_loses_nothing_and_the_next_start_cleans_up(tmp_path
     (out / ".tmpAbC123").write_bytes(b"x")
     (out / ".config.json.k2j4h5g6.tmp").write_bytes(b"x")
     (out / "config.json").write_text(json.dumps({"step": ckpt.step - 1}))
+    assert (out / ".lock").read_text().strip() == str(child.pid)  # the killed run's lock file is still there
     with RunDir(out, resume=True):  # the stale lock of the killed run is taken over
         assert json.loads((out / "config.json").read_text())["step"] == ckpt.step
         assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lock"]
