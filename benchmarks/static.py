@@ -78,8 +78,8 @@ _SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(.+?)\s*;")
 _FUNCTION = re.compile(r"Function\s*:\s*(\S+)")
 _REG = re.compile(r"\bR(\d+)(\.64)?\b")
 _GLOBAL_LOADS = ("LDG", "LDGSTS", "UTMALDG", "UBLKCP")
-_GLOBAL_STORES = ("STG", "RED", "ATOMG", "UTMASTG", "UBLKRED")
-_NO_DEST = ("ST", "STS", "STG", "STL", "STSM", "RED", "BAR", "BRA", "EXIT", "DEPBAR", "RET", "NOP", "UTMASTG")
+_GLOBAL_STORES = ("STG", "RED", "REDG", "ATOM", "ATOMG", "UTMASTG", "UBLKRED")
+_NO_DEST = ("ST", "STS", "STG", "STL", "STSM", "RED", "REDG", "BAR", "BRA", "EXIT", "DEPBAR", "RET", "NOP", "UTMASTG")
 
 
 def parse_sass(text: str) -> dict[str, list[str]]:
@@ -264,6 +264,7 @@ def _tensors(tree) -> list:
 
 
 def _key(t) -> tuple:
+    """(storage identity, offset, bytes): tensors are kept alive for the whole capture, so identities are unique."""
     return (t.untyped_storage()._cdata, t.storage_offset(), t.numel() * t.element_size())
 
 
@@ -308,6 +309,8 @@ def capturing(calls: list):
             return out
 
     def run(self, *args, grid, warmup, **kwargs):
+        if not stack:
+            raise RuntimeError(f"{self.__name__} was launched outside any lego:: op: the profile cannot place it")
         grid = tuple(grid) + (1,) * (3 - len(grid))
         stack[-1].launches.append(Launch(self, grid, args, kwargs))
 
@@ -345,12 +348,14 @@ def capturing(calls: list):
 
     ops = list(_custom_ops())
     saved = [(op, op._abstract_fn) for op in ops]
-    saved_env = os.environ.get("LEGO_KERNELS_BACKEND")
+    # Every op on Triton; outputs from torch.empty as in a real run (the tests' NaN poisoning would add fills).
+    env = {"LEGO_KERNELS_BACKEND": "triton", "LEGO_KERNELS_POISON": "0"}
+    saved_env = {k: os.environ.get(k) for k in env}
     with contextlib.ExitStack() as stack_ctx:
         stack_ctx.enter_context(_patch(JITFunction, "run", run))
         stack_ctx.enter_context(_patch(dispatch, "available_backends", lambda device: ["triton", "torch"]))
         stack_ctx.enter_context(_patch(LegoBrick, "forward", brick_forward(LegoBrick.forward)))
-        os.environ["LEGO_KERNELS_BACKEND"] = "triton"
+        os.environ.update(env)
         try:
             for op in ops:
                 op._abstract_fn = as_fake(op)
@@ -358,10 +363,11 @@ def capturing(calls: list):
         finally:
             for op, fn in saved:
                 op._abstract_fn = fn
-            if saved_env is None:
-                os.environ.pop("LEGO_KERNELS_BACKEND", None)
-            else:
-                os.environ["LEGO_KERNELS_BACKEND"] = saved_env
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -619,19 +625,26 @@ def build_profile(models=tuple(MODELS), batches=BATCHES, archs=ARCHS, workers=1,
 
 
 def cuda_resources(nvcc: str | None = None, arch: str = "sm_90a") -> list[dict] | str:
-    """Registers, spills and static shared memory of every kernel in csrc/*.cu, or why they could not be read."""
+    """Registers, spills, static shared memory and global atomics of every kernel in csrc/*.cu, or why they could not be
+    read. Atomics (RED / ATOM in the SASS) matter because a floating-point sum by atomics is not deterministic."""
     nvcc = nvcc or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     if not Path(nvcc).exists():
         return "nvcc not found (looked on PATH and at /usr/local/cuda/bin/nvcc)"
     rows = []
     for source in sorted((_REPO / "csrc").glob("*.cu")):
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [nvcc, "-O3", f"-arch={arch}", "-std=c++20", "-Xptxas", "-v", f"-I{_REPO / 'csrc'}", "-c",
-                   str(source), "-o", str(Path(tmp) / "k.o")]  # fmt: skip
+            cubin = Path(tmp) / "k.cubin"
+            cmd = [nvcc, "-O3", f"-arch={arch}", "-std=c++20", "-Xptxas", "-v", f"-I{_REPO / 'csrc'}", "-cubin",
+                   str(source), "-o", str(cubin)]  # fmt: skip
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode:
-            return f"nvcc failed on {source.name}: {done.stderr.strip()[-1000:]}"
-        rows += [dict(r, file=source.name) for r in parse_ptxas(done.stderr)]
+            if done.returncode:
+                return f"nvcc failed on {source.name}: {done.stderr.strip()[-1000:]}"
+            sass = parse_sass(_run([_tool("cuobjdump"), "-sass", str(cubin)]))
+        for row in parse_ptxas(done.stderr):
+            code = sass.get(row.pop("mangled"), [])
+            atomics = [i for i in code if _base(_split(i)[0]) in ("RED", "REDG", "ATOM", "ATOMG")]
+            rows.append(dict(row, file=source.name, float_atomics=sum(".F32" in i or ".F64" in i for i in atomics),
+                             atomics=len(atomics), **load_rounds(code)))  # fmt: skip
     return rows
 
 
@@ -641,7 +654,7 @@ def parse_ptxas(text: str) -> list[dict]:
     for line in text.splitlines():
         m = re.search(r"Compiling entry function '(\S+)'", line)
         if m:
-            current = {"function": _demangle(m.group(1)), "registers": 0, "spill_stores": 0, "spill_loads": 0,
+            current = {"function": _demangle(m.group(1)), "mangled": m.group(1), "registers": 0, "spill_stores": 0, "spill_loads": 0,
                        "stack": 0, "shared_bytes": 0}  # fmt: skip
             rows.append(current)
         elif current is not None:
@@ -659,11 +672,13 @@ def parse_ptxas(text: str) -> list[dict]:
 
 
 def _demangle(name: str) -> str:
+    """'_ZN4lego...adaln_bwd_kernelI...' -> 'adaln_bwd_kernel<__nv_bfloat16, 8, 2, false>' (c++filt, when present)."""
     filt = shutil.which("c++filt")
     if not filt:
         return name
     out = subprocess.run([filt, name], capture_output=True, text=True, check=False).stdout.strip() or name
-    return re.sub(r"\(anonymous namespace\)::|lego::", "", out.split("(")[0] if "(" in out else out)
+    out = out.replace("(anonymous namespace)::", "").replace("lego::", "").removeprefix("void ")
+    return out[: out.rfind("(")] if out.endswith(")") else out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -676,6 +691,36 @@ def _widths(counts: dict) -> str:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f}"
+
+
+MAX_BYTES_RATIO = 1.1
+
+
+def case_name(name: str, brick: str) -> str:
+    """'_adaln_bwd_kernel', 'r4 l4 S1 d1152' -> 'adaln_bwd_kernel@r4-l4-S1-d1152': one kernel or op at one brick shape."""
+    return f"{name.removeprefix('lego::').strip('_')}@{brick.replace(' ', '-')}"
+
+
+def violations(profile: dict, arch: str = "sm_90") -> dict[str, dict[str, str]]:
+    """check -> {case: the worst figure} for the four checks of tests/test_static_profile.py."""
+    out = {"spills": {}, "waves": {}, "bytes": {}, "rounds": {}}
+
+    def worst(check, case, value, text):
+        if case not in out[check] or value > out[check][case][0]:
+            out[check][case] = (value, text)
+
+    for e in profile["launches"]:
+        a, case = e["arch"][arch], case_name(e["kernel"], e["brick"])
+        if a["spill_bytes"] or a["spill_instructions"]:
+            worst("spills", case, a["spill_bytes"], f"{a['spill_bytes']} B local memory, {a['registers']} registers")
+        if a["work_allows_two_waves"] and a["waves"] < 2:
+            worst("waves", case, -a["waves"], f"{e['programs']} programs = {a['waves']} waves ({e['scenarios'][0]})")
+        if e["kernel"] == "_short_attention_fwd_kernel" and a["rounds_before_store"] > 1:
+            worst("rounds", case, a["rounds_before_store"], f"{a['rounds_before_store']} round trips before the store")
+    for e in profile["ops"]:
+        if e["ratio"] and e["ratio"] > MAX_BYTES_RATIO:
+            worst("bytes", case_name(e["op"], e["brick"]), e["ratio"], f"{e['ratio']}x the minimum ({e['scenarios'][0]})")
+    return {check: {case: text for case, (_, text) in sorted(found.items())} for check, found in out.items()}
 
 
 def markdown(profile: dict) -> str:
@@ -691,6 +736,17 @@ def markdown(profile: dict) -> str:
         ),
         "",
     ]
+    checks = {
+        "spills": "local-memory spills",
+        "waves": "under two waves where the work allows more (>= 8 KB per program)",
+        "bytes": f"more than {MAX_BYTES_RATIO}x the op's minimum bytes",
+        "rounds": "S <= 16 attention forward: more than one load round trip before its first store",
+    }
+    lines += [f"## Check failures on {archs[0]} (what tests/test_static_profile.py gates)", ""]
+    for check, found in violations(profile, archs[0]).items():
+        lines.append(f"- **{check}** ({checks[check]}): {len(found) or 'none'}")
+        lines += [f"  - `{case}`: {text}" for case, text in found.items()]
+    lines.append("")
     for arch in archs:
         lines += [
             f"## Triton launches, {arch}",
@@ -727,12 +783,14 @@ def markdown(profile: dict) -> str:
     lines += ["", "## CUDA kernels (csrc/), nvcc -O3 -arch=sm_90a -Xptxas -v", ""]
     if isinstance(cuda, list):
         lines += [
-            "| file | kernel | regs | spill stores B | spill loads B | stack B | static smem B |",
-            "|---|---|---|---|---|---|---|",
+            ("| file | kernel | regs | spill stores B | spill loads B | stack B | static smem B | atomics (float) | "
+            "load rounds before 1st store / total |"),
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {r['file']} | `{r['function']}` | {r['registers']} | {r['spill_stores']} | {r['spill_loads']} | "
-            f"{r['stack']} | {r['shared_bytes']} |"
+            f"{r['stack']} | {r['shared_bytes']} | {r['atomics']} ({r['float_atomics']}) | "
+            f"{r['rounds_before_store']} / {r['rounds_total']} |"
             for r in cuda
         ]
     else:
