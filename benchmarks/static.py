@@ -25,6 +25,10 @@ What it does, step by step:
    fp32 partial buffers written and read back).
 6. CUDA kernels (csrc/): registers, spills and static shared memory from ``nvcc -O3 -arch=sm_90a -Xptxas -v``.
 
+It leans on a few private hooks, checked with torch 2.13 and Triton 3.9: ``CustomOpDef._abstract_fn`` / ``_init_fn``,
+``JITFunction.run``'s signature, ``triton.runtime.jit.create_function_from_signature``; a version that moves them
+breaks the capture visibly: an error, or a profile without launches, which tests/test_static_profile.py rejects.
+
 Writes ``static-profile.json`` and ``static-profile.md`` under ``--out`` (default ``benchmarks/results``). Nothing here
 is a timing: waves, occupancy and round trips are read from compiled code; GPU times are not measured.
 """
@@ -809,8 +813,11 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: every core)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
+    if min(args.batch) < 1 or args.jobs < 1:
+        p.error("--batch and --jobs take positive numbers")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("error: TRITON_INTERPRET is set; the profile compiles real kernels: unset it", file=sys.stderr)
+        print("error: TRITON_INTERPRET is set, but the profile compiles real kernels: run it with TRITON_INTERPRET=0",
+              file=sys.stderr)  # fmt: skip
         return 2
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     profile = build_profile(tuple(args.model), tuple(args.batch), tuple(args.arch), args.jobs, log)

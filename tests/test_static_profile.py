@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import static
 from benchmarks.static import (
     MAX_BYTES_RATIO,
     access_width,
@@ -329,3 +330,12 @@ def test_round_trip_counter_on_compiled_kernels(tmp_path):
     assert set(res["add"]["loads"]) == {"128"} and set(res["add"]["stores"]) == {"128"}, res["add"]
     assert res["add"]["spill_bytes"] == 0 and res["add"]["registers"] > 0
     assert res["add"]["used_args"] == ["A", "B", "OUT"]
+
+
+def test_bad_input_is_one_error_line(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_info:
+        static.main(["--batch", "0"])
+    assert exit_info.value.code == 2 and "error: --batch and --jobs take positive numbers" in capsys.readouterr().err
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert static.main(["--batch", "4"]) == 2
+    assert capsys.readouterr().err.startswith("error: TRITON_INTERPRET is set")
