@@ -1,0 +1,341 @@
+"""The static kernel profile (benchmarks/static.py) as a CI gate, with no GPU.
+
+Once per session a child process runs ``python -m benchmarks.static --arch 90`` (every Triton launch of a training and
+a sampling step of LEGO-XL-PG-32, LEGO-XL-U-32 and LEGO-S-PG-64 at batch 64 and 256, compiled for sm_90 with the real
+specialization; Triton's on-disk cache makes a rerun quick). Every real launch configuration then has to pass:
+
+- spills: no local-memory spills;
+- waves: a memory-bound launch whose work would fill two waves (>= 8 KB per program) runs at least two waves;
+- bytes: an op call moves at most 1.1x its minimum bytes (inputs read once, outputs written once);
+- rounds: the S <= 16 attention forward issues at most one group of dependent global loads before its first store.
+
+A case is one kernel (or op) at one brick shape, over every model, batch and step that launches it. The cases are
+read from the committed profile (benchmarks/results/static-profile.json); test_committed_profile_is_current fails when
+the code launches kernels that file does not list (regenerate it). The known violations are KNOWN_VIOLATIONS, one line
+each, as strict xfails: when a fix lands the case XPASSes, which fails, and its line has to go.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from benchmarks import static
+from benchmarks.static import (
+    MAX_BYTES_RATIO,
+    access_width,
+    case_name,
+    load_rounds,
+    parse_ptxas,
+    parse_sass,
+    resident_ctas,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+COMMITTED = REPO / "benchmarks" / "results" / "static-profile.json"
+ARCH = "sm_90"
+
+# Today's violations, one line per case: a strict xfail each. Remove a line when its fix lands (the case XPASSes).
+ITEM2_ROUNDS = "issue 8 item 2: S = 4 attention, key j+1's loads wait for key j's layout conversion"
+ITEM3_GRID = "issue 8 item 3: the adaLN backward grid is one program per image"
+ITEM3_PARTIALS = "issue 8 item 3: the adaLN backward writes and reads back fp32 per-image partial sums"
+ITEM5_SPILLS = "issue 8 item 5: the patch_embed forward spills at 255 registers"
+ITEM5_BWD_GRID = "issue 8 item 5: the patch_embed backward grids (bwd_weight over sequences, bwd_input) are small"
+ITEM5_BYTES = "issue 8 item 5: the patch_embed backward reads the gradient twice (bwd_weight and bwd_input)"
+FOUND_PATCH_EMBED_FWD_GRID = "issue 8, found by this profile: the patch_embed forward grid of 16 x 16 bricks at B 64"
+FOUND_ADALN_FWD_GRID = "issue 8, found by this profile: the adaLN forward at d 384 runs 8 rows per program, < 1 wave"
+KNOWN_VIOLATIONS = {
+    ("spills", "patch_embed_fwd_kernel@r32-l2-S256-d1152"): ITEM5_SPILLS,
+    ("spills", "patch_embed_fwd_kernel@r4-l2-S4-d1152"): ITEM5_SPILLS,
+    ("waves", "adaln_bwd_kernel@r16-l8-S4-d1152"): ITEM3_GRID,
+    ("waves", "adaln_bwd_kernel@r16-l8-S4-d384"): ITEM3_GRID,
+    ("waves", "adaln_bwd_kernel@r32-l2-S256-d1152"): ITEM3_GRID,
+    ("waves", "adaln_bwd_kernel@r4-l2-S4-d1152"): ITEM3_GRID,
+    ("waves", "adaln_bwd_kernel@r4-l2-S4-d384"): ITEM3_GRID,
+    ("waves", "adaln_bwd_kernel@r4-l4-S1-d1152"): ITEM3_GRID,
+    ("waves", "adaln_bwd_kernel@r64-l2-S1024-d384"): ITEM3_GRID,
+    ("waves", "adaln_bwd_kernel@r8-l4-S4-d1152"): ITEM3_GRID,
+    ("waves", "adaln_fwd_kernel@r16-l8-S4-d384"): FOUND_ADALN_FWD_GRID,
+    ("waves", "patch_embed_bwd_input_kernel@r16-l8-S4-d1152"): ITEM5_BWD_GRID,
+    ("waves", "patch_embed_bwd_input_kernel@r32-l2-S256-d1152"): ITEM5_BWD_GRID,
+    ("waves", "patch_embed_bwd_input_kernel@r4-l2-S4-d1152"): ITEM5_BWD_GRID,
+    ("waves", "patch_embed_bwd_input_kernel@r64-l2-S1024-d384"): ITEM5_BWD_GRID,
+    ("waves", "patch_embed_bwd_input_kernel@r8-l4-S4-d1152"): ITEM5_BWD_GRID,
+    ("waves", "patch_embed_bwd_weight_kernel@r16-l8-S4-d1152"): ITEM5_BWD_GRID,
+    ("waves", "patch_embed_bwd_weight_kernel@r16-l8-S4-d384"): ITEM5_BWD_GRID,
+    ("waves", "patch_embed_bwd_weight_kernel@r32-l2-S256-d1152"): ITEM5_BWD_GRID,
+    ("waves", "patch_embed_bwd_weight_kernel@r4-l2-S4-d1152"): ITEM5_BWD_GRID,
+    ("waves", "patch_embed_bwd_weight_kernel@r4-l2-S4-d384"): ITEM5_BWD_GRID,
+    ("waves", "patch_embed_bwd_weight_kernel@r4-l4-S1-d1152"): ITEM5_BWD_GRID,
+    ("waves", "patch_embed_bwd_weight_kernel@r64-l2-S1024-d384"): ITEM5_BWD_GRID,
+    ("waves", "patch_embed_bwd_weight_kernel@r8-l4-S4-d1152"): ITEM5_BWD_GRID,
+    ("waves", "patch_embed_fwd_kernel@r16-l8-S4-d1152"): FOUND_PATCH_EMBED_FWD_GRID,
+    ("waves", "patch_embed_fwd_kernel@r16-l8-S4-d384"): FOUND_PATCH_EMBED_FWD_GRID,
+    ("bytes", "adaln_modulate_bwd@r16-l8-S4-d1152"): ITEM3_PARTIALS,
+    ("bytes", "gated_residual_adaln_bwd@r16-l8-S4-d1152"): ITEM3_PARTIALS,
+    ("bytes", "patch_embed_bwd@r16-l8-S4-d1152"): ITEM5_BYTES,
+    ("bytes", "patch_embed_bwd@r16-l8-S4-d384"): ITEM5_BYTES,
+    ("bytes", "patch_embed_bwd@r32-l2-S256-d1152"): ITEM5_BYTES,
+    ("bytes", "patch_embed_bwd@r4-l2-S4-d1152"): ITEM5_BYTES,
+    ("bytes", "patch_embed_bwd@r4-l2-S4-d384"): ITEM5_BYTES,
+    ("bytes", "patch_embed_bwd@r4-l4-S1-d1152"): ITEM5_BYTES,
+    ("bytes", "patch_embed_bwd@r64-l2-S1024-d384"): ITEM5_BYTES,
+    ("bytes", "patch_embed_bwd@r8-l4-S4-d1152"): ITEM5_BYTES,
+    ("rounds", "short_attention_fwd_kernel@r16-l8-S4-d1152"): ITEM2_ROUNDS,
+    ("rounds", "short_attention_fwd_kernel@r16-l8-S4-d384"): ITEM2_ROUNDS,
+    ("rounds", "short_attention_fwd_kernel@r4-l2-S4-d1152"): ITEM2_ROUNDS,
+    ("rounds", "short_attention_fwd_kernel@r4-l2-S4-d384"): ITEM2_ROUNDS,
+    ("rounds", "short_attention_fwd_kernel@r8-l4-S4-d1152"): ITEM2_ROUNDS,
+}
+
+pytest.importorskip("triton", reason="the static profile compiles Triton kernels")
+
+
+def _child_env() -> dict:
+    # The profile compiles real kernels: no interpreter (conftest turns it on for the rest of the suite).
+    return dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(REPO))
+
+
+@pytest.fixture(scope="session")
+def profile(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("static-profile")
+    cmd = [sys.executable, "-m", "benchmarks.static", "--arch", "90", "--no-cuda", "--quiet", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, env=_child_env(), capture_output=True, text=True, timeout=900,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((out / "static-profile.json").read_text())
+
+
+def _cases(profile: dict) -> dict[str, set[str]]:
+    """check -> the cases a profile holds."""
+    launches = profile["launches"]
+    return {
+        "spills": {case_name(e["kernel"], e["brick"]) for e in launches},
+        "waves": {case_name(e["kernel"], e["brick"]) for e in launches},
+        "bytes": {case_name(e["op"], e["brick"]) for e in profile["ops"]},
+        "rounds": {case_name(e["kernel"], e["brick"]) for e in launches if e["kernel"] == "_short_attention_fwd_kernel"},
+    }
+
+
+def _params(check: str):
+    if not COMMITTED.exists():
+        return []
+    cases = sorted(_cases(json.loads(COMMITTED.read_text()))[check])
+    return [
+        pytest.param(
+            case,
+            id=case,
+            marks=[pytest.mark.xfail(strict=True, reason=KNOWN_VIOLATIONS[(check, case)])]
+            if (check, case) in KNOWN_VIOLATIONS
+            else [],
+        )
+        for case in cases
+    ]
+
+
+def _launches(profile: dict, case: str) -> list[dict]:
+    found = [e for e in profile["launches"] if case_name(e["kernel"], e["brick"]) == case]
+    assert found, f"{case}: no such launch in the fresh profile (regenerate benchmarks/results/static-profile.json)"
+    return found
+
+
+def _where(e: dict) -> str:
+    return f"{e['specialization']} grid {tuple(e['grid'])} in {'; '.join(e['scenarios'])}"
+
+
+def test_committed_profile_is_current(profile):
+    """The committed profile lists exactly the cases the code launches today (python -m benchmarks.static)."""
+    assert COMMITTED.exists(), "no committed profile: run python -m benchmarks.static"
+    committed, fresh = _cases(json.loads(COMMITTED.read_text())), _cases(profile)
+    for check in fresh:
+        assert fresh[check] == committed[check], (
+            f"{check}: cases launched now but not in the committed profile: {sorted(fresh[check] - committed[check])}; "
+            f"in it but no longer launched: {sorted(committed[check] - fresh[check])}. Rerun python -m benchmarks.static"
+        )
+
+
+def test_known_violations_name_real_cases():
+    """Every line of KNOWN_VIOLATIONS names a case of the committed profile (a misspelt one would never apply)."""
+    cases = _cases(json.loads(COMMITTED.read_text()))
+    assert [key for key in KNOWN_VIOLATIONS if key[1] not in cases[key[0]]] == []
+
+
+def test_profile_covers_every_op_and_brick(profile):
+    """The capture really ran the models: every fused op, forward and backward, at every brick shape of them."""
+    ops = {e["op"] for e in profile["ops"]}
+    for op in ("patch_embed", "short_attention", "adaln_modulate", "gated_residual_adaln", "patch_unembed"):
+        assert {f"lego::{op}_fwd", f"lego::{op}_bwd"} <= ops, op
+    bricks = {e["brick"] for e in profile["launches"]}
+    assert {"r4 l4 S1 d1152", "r8 l4 S4 d1152", "r32 l2 S256 d1152"} <= bricks  # LEGO-XL-PG-32
+    assert {"r16 l8 S4 d1152", "r4 l2 S4 d1152"} <= bricks  # LEGO-XL-U-32
+    assert {"r4 l2 S4 d384", "r16 l8 S4 d384", "r64 l2 S1024 d384"} <= bricks  # LEGO-S-PG-64
+    scenarios = {s for e in profile["launches"] for s in e["scenarios"]}
+    assert len(scenarios) == 3 * 2 * 2, sorted(scenarios)
+    assert all(e["arch"][ARCH]["registers"] > 0 for e in profile["launches"])
+
+
+@pytest.mark.parametrize("case", _params("spills"))
+def test_no_spills(profile, case):
+    bad = [e for e in _launches(profile, case) if e["arch"][ARCH]["spill_bytes"] or e["arch"][ARCH]["spill_instructions"]]
+    assert not bad, "\n".join(
+        f"{_where(e)}: {e['arch'][ARCH]['spill_bytes']} B of local memory, {e['arch'][ARCH]['registers']} registers"
+        for e in bad
+    )
+
+
+@pytest.mark.parametrize("case", _params("waves"))
+def test_grid_fills_two_waves(profile, case):
+    bad = [
+        e
+        for e in _launches(profile, case)
+        if e["arch"][ARCH]["work_allows_two_waves"] and e["arch"][ARCH]["waves"] < 2
+    ]
+    assert not bad, "\n".join(
+        f"{_where(e)}: {e['programs']} programs = {e['arch'][ARCH]['waves']} waves of "
+        f"{e['arch'][ARCH]['ctas_per_sm']} CTAs x 132 SMs for {e['bytes'] / 1e6:.1f} MB"
+        for e in bad
+    )
+
+
+@pytest.mark.parametrize("case", _params("bytes"))
+def test_bytes_near_minimum(profile, case):
+    found = [e for e in profile["ops"] if case_name(e["op"], e["brick"]) == case]
+    assert found, f"{case}: no such op in the fresh profile"
+    bad = [e for e in found if e["ratio"] > MAX_BYTES_RATIO]
+    assert not bad, "\n".join(
+        f"{e['op']} at {e['brick']} in {'; '.join(e['scenarios'])}: {e['bytes'] / 1e6:.1f} MB moved for a minimum of "
+        f"{e['min_bytes'] / 1e6:.1f} MB ({e['ratio']}x; launches {e['launches']})"
+        for e in bad
+    )
+
+
+@pytest.mark.parametrize("case", _params("rounds"))
+def test_short_attention_forward_loads_up_front(profile, case):
+    bad = [e for e in _launches(profile, case) if e["arch"][ARCH]["rounds_before_store"] > 1]
+    assert not bad, "\n".join(
+        f"{_where(e)}: {e['arch'][ARCH]['rounds_before_store']} dependent load round trips before the first store, "
+        f"{e['arch'][ARCH]['barriers_before_store']} barriers"
+        for e in bad
+    )
+
+
+# --- the SASS reader itself ------------------------------------------------------------------------------------------
+
+_SASS = """
+	code for sm_90a
+		Function : chain
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                 /* 0x00000a00ff017b82 */
+        /*0010*/              @P0  LDG.E R4, desc[UR4][R2.64] ;           /* 0x0000000402047981 */
+        /*0020*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;  /* 0x0000000402087981 */
+        /*0030*/                   IMAD.WIDE R6, R4, 0x2, R2 ;            /* 0x0000000204067825 */
+        /*0040*/                   LDG.E.U16 R12, desc[UR4][R6.64] ;      /* 0x0000000406067981 */
+        /*0050*/                   STS [R0], R11 ;                        /* 0x0000000b00007388 */
+        /*0060*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;          /* 0x0000000000007b1d */
+        /*0070*/                   STG.E desc[UR4][R6.64], R12 ;          /* 0x0000000c06007986 */
+        /*0080*/                   LDG.E R13, desc[UR4][R2.64] ;          /* 0x0000000402037981 */
+        /*0090*/                   EXIT ;                                 /* 0x000000000000794d */
+		Function : flat
+        /*0000*/                   LDG.E.64 R4, desc[UR4][R2.64] ;        /* 0x0000000402047981 */
+        /*0010*/                   LDG.E.64 R6, desc[UR4][R2.64+0x8] ;    /* 0x0000000402067981 */
+        /*0020*/                   FADD R8, R5, R7 ;                      /* 0x0000000705087221 */
+        /*0030*/                   STG.E desc[UR4][R2.64], R8 ;           /* 0x0000000802007986 */
+        /*0040*/                   EXIT ;                                 /* 0x000000000000794d */
+"""
+
+
+def test_sass_reader_on_text():
+    """Two groups in 'chain' (the address of the U16 load is computed from the first load's value), one in 'flat';
+    a load after the first store counts toward the total only; .64 results cover two registers."""
+    functions = parse_sass(_SASS)
+    assert list(functions) == ["chain", "flat"]
+    assert functions["flat"][0] == "LDG.E.64 R4, desc[UR4][R2.64]"
+    chain, flat = load_rounds(functions["chain"]), load_rounds(functions["flat"])
+    assert (chain["rounds_before_store"], chain["rounds_total"], chain["barriers_before_store"]) == (2, 3, 1)
+    assert (flat["rounds_before_store"], flat["rounds_total"]) == (1, 1)
+    assert [access_width(op) for op in ("LDG.E.128", "LDG.E.64", "LDG.E.U16", "LDG.E", "STG.E.128")] == [128, 64, 16,
+                                                                                                       32, 128]
+
+
+def test_occupancy_rules():
+    """Registers in units of 256 per warp, 2048 threads, 32 CTAs, shared memory plus the 1 KB per-CTA reserve."""
+    assert resident_ctas(90, 255, 128, 0) == (2, "registers")  # 256 regs x 128 threads = 32768 per CTA
+    assert resident_ctas(90, 24, 128, 0) == (16, "threads")
+    assert resident_ctas(90, 16, 32, 0) == (32, "CTA slots")
+    assert resident_ctas(80, 32, 128, 48 * 1024) == (3, "shared memory")  # 164 KB / 49 KB
+
+
+def test_ptxas_reader():
+    text = textwrap.dedent("""\
+        ptxas info    : Compiling entry function '_Z6kernelPf' for 'sm_90a'
+        ptxas info    : Function properties for _Z6kernelPf
+            8 bytes stack frame, 12 bytes spill stores, 4 bytes spill loads
+        ptxas info    : Used 128 registers, used 1 barriers, 8 bytes cumulative stack size, 256 bytes smem
+        """)
+    (row,) = parse_ptxas(text)
+    assert (row["registers"], row["spill_stores"], row["spill_loads"], row["stack"], row["shared_bytes"]) == (
+        128, 12, 4, 8, 256)  # fmt: skip
+    assert row["function"] in ("kernel", "_Z6kernelPf")
+
+
+_PROBE = '''
+import json, sys
+import torch
+import triton
+import triton.language as tl
+from benchmarks.static import Launch, compile_kernel, specialize
+
+
+@triton.jit
+def gather(IDX, X, OUT, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    i = tl.load(IDX + offs)          # round trip 1
+    v = tl.load(X + i)               # round trip 2: its address is the first load's value
+    tl.store(OUT + offs, v)
+
+
+@triton.jit
+def add(A, B, OUT, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    a = tl.load(A + offs)            # both loads in flight at once: one round trip
+    b = tl.load(B + offs)
+    tl.store(OUT + offs, a + b)
+
+
+out = {}
+for name, fn, dtypes in (("gather", gather, (torch.int32, torch.float32)), ("add", add, (torch.bfloat16,) * 2)):
+    tensors = [torch.empty(1024, dtype=dt, device="meta") for dt in dtypes + (dtypes[-1],)]
+    spec, options = specialize(Launch(fn, (1, 1, 1), tuple(tensors), {"BLOCK": 1024, "num_warps": 4}))
+    out[name] = compile_kernel(fn, spec, options, 90)
+json.dump(out, sys.stdout)
+'''
+
+
+def test_round_trip_counter_on_compiled_kernels(tmp_path):
+    """Compiled for sm_90: a gather through loaded indices takes two round trips, two independent loads one; 16-byte
+    aligned bf16 pointers give 128-bit loads and stores."""
+    script = tmp_path / "probe.py"
+    script.write_text(_PROBE)
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, env=_child_env(), capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    res = json.loads(done.stdout)
+    assert res["gather"]["rounds_before_store"] == 2, res["gather"]
+    assert res["add"]["rounds_before_store"] == 1, res["add"]
+    assert set(res["add"]["loads"]) == {"128"} and set(res["add"]["stores"]) == {"128"}, res["add"]
+    assert res["add"]["spill_bytes"] == 0 and res["add"]["registers"] > 0
+    assert res["add"]["used_args"] == ["A", "B", "OUT"]
+
+
+def test_bad_input_is_one_error_line(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_info:
+        static.main(["--batch", "0"])
+    assert exit_info.value.code == 2 and "error: --batch and --jobs take positive numbers" in capsys.readouterr().err
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert static.main(["--batch", "4"]) == 2
+    assert capsys.readouterr().err.startswith("error: TRITON_INTERPRET is set")
