@@ -56,10 +56,16 @@ _IMPLEMENTED: tuple[str, ...] = ("cuda", "triton")
 
 
 def _split_heads(qkv: torch.Tensor, num_heads: int):
+    """qkv [N, S, 3d] -> q, k, v, each a (N, H, S, d_head) view.
+
+    Unbinding dim 2 of the [N, S, 3, H, d_head] view, not dim 0 of a permuted one: autograd then stacks dq, dk, dv
+    straight into qkv's layout, where the permuted split stacked them as [3, N, H, S, d_head] and cloned the whole
+    [N, S, 3d] gradient once more to give it qkv's layout (tests/test_short_attention.py traces this).
+    """
     n, s, three_d = qkv.shape
     d_head = three_d // (3 * num_heads)
-    q, k, v = qkv.view(n, s, 3, num_heads, d_head).permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, S, d_head)
-    return q, k, v
+    q, k, v = qkv.view(n, s, 3, num_heads, d_head).unbind(2)  # each (N, S, H, d_head)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (N, H, S, d_head)
 
 
 def short_attention_ref(qkv, num_heads):
