@@ -10,6 +10,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -104,9 +105,9 @@ def test_bytes_match_the_design_floors():
     assert adaln / 3.0e12 * 1e6 == pytest.approx(101, rel=0.01)
 
 
-@pytest.mark.parametrize("has_prev", [False, True])
-def test_brick_flops(has_prev):
-    s = SMALL
+@pytest.mark.parametrize("has_prev, field", [(False, None), (True, None), (True, "one token")])
+def test_brick_flops(has_prev, field):
+    s = SMALL if field is None else replace(SMALL, field=SMALL.brick)  # one token per patch: o = v, no q or k
     brick = LegoBrick(s.brick, s.field, s.hidden, 2, s.heads, in_channels=s.channels, has_prev=has_prev,
                       backend="torch")  # fmt: skip
     x = torch.randn(s.batch, s.channels, s.height, s.width)
