@@ -198,6 +198,8 @@ def test_kernels_compile_for_gpu(monkeypatch):
             assert block_dh == 128
             constexprs = {"NUM_HEADS": 16, "HEAD_DIM": 72, "SEQ": s}
             constexprs.update(BLOCK_P=block_p, BLOCK_S=block_s, BLOCK_DH=block_dh)
+            if kernel is _short_attention_fwd_kernel:
+                constexprs["PRELOAD_KV"] = s <= 8
             specs.setdefault(cc, []).append((kernel, _signature(kernel, dtype), constexprs, {"num_warps": num_warps}))
     monkeypatch.undo()
     for cc, cc_specs in sorted(specs.items()):
