@@ -31,7 +31,8 @@ class CallLog:
 
 
 def _params(sample_cases):
-    return [pytest.param(c, id=c.id, marks=pytest.mark.bench_priority(c.priority)) for c in sample_cases]
+    return [pytest.param(c, id=c.id, marks=[pytest.mark.bench_priority(c.priority)]
+                         + ([pytest.mark.quick] if cases.quick_sample(c) else [])) for c in sample_cases]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", _params(cases.SAMPLE_CASES))

@@ -40,9 +40,20 @@ def run_train(benchmark, case: cases.ModelCase, batch: int, dev: torch.device, s
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("case", cases.TRAIN_CASES, ids=lambda c: f"{c.id}-{c.group.name}")
+def _params(train_cases):
+    return [pytest.param(c, id=f"{c.id}-{c.group.name}", marks=[pytest.mark.quick] if cases.quick_train(c) else [])
+            for c in train_cases]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", _params(cases.TRAIN_CASES))
 def test_train_step(benchmark, bench_device, case):
     run_train(benchmark, case, case.group.train_batch, bench_device)
+
+
+@pytest.mark.parametrize("case", _params(cases.TRAIN_SWEEP_CASES))
+def test_train_step_large_batch(benchmark, bench_device, case):
+    """The paper's batch of 256 (an out-of-memory skip says so where a model does not fit)."""
+    run_train(benchmark, case, cases.TRAIN_LARGE_BATCH, bench_device)
 
 
 @pytest.mark.bench_priority(3)

@@ -35,6 +35,25 @@ else:
 
 OP_MODES = ("fwd", "fwd+bwd")
 
+# The ops at every brick shape of LEGO-XL-PG-32 (S = 1, 4, 256) and LEGO-S-PG-64 (S = 4, 4, 1024), batch 256. The
+# bottom bricks read [x_t, coordinates] only. (S > 16 attention runs on SDPA whatever the backend.)
+if SMOKE:
+    BRICK_SHAPES = {
+        "smoke r4 l4 (S=1)": OpShape(2, 4, 8, 8, 4, 4, 32, 2, torch.float32, has_prev=False),
+        "smoke r8 l2 (S=16)": OpShape(2, 4, 8, 8, 8, 2, 32, 2, torch.float32),
+    }
+else:
+    _XL = {"batch": 256, "channels": 4, "height": 32, "width": 32, "hidden": 1152, "heads": 16, "dtype": torch.bfloat16}
+    _S = {"batch": 256, "channels": 3, "height": 64, "width": 64, "hidden": 384, "heads": 6, "dtype": torch.bfloat16}
+    BRICK_SHAPES = {
+        "LEGO-XL-PG-32 r4 l4 (S=1)": OpShape(brick=4, field=4, has_prev=False, **_XL),
+        "LEGO-XL-PG-32 r8 l4 (S=4)": OpShape(brick=8, field=4, **_XL),
+        "LEGO-XL-PG-32 r32 l2 (S=256)": OpShape(brick=32, field=2, **_XL),
+        "LEGO-S-PG-64 r4 l2 (S=4)": OpShape(brick=4, field=2, has_prev=False, **_S),
+        "LEGO-S-PG-64 r16 l8 (S=4)": OpShape(brick=16, field=8, **_S),
+        "LEGO-S-PG-64 r64 l2 (S=1024)": OpShape(brick=64, field=2, **_S),
+    }
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
 
@@ -160,6 +179,17 @@ PAIRS = {
 }  # fmt: skip
 TRAIN_SWEEP_CASES = [_case("LEGO-XL-PG-32", LATENT), _case("DiT-XL/2", LATENT)]
 TRAIN_SWEEP_BATCHES = (1,) if SMOKE else (16, 32, 128)  # with LATENT.train_batch
+TRAIN_LARGE_BATCH = 4 if SMOKE else 256  # the paper's batch: LEGO-XL-PG-32 and DiT-XL/2 (which may not fit: a skip)
+
+# `python -m benchmarks.report --quick`: the rows a 5-minute GPU session can afford. The fused ops (no torch.compile),
+# the ops at each brick shape, and LEGO-XL-PG-32 against DiT-XL/2: training at the group's batch and at 256, and
+# the headline sampling rows (Heun, no guidance, t_break 0 and 0.5).
+QUICK_MODELS = ("LEGO-XL-PG-32", "DiT-XL/2")
+
+
+def quick_train(case: ModelCase) -> bool:
+    return case.name in QUICK_MODELS and case.group is LATENT and case.patch_fraction == 1 and case.backend == "auto"
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Sampling: equal NFE for every sampler (Heun with n steps makes 2n - 1 network calls; DDPM then runs 2n - 1 steps)
@@ -187,6 +217,10 @@ class SampleCase:
         return HEUN_STEPS if self.sampler == "heun" else NFE
 
 
+def quick_sample(case: SampleCase) -> bool:
+    return quick_train(case.model) and case.sampler == "heun" and case.cfg == 1.0
+
+
 def _sample_cases() -> list[SampleCase]:
     out = []
     lego, dit = _case("LEGO-XL-PG-32", LATENT), _case("DiT-XL/2", LATENT)
@@ -209,6 +243,8 @@ def describe() -> dict:
     """What this run benchmarks, for the report."""
     return {
         "op_shape": OP_SHAPE.as_dict(),
+        "brick_shapes": {name: shape.as_dict() for name, shape in BRICK_SHAPES.items()},
+        "train_large_batch": TRAIN_LARGE_BATCH,
         "op_sweep_batches": list(OP_SWEEP_BATCHES),
         "brick_depth": BRICK_DEPTH,
         "groups": {

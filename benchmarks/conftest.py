@@ -27,6 +27,7 @@ _STATE: dict = {"device": None, "peaks": None, "outcomes": [], "start": None}
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "bench_priority(n): run order of a benchmark (0 first); see conftest.py")
+    config.addinivalue_line("markers", "quick: a row of `benchmarks.report --quick` (LEGO_BENCH_QUICK=1)")
     if harness.device().type == "cpu":
         # Tiny CPU ops: one thread. With two, OpenMP's spinning makes a shared 2-core machine 10-100x slower.
         torch.set_num_threads(1)
@@ -46,6 +47,10 @@ def _priority(item) -> int:
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("LEGO_BENCH_QUICK", "0") not in ("", "0"):
+        dropped = [item for item in items if item.get_closest_marker("quick") is None]
+        items[:] = [item for item in items if item.get_closest_marker("quick") is not None]
+        config.hook.pytest_deselected(items=dropped)
     items.sort(key=_priority)  # stable: file and parameter order within a priority
     for item in items:
         item.add_marker(pytest.mark.benchmark(timer=harness.sync_timer, disable_gc=False))

@@ -168,10 +168,11 @@ def brick_flops(
     t = batch * p * s  # tokens
     c_in = channels * (2 if has_prev else 1) + 2
     mlp = int(d * mlp_ratio)
+    qkv = 3 if s > 1 else 1  # one token attends to itself only (o = v): S = 1 bricks compute v alone
     macs = {
         "embed": t * d * c_in * l * l,
-        "linears": depth * t * (3 * d * d + d * d + 2 * d * mlp),  # qkv, proj, fc1, fc2
-        "attention": depth * t * 2 * s * d,  # q k^T and P v
+        "linears": depth * t * (qkv * d * d + d * d + 2 * d * mlp),  # qkv (or v), proj, fc1, fc2
+        "attention": depth * t * 2 * s * d if s > 1 else 0,  # q k^T and P v
         "final": t * d * l * l * channels,
         "adaln": batch * (depth * d * 6 * d + d * 2 * d),  # once per IMAGE: blocks' 6d and the final layer's 2d
     }

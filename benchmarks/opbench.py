@@ -44,10 +44,11 @@ class OpSpec:
 
 
 def providers(spec: OpSpec) -> list:
-    fused = [pytest.param(b, id=b) for b in FUSED if b in spec.implemented]
-    extras = [pytest.param(name, id=name) for name in spec.extras]
+    quick = pytest.mark.quick
+    fused = [pytest.param(b, id=b, marks=quick) for b in FUSED if b in spec.implemented]
+    extras = [pytest.param(name, id=name, marks=quick) for name in spec.extras]
     compiled = pytest.param("compile", id="compile", marks=pytest.mark.bench_priority(3))
-    return [*fused, pytest.param("eager", id="eager"), *extras, compiled]
+    return [*fused, pytest.param("eager", id="eager", marks=quick), *extras, compiled]
 
 
 def _callable(spec: OpSpec, provider: str, dev: torch.device) -> tuple[Callable, str]:
@@ -73,7 +74,17 @@ def _callable(spec: OpSpec, provider: str, dev: torch.device) -> tuple[Callable,
     raise ValueError(f"unknown provider {provider!r}")
 
 
-def run(benchmark, spec: OpSpec, provider: str, mode: str, shape: counts.OpShape, dev: torch.device, sweep=False):
+def run(
+    benchmark,
+    spec: OpSpec,
+    provider: str,
+    mode: str,
+    shape: counts.OpShape,
+    dev: torch.device,
+    sweep=False,
+    brick_shape: str | None = None,
+):
+    """Time one op row; ``brick_shape`` names a row of cases.BRICK_SHAPES (reported in a table of its own)."""
     fn, backend = _callable(spec, provider, dev)
     args, grad_index = spec.make_inputs(shape, dev)
 
@@ -108,6 +119,7 @@ def run(benchmark, spec: OpSpec, provider: str, mode: str, shape: counts.OpShape
     cost = counts.op_cost(spec.name, shape, mode)
     return harness.record(
         benchmark, kind="op", op=spec.name, provider=provider, backend=backend, mode=mode, sweep=sweep,
+        brick_shape=brick_shape,
         batch=shape.batch, shape=shape.as_dict(), flops=cost.flops, bytes=cost.bytes, timing=timing,
     )  # fmt: skip
 

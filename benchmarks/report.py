@@ -2,6 +2,7 @@
 
 Usage (a GPU machine, from the repository root):
     python -m benchmarks.report                      # everything; writes benchmarks/results/<device>-<date>.*
+    python -m benchmarks.report --quick              # a fresh GPU machine in < 5 minutes (see --quick below)
     python -m benchmarks.report --smoke              # tiny shapes on the CPU, into a temporary folder
     python -m benchmarks.report -k "short_attention or train"   # a subset (pytest -k)
     python -m benchmarks.report --rebuild benchmarks/results/<stem>.pytest-benchmark.json   # report only
@@ -9,6 +10,10 @@ Usage (a GPU machine, from the repository root):
 Writes <stem>.json (device, driver, versions, shapes, every figure and ratio), <stem>.md (the tables, the ratios and
 the targets, each met or missed), <stem>.png (speed-up against batch size; share of the roofline), and keeps the raw
 pytest-benchmark JSON and the session facts beside them (<stem>.pytest-benchmark.json, <stem>.session.json).
+--quick builds the CUDA extension in place when it is missing (lego_kernels/_C*.so is not in git), runs the GPU tests
+(pytest -m cuda), then only the rows marked quick: the fused ops and the eager reference at the op shape and at each
+brick shape, and LEGO-XL-PG-32 against DiT-XL/2 (training at the group's batch and at 256, Heun sampling at t_break 0
+and 0.5), within a 5-minute budget whose real use it prints at the end.
 Every ratio is between two measurements of the same run on the same device. A missed target is a finding, not a
 failure: the command exits non-zero only when a benchmark itself failed (a crash, not a skip).
 """
@@ -23,12 +28,14 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "benchmarks"
 RESULTS = BENCH_DIR / "results"
 DEFAULT_BUDGET_S = 400  # the suite skips what is left after this; start-up and the report add ~30 s
+QUICK_BUDGET_S = 300  # --quick: build + GPU tests + the quick rows + the report
 
 FUSED = ("cuda", "triton")
 TARGETS = {
@@ -44,12 +51,13 @@ TARGETS = {
 
 
 def run_suite(
-    stem_dir: Path, smoke: bool, keyword: str | None, budget_s: float, interpret: bool
+    stem_dir: Path, smoke: bool, keyword: str | None, budget_s: float, interpret: bool, quick: bool = False
 ) -> tuple[Path, Path, int]:
     raw = stem_dir / "pytest-benchmark.json"
     sidecar = stem_dir / "session.json"
     env = dict(os.environ)
-    env.update(LEGO_BENCH_SMOKE="1" if smoke else "0", LEGO_BENCH_SIDECAR=str(sidecar), PYTHONUNBUFFERED="1")
+    env.update(LEGO_BENCH_SMOKE="1" if smoke else "0", LEGO_BENCH_SIDECAR=str(sidecar), PYTHONUNBUFFERED="1",
+               LEGO_BENCH_QUICK="1" if quick else "0")  # fmt: skip
     if budget_s > 0:
         env["LEGO_BENCH_BUDGET_S"] = str(budget_s)
     else:
@@ -70,6 +78,26 @@ def run_suite(
     print("report: running", " ".join(cmd), flush=True)
     status = subprocess.run(cmd, cwd=REPO, env=env, check=False).returncode
     return raw, sidecar, status
+
+
+def quick_setup(smoke: bool) -> None:
+    """--quick's first steps: the CUDA extension (built in place when missing and nvcc is there), then the GPU tests.
+    Neither stops the run: what failed is printed, and the benchmarks skip what cannot run."""
+    built = sorted((REPO / "lego_kernels").glob("_C*.so"))
+    if built:
+        print(f"report: CUDA extension present ({built[0].name})", flush=True)
+    elif smoke:
+        print("report: --smoke: the CUDA extension is not built here (no GPU)", flush=True)
+    else:
+        print("report: building the CUDA extension in place (python setup.py build_ext --inplace)", flush=True)
+        done = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=REPO, check=False)
+        print(f"report: extension build exit status {done.returncode}", flush=True)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", str(REPO / "tests")]
+    print("report: running", " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, cwd=REPO, env=env, check=False)
+    # exit status 5: nothing selected ran (no GPU: every cuda test skips)
+    print(f"report: pytest -m cuda exit status {done.returncode}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -128,7 +156,7 @@ def analyze(raw: dict | None, side: dict) -> dict:
         }  # fmt: skip
         records.append(derive(r, peaks))
     ops = [r for r in records if r["kind"] == "op"]
-    main_ops = [r for r in ops if not r["sweep"]]
+    main_ops = [r for r in ops if not r["sweep"] and not r.get("brick_shape")]
     bricks = [r for r in records if r["kind"] == "brick"]
     train = [r for r in records if r["kind"] == "train"]
     samples = [r for r in records if r["kind"] == "sample"]
@@ -187,9 +215,18 @@ def analyze(raw: dict | None, side: dict) -> dict:
 
     sweeps = _sweeps(ops, train)
     outcomes = _outcomes(side)
+    # --- the ops at each brick shape: fused ("auto") against eager
+    shape_ratios = []
+    for r in ops:
+        if r.get("brick_shape") and r["provider"] == "auto":
+            eager = next((e for e in ops if e.get("brick_shape") == r["brick_shape"] and e["op"] == r["op"]
+                          and e["mode"] == r["mode"] and e["provider"] == "eager"), None)  # fmt: skip
+            shape_ratios.append({"brick_shape": r["brick_shape"], "op": r["op"], "mode": r["mode"],
+                                 "backend": r["backend"], "vs_eager": _ratio(r, eager)})  # fmt: skip
+
     result = {
         "peaks": peaks,
-        "ops": ops, "bricks": bricks, "train": train, "sampling": samples,
+        "ops": ops, "bricks": bricks, "train": train, "sampling": samples, "brick_shape_ratios": shape_ratios,
         "ratios": {"ops": op_ratios, "brick": brick_ratios, "train": train_ratios, "sampling": sample_ratios},
         "sweeps": sweeps, "outcomes": outcomes,
     }  # fmt: skip
@@ -241,7 +278,7 @@ def _status(value: float | None, goal: float) -> str:
 
 def _targets(result: dict, cases: dict) -> list[dict]:
     targets = []
-    main_ops = [r for r in result["ops"] if not r["sweep"]]
+    main_ops = [r for r in result["ops"] if not r["sweep"] and not r.get("brick_shape")]
     for mode in ("fwd", "fwd+bwd"):
         for op in dict.fromkeys(r["op"] for r in main_ops):
             # memory-bound by arithmetic intensity below the ridge point (the same for every provider of an op)
@@ -361,7 +398,7 @@ def markdown(report: dict) -> str:
     ]
     rows = []
     for r in sorted(res["ops"], key=lambda r: (r["op"], r["mode"])):
-        if r["sweep"]:
+        if r["sweep"] or r.get("brick_shape"):
             continue
         t = r["timing"]
         rows.append([r["op"], r["mode"], r["provider"], _f(t["median_ms"] * 1e3, 1),
@@ -378,6 +415,19 @@ def markdown(report: dict) -> str:
           _x(r["vs_eager"]), _x(r["vs_compile"]), _x(r["vs_sdpa"]), _pct(r["hbm_share"])]
          for r in res["ratios"]["ops"]],
     )  # fmt: skip
+    shape_rows = sorted((r for r in res["ops"] if r.get("brick_shape")),
+                        key=lambda r: (r["brick_shape"], r["op"], r["mode"], r["provider"]))  # fmt: skip
+    if shape_rows:
+        lines += ["## Fused ops at each brick shape", "",
+                  "Batch 256 (see the JSON's cases.brick_shapes); auto = the fused backend auto picks.", ""]  # fmt: skip
+        lines += _table(
+            ["brick", "op", "mode", "provider", "median us", "GB/s", "HBM", "vs eager"],
+            [[r["brick_shape"], r["op"], r["mode"], f"{r['provider']} ({r['backend']})",
+              _f(r["timing"]["median_ms"] * 1e3, 1), _f(r["gbps"], 0), _pct(r.get("hbm_share")),
+              _x(next((x["vs_eager"] for x in res.get("brick_shape_ratios", []) if x["brick_shape"] == r["brick_shape"]
+                       and x["op"] == r["op"] and x["mode"] == r["mode"]), None)) if r["provider"] == "auto" else ""]
+             for r in shape_rows],
+        )  # fmt: skip
     lines += ["## Brick", "", f"One brick of the op shape with {report['cases'].get('brick_depth')} blocks.", ""]
     lines += _table(
         ["provider", "mode", "median ms", "TFLOP/s", "MFU", "vs torch eager", "vs torch.compile"],
@@ -481,7 +531,8 @@ def plot(report: dict, path: Path) -> bool:
         ax.axhline(TARGETS["train_vs_dit"], color="gray", linestyle=":", label="target")
     _finish(ax, "training images/s ratio", "batch (images)", "speed-up (x)", bool(curve))
     ax = axes[2]
-    rows = [r for r in res["ops"] if not r["sweep"] and r["mode"] == "fwd+bwd" and r.get("roofline_share")]
+    rows = [r for r in res["ops"] if not r["sweep"] and not r.get("brick_shape") and r["mode"] == "fwd+bwd"
+            and r.get("roofline_share")]  # fmt: skip
     rows.sort(key=lambda r: (r["op"], r["provider"]), reverse=True)  # barh draws bottom-up: read top to bottom
     if rows:
         labels = [f"{r['op']}\n{r['provider']}" for r in rows]
@@ -569,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", dest="keyword", default=None, help="run only the benchmarks pytest -k selects")
     parser.add_argument("--budget-s", type=float, default=None,
                         help=f"skip what is left after this many seconds (default {DEFAULT_BUDGET_S}; 0: no limit)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true",
+                        help=f"build the CUDA extension if missing, run pytest -m cuda, then the quick rows only; "
+                             f"{QUICK_BUDGET_S} s budget in all")  # fmt: skip
     parser.add_argument("--interpret", action="store_true",
                         help="keep TRITON_INTERPRET=1 (Triton kernels on the CPU interpreter; slow)")  # fmt: skip
     parser.add_argument("--rebuild", type=Path, default=None,
@@ -591,15 +645,24 @@ def main(argv: list[str] | None = None) -> int:
         elif out.resolve() == RESULTS.resolve() or RESULTS.resolve() in out.resolve().parents:
             parser.error("smoke numbers are not results: --smoke does not write into benchmarks/results")
     out = out or RESULTS
+    start = time.monotonic()
     budget = args.budget_s if args.budget_s is not None else (0 if args.smoke else DEFAULT_BUDGET_S)
+    if args.quick:
+        quick_setup(args.smoke)
+        if args.budget_s is None and not args.smoke:  # what is left, less ~20 s for start-up and the report
+            budget = max(30.0, QUICK_BUDGET_S - (time.monotonic() - start) - 20)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lego-bench-") as tmp:
-        raw, sidecar, status = run_suite(Path(tmp), args.smoke, args.keyword, budget, args.interpret)
+        raw, sidecar, status = run_suite(Path(tmp), args.smoke, args.keyword, budget, args.interpret, args.quick)
         if not sidecar.exists():
             print(f"report: the suite did not run (pytest exit status {status}); nothing written", file=sys.stderr)
             return status or 1
         report = write_report(raw, sidecar, out, None, command)
     print("\n".join(f"report: wrote {p}" for p in report["files"].values()))
+    if args.quick:
+        elapsed = time.monotonic() - start
+        print(f"report: --quick took {elapsed:.0f} s of its {QUICK_BUDGET_S} s budget"
+              + ("" if elapsed <= QUICK_BUDGET_S else " (OVER BUDGET)"))  # fmt: skip
     failed = report["results"]["outcomes"]["failed"]
     if failed:
         print(f"report: {len(failed)} benchmark(s) failed; see the report's 'Not measured' section", file=sys.stderr)

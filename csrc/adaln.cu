@@ -9,11 +9,13 @@
 //
 // One block owns a contiguous range of rows and walks it row by row; each thread keeps a fixed slice of the d
 // channels (CHUNKS packs of VEC channels) in registers, so a row is read once and the row statistics are two block
-// sums. The per-image sums of the backward are accumulated per thread in registers while consecutive rows belong to
-// the same image (always, unless image_index interleaves images) and flushed with fp32 atomicAdd into a [3, B, d]
-// workspace when the image changes and at the end: about one flush per block and image, so few atomics and no
-// contention. The order of those fp32 additions varies from run to run, so dshift/dscale/dgate are not bitwise
-// deterministic (the last bits can differ); dx, dy, h and x_out are.
+// sums. The backward walks the rows in IMAGE order (with image_index, through `order`, the sequences sorted by image
+// on the host side), so a block sees each of its images as one run of rows. It sums each run's dshift/dscale/dgate
+// per thread in registers and stores the sum, without atomics, into workspace slot (block + image): that slot is
+// unique because images never decrease along the rows (two runs k + b = k' + b' with k < k' would need b' < b). A
+// second kernel then adds, per image, the slots of the blocks that cover it, in block order. So every gradient,
+// the per-image sums included, is bitwise the same from run to run on a device (the grid follows the device's SM
+// count, so another GPU model may round differently).
 //
 // Compile-time switches: T (fp32, fp16, bf16; all arithmetic in fp32), VEC (16-byte packs when d and the pointers
 // allow, else single elements), CHUNKS (packs per thread: 1, 2, 4 ... up to 16 channels) and GATED.
@@ -84,14 +86,15 @@ __device__ __forceinline__ void load_image_vector(const T* __restrict__ vecs, in
   }
 }
 
+// This thread's channels of one run's per-image sum -> its workspace slot (plain stores: one writer per slot).
 template <int VEC, int CHUNKS>
-__device__ __forceinline__ void flush_sums(float* __restrict__ sums, int d, const float (&acc)[CHUNKS][VEC]) {
+__device__ __forceinline__ void store_sums(float* __restrict__ slot, int d, const float (&acc)[CHUNKS][VEC]) {
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     const int col = (c * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x)) * VEC;
     if (col < d) {
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) atomicAdd(sums + col + e, acc[c][e]);
+      for (int e = 0; e < VEC; ++e) slot[col + e] = acc[c][e];
     }
   }
 }
@@ -169,26 +172,34 @@ __global__ void __launch_bounds__(max_threads(VEC, CHUNKS)) adaln_bwd_kernel(
     const T* __restrict__ y,                  // (rows, d); GATED only
     const T* __restrict__ gate,               // (B, d); GATED only
     const T* __restrict__ scale,              // (B, d)
-    const int64_t* __restrict__ image_index,  // (N,) or nullptr
+    const int64_t* __restrict__ sorted_image,  // (N,) image_index sorted, or nullptr (then N / B per image)
+    const int64_t* __restrict__ order,         // (N,) the sequence at each sorted position (with sorted_image)
     const float* __restrict__ mean,           // (rows,)
     const float* __restrict__ rstd,           // (rows,)
     T* __restrict__ dx,                       // (rows, d)
     T* __restrict__ dy,                       // (rows, d); GATED only
-    float* __restrict__ sums,                 // (3, B, d) zeroed: dshift, dscale, dgate (GATED) per image
-    int64_t rows, int64_t seq_len, int d, int64_t seqs_per_image, int64_t num_images, int64_t rows_per_block) {
+    float* __restrict__ slots,                // (3, slots_per_kind, d): dshift, dscale, dgate (GATED) per run
+    int64_t rows, int64_t seq_len, int d, int64_t seqs_per_image, int64_t num_images, int64_t rows_per_block,
+    int64_t slots_per_kind) {
   const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t last = first + rows_per_block < rows ? first + rows_per_block : rows;
-  const int64_t plane = num_images * d;
+  const int64_t plane = slots_per_kind * d;
   float gt[CHUNKS][VEC] = {}, sc1[CHUNKS][VEC] = {};
   float acc_shift[CHUNKS][VEC] = {}, acc_scale[CHUNKS][VEC] = {}, acc_gate[CHUNKS][VEC] = {};
   int64_t image = -1;
-  for (int64_t r = first; r < last; ++r) {
-    const int64_t b = image_of_row(r, seq_len, image_index, seqs_per_image);
-    if (b != image || r == first) {
-      if (r != first && image >= 0 && image < num_images) {
-        flush_sums<VEC, CHUNKS>(sums + image * d, d, acc_shift);
-        flush_sums<VEC, CHUNKS>(sums + plane + image * d, d, acc_scale);
-        if constexpr (GATED) flush_sums<VEC, CHUNKS>(sums + 2 * plane + image * d, d, acc_gate);
+  // Position first's sequence (in image order), token and image, then advanced by counting: no 64-bit division (a
+  // called subroutine in SASS) per row.
+  int64_t seq = first / seq_len, tok = first - seq * seq_len;
+  int64_t img = sorted_image != nullptr ? 0 : seq / seqs_per_image, seq_in_img = seq - img * seqs_per_image;
+  for (int64_t pos = first; pos < last; ++pos) {  // positions in image order
+    const int64_t b = sorted_image != nullptr ? sorted_image[seq] : img;
+    const int64_t r = (sorted_image != nullptr ? order[seq] : seq) * seq_len + tok;  // the row
+    if (b != image || pos == first) {
+      if (pos != first && image >= 0 && image < num_images) {
+        float* slot = slots + (blockIdx.x + image) * d;
+        store_sums<VEC, CHUNKS>(slot, d, acc_shift);
+        store_sums<VEC, CHUNKS>(slot + plane, d, acc_scale);
+        if constexpr (GATED) store_sums<VEC, CHUNKS>(slot + 2 * plane, d, acc_gate);
       }
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c)
@@ -245,26 +256,72 @@ __global__ void __launch_bounds__(max_threads(VEC, CHUNKS)) adaln_bwd_kernel(
     } else {
       store_row<T, VEC, CHUNKS>(dx + r * d, d, g);
     }
+    if (++tok == seq_len) {
+      tok = 0;
+      ++seq;
+      if (++seq_in_img == seqs_per_image) {  // never true with sorted_image (seqs_per_image 0)
+        seq_in_img = 0;
+        ++img;
+      }
+    }
   }
   if (first < last && image >= 0 && image < num_images) {
-    flush_sums<VEC, CHUNKS>(sums + image * d, d, acc_shift);
-    flush_sums<VEC, CHUNKS>(sums + plane + image * d, d, acc_scale);
-    if constexpr (GATED) flush_sums<VEC, CHUNKS>(sums + 2 * plane + image * d, d, acc_gate);
+    float* slot = slots + (blockIdx.x + image) * d;
+    store_sums<VEC, CHUNKS>(slot, d, acc_shift);
+    store_sums<VEC, CHUNKS>(slot + plane, d, acc_scale);
+    if constexpr (GATED) store_sums<VEC, CHUNKS>(slot + 2 * plane, d, acc_gate);
   }
 }
 
-// The fp32 per-image sums -> the [B, d] gradients in T (out2 may be null).
+// First sorted position (in [0, n]) whose image is >= b.
+__device__ __forceinline__ int64_t lower_bound(const int64_t* __restrict__ sorted, int64_t n, int64_t b) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (sorted[mid] < b)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// The runs' sums -> the [B, d] gradients in T: image b's value adds the slots (k + b) of the blocks k that cover b's
+// positions, in increasing k (a fixed order, so the result is deterministic); zero for an image without rows.
 template <typename T>
-__global__ void __launch_bounds__(256) sums_to_dtype_kernel(const float* __restrict__ sums,  // (3, count)
-                                                            T* __restrict__ out0,            // (count,)
-                                                            T* __restrict__ out1,            // (count,)
-                                                            T* __restrict__ out2,            // (count,) or nullptr
-                                                            int64_t count) {
+__global__ void __launch_bounds__(256) reduce_slots_kernel(
+    const float* __restrict__ slots,           // (kinds, slots_per_kind, d)
+    const int64_t* __restrict__ sorted_image,  // (N,) or nullptr
+    T* __restrict__ out0,                      // (B, d) dshift
+    T* __restrict__ out1,                      // (B, d) dscale
+    T* __restrict__ out2,                      // (B, d) dgate, or nullptr
+    int64_t num_seq, int64_t seq_len, int d, int64_t seqs_per_image, int64_t num_images, int64_t rows_per_block,
+    int64_t slots_per_kind) {
+  const int64_t count = num_images * d;
+  const int64_t plane = slots_per_kind * d;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
-    out0[i] = from_float<T>(sums[i]);
-    out1[i] = from_float<T>(sums[count + i]);
-    if (out2 != nullptr) out2[i] = from_float<T>(sums[2 * count + i]);
+    const int64_t b = i / d, c = i % d;
+    int64_t lo, hi;  // image b's positions [lo, hi)
+    if (sorted_image != nullptr) {
+      lo = lower_bound(sorted_image, num_seq, b) * seq_len;
+      hi = lower_bound(sorted_image, num_seq, b + 1) * seq_len;
+    } else {
+      lo = b * seqs_per_image * seq_len;
+      hi = lo + seqs_per_image * seq_len;
+    }
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f;
+    if (lo < hi) {
+      for (int64_t k = lo / rows_per_block; k <= (hi - 1) / rows_per_block; ++k) {
+        const float* slot = slots + (k + b) * d + c;
+        s0 += slot[0];
+        s1 += slot[plane];
+        if (out2 != nullptr) s2 += slot[2 * plane];
+      }
+    }
+    out0[i] = from_float<T>(s0);
+    out1[i] = from_float<T>(s1);
+    if (out2 != nullptr) out2[i] = from_float<T>(s2);
   }
 }
 
@@ -316,16 +373,24 @@ void run_forward(const RowLayout& L, const AdalnProblem& p, const T* x, const T*
 }
 
 template <typename T, int VEC, int CHUNKS, bool GATED>
-void run_backward(const RowLayout& L, const AdalnProblem& p, const T* dh, const T* dx_out, const T* x, const T* y,
-                  const T* gate, const T* scale, const float* mean, const float* rstd, T* dx, T* dy, float* sums) {
+void run_backward(const RowLayout& L, const AdalnProblem& p, const int64_t* sorted_image, const int64_t* order,
+                  const T* dh, const T* dx_out, const T* x, const T* y, const T* gate, const T* scale,
+                  const float* mean, const float* rstd, T* dx, T* dy, T* dgate, T* dshift, T* dscale, float* slots) {
   auto kernel = &adaln_bwd_kernel<T, VEC, CHUNKS, GATED>;
-  const int64_t grid0 = std::min(p.rows, resident_blocks(kernel, L.threads, 0));
+  const int64_t grid0 = std::min({p.rows, resident_blocks(kernel, L.threads, 0), kAdalnBackwardMaxBlocks});
   const int64_t per_block = ceil_div(p.rows, grid0);
   const int64_t grid = ceil_div(p.rows, per_block);
+  const int64_t slots_per_kind = kAdalnBackwardMaxBlocks + p.num_images;  // the workspace's layout, see launchers.h
   LEGO_LAUNCH(kernel, static_cast<unsigned>(grid), L.threads, 0, p.stream, dh, dx_out, x, y, gate, scale,
-              p.image_index, mean, rstd, dx, dy, sums, p.rows, p.seq_len, static_cast<int>(p.d), p.seqs_per_image,
-              p.num_images, per_block);
+              sorted_image, order, mean, rstd, dx, dy, slots, p.rows, p.seq_len, static_cast<int>(p.d),
+              p.seqs_per_image, p.num_images, per_block, slots_per_kind);
   check_launch("adaln backward kernel");
+  const int64_t reduce_grid = std::min<int64_t>(ceil_div(p.num_images * p.d, 256), 4096);
+  auto reduce = &reduce_slots_kernel<T>;
+  LEGO_LAUNCH(reduce, static_cast<unsigned>(reduce_grid), 256, 0, p.stream, slots, sorted_image, dshift, dscale,
+              GATED ? dgate : nullptr, p.rows / p.seq_len, p.seq_len, static_cast<int>(p.d), p.seqs_per_image,
+              p.num_images, per_block, slots_per_kind);
+  check_launch("adaln backward: per-image sums");
 }
 
 // Calls fn.template operator()<VEC, CHUNKS>() for the layout's compile-time shape (only the shapes row_layout makes
@@ -376,33 +441,32 @@ void adaln_forward(int dtype, bool gated, const void* x, const void* y, const vo
 }
 
 void adaln_backward(int dtype, bool gated, const void* dh, const void* dx_out, const void* x, const void* y,
-                    const void* gate, const void* scale, const int64_t* image_index, const float* mean,
+                    const void* gate, const void* scale, const int64_t* image_order, const float* mean,
                     const float* rstd, void* dx, void* dy, void* dgate, void* dshift, void* dscale, float* workspace,
                     int64_t N, int64_t S, int64_t d, int64_t B, cudaStream_t stream) {
-  const AdalnProblem p{N * S, S, d, image_index ? 0 : N / B, B, image_index, stream};
-  const int num_sums = gated ? 3 : 2;
-  check_cuda(cudaMemsetAsync(workspace, 0, sizeof(float) * num_sums * B * d, stream), "zeroing the workspace");
+  const int64_t* sorted_image = image_order;
+  const int64_t* order = image_order != nullptr ? image_order + N : nullptr;
+  const AdalnProblem p{N * S, S, d, image_order ? 0 : N / B, B, sorted_image, stream};
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (p.rows > 0) {
-      const RowLayout L = row_layout(d, kPack16<T>, aligned16({dh, dx_out, x, y, gate, scale, dx, dy}));
-      auto cdh = static_cast<const T*>(dh), cdxo = static_cast<const T*>(dx_out), cx = static_cast<const T*>(x);
-      auto cy = static_cast<const T*>(y), cg = static_cast<const T*>(gate), csc = static_cast<const T*>(scale);
-      auto odx = static_cast<T*>(dx), ody = static_cast<T*>(dy);
-      dispatch_layout<kPack16<T>>(L, [&]<int VEC, int CHUNKS>() {
-        if (gated)
-          run_backward<T, VEC, CHUNKS, true>(L, p, cdh, cdxo, cx, cy, cg, csc, mean, rstd, odx, ody, workspace);
-        else
-          run_backward<T, VEC, CHUNKS, false>(L, p, cdh, cdxo, cx, cy, cg, csc, mean, rstd, odx, ody, workspace);
-      });
+    auto odg = static_cast<T*>(dgate), ods = static_cast<T*>(dshift), odc = static_cast<T*>(dscale);
+    if (p.rows == 0) {  // no rows: every per-image sum is zero
+      for (T* out : {ods, odc, gated ? odg : nullptr})
+        if (out != nullptr) check_cuda(cudaMemsetAsync(out, 0, sizeof(T) * B * d, stream), "zeroing the sums");
+      return;
     }
-    const int64_t count = B * d;
-    const int64_t grid = std::min<int64_t>(ceil_div(count, 256), 4096);
-    // Gated: the workspace planes are (dshift, dscale, dgate).
-    auto kernel = &sums_to_dtype_kernel<T>;
-    LEGO_LAUNCH(kernel, static_cast<unsigned>(grid), 256, 0, stream, workspace,
-                static_cast<T*>(dshift), static_cast<T*>(dscale), gated ? static_cast<T*>(dgate) : nullptr, count);
-    check_launch("adaln backward: per-image sums");
+    const RowLayout L = row_layout(d, kPack16<T>, aligned16({dh, dx_out, x, y, gate, scale, dx, dy}));
+    auto cdh = static_cast<const T*>(dh), cdxo = static_cast<const T*>(dx_out), cx = static_cast<const T*>(x);
+    auto cy = static_cast<const T*>(y), cg = static_cast<const T*>(gate), csc = static_cast<const T*>(scale);
+    auto odx = static_cast<T*>(dx), ody = static_cast<T*>(dy);
+    dispatch_layout<kPack16<T>>(L, [&]<int VEC, int CHUNKS>() {
+      if (gated)
+        run_backward<T, VEC, CHUNKS, true>(L, p, sorted_image, order, cdh, cdxo, cx, cy, cg, csc, mean, rstd, odx,
+                                           ody, odg, ods, odc, workspace);
+      else
+        run_backward<T, VEC, CHUNKS, false>(L, p, sorted_image, order, cdh, cdxo, cx, cy, cg, csc, mean, rstd, odx,
+                                            ody, odg, ods, odc, workspace);
+    });
   });
 }
 

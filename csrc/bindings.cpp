@@ -223,6 +223,7 @@ PYBIND11_MODULE(LEGO_MODULE_NAME, m) {
   m.attr("SHORT_ATTENTION_HEAD_DIMS") =
       std::vector<int>(std::begin(lego::kShortAttentionHeadDims), std::end(lego::kShortAttentionHeadDims));
   m.attr("ADALN_MAX_WIDTH") = lego::kAdalnMaxWidth;
+  m.attr("ADALN_BACKWARD_MAX_BLOCKS") = lego::kAdalnBackwardMaxBlocks;
 #ifdef LEGO_EMULATE
   m.attr("EMULATED") = true;
 #else
@@ -239,8 +240,10 @@ PYBIND11_MODULE(LEGO_MODULE_NAME, m) {
         py::arg("scale"), py::arg("image_index"), py::arg("y"), py::arg("mean"), py::arg("rstd"), py::arg("N"),
         py::arg("S"), py::arg("d"), py::arg("B"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
   m.def("adaln_modulate_bwd", &adaln_modulate_bwd, release,
-        "dx, dshift, dscale of adaln_modulate; workspace: fp32 [2, B, d] scratch.", py::arg("dy"), py::arg("x"),
-        py::arg("scale"), py::arg("image_index"), py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("dshift"),
+        "dx, dshift, dscale of adaln_modulate; image_order: int64 [2, N] (image_index sorted, then the sorted "
+        "sequences) or 0; workspace: fp32 [2, ADALN_BACKWARD_MAX_BLOCKS + B, d] scratch.",
+        py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("image_order"), py::arg("mean"), py::arg("rstd"),
+        py::arg("dx"), py::arg("dshift"),
         py::arg("dscale"), py::arg("workspace"), py::arg("N"), py::arg("S"), py::arg("d"), py::arg("B"),
         py::arg("dtype"), py::arg("device"), py::arg("stream"));
   m.def("gated_residual_adaln_fwd", &gated_residual_adaln_fwd, release,
@@ -249,8 +252,10 @@ PYBIND11_MODULE(LEGO_MODULE_NAME, m) {
         py::arg("h"), py::arg("mean"), py::arg("rstd"), py::arg("N"), py::arg("S"), py::arg("d"), py::arg("B"),
         py::arg("dtype"), py::arg("device"), py::arg("stream"));
   m.def("gated_residual_adaln_bwd", &gated_residual_adaln_bwd, release,
-        "dx, dy, dgate, dshift, dscale of gated_residual_adaln; workspace: fp32 [3, B, d] scratch.", py::arg("dx_out"),
-        py::arg("dh"), py::arg("x_out"), py::arg("y"), py::arg("gate"), py::arg("scale"), py::arg("image_index"),
+        "dx, dy, dgate, dshift, dscale of gated_residual_adaln; image_order: as adaln_modulate_bwd's; workspace: "
+        "fp32 [3, ADALN_BACKWARD_MAX_BLOCKS + B, d] scratch.",
+        py::arg("dx_out"), py::arg("dh"), py::arg("x_out"), py::arg("y"), py::arg("gate"), py::arg("scale"),
+        py::arg("image_order"),
         py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("dy"), py::arg("dgate"), py::arg("dshift"),
         py::arg("dscale"), py::arg("workspace"), py::arg("N"), py::arg("S"), py::arg("d"), py::arg("B"),
         py::arg("dtype"), py::arg("device"), py::arg("stream"));

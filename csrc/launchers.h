@@ -27,10 +27,14 @@ void adaln_forward(int dtype, bool gated, const void* x, const void* y, const vo
 
 // gated == false: (dh, x, scale, mean, rstd) -> dx, dshift, dscale                     (dx_out, y, gate, dy, dgate unused)
 // gated == true:  (dx_out, dh, x = x_out, y, gate, scale, mean, rstd) -> dx, dy, dgate, dshift, dscale
-// workspace: fp32 [3, B, d] (only [2, B, d] used when !gated); zeroed here, then the per-image sums are accumulated in
-// it with fp32 atomics (one flush per block and image, see adaln.cu) and finally cast to the output dtype.
+// image_order: nullptr (N / B consecutive sequences per image) or int64 [2, N]: image_index sorted (stably), then the
+// sequence at each sorted position (torch.sort(image_index, stable=True)); the rows are walked in that order.
+// workspace: fp32 [3, kAdalnBackwardMaxBlocks + B, d] (only [2, ...] used when !gated), no clearing needed: each
+// block stores its runs' per-image sums there and a second kernel adds them per image in a fixed order (adaln.cu), so
+// the sums are deterministic.
+constexpr int64_t kAdalnBackwardMaxBlocks = 1024;
 void adaln_backward(int dtype, bool gated, const void* dh, const void* dx_out, const void* x, const void* y,
-                    const void* gate, const void* scale, const int64_t* image_index, const float* mean,
+                    const void* gate, const void* scale, const int64_t* image_order, const float* mean,
                     const float* rstd, void* dx, void* dy, void* dgate, void* dshift, void* dscale, float* workspace,
                     int64_t N, int64_t S, int64_t d, int64_t B, cudaStream_t stream);
 

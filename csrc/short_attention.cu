@@ -39,27 +39,46 @@ struct HeadTile {
 
 // Copies the rows of `pairs` (sequence, head) pairs starting at pair `first` into shared memory:
 // tiles[pl][part][s][:] with part 0, 1, 2 = q, k, v from qkv and part 3 = do (when PARTS == 4).
+// A thread owns fixed 16-byte slots (part, s, u) of a pair, decomposed once, and walks the block's pairs with a
+// pointer that steps one head (or on to the next sequence): no integer division per load. Loads go out kBatch at a
+// time before their stores, so each thread keeps kBatch 16-byte loads in flight.
 template <typename T, int D, int PARTS>
 __device__ __forceinline__ void stage_tiles(T* __restrict__ tiles,      // (pairs, PARTS, S, kStride)
                                             const T* __restrict__ qkv,  // (N, S, 3, H, D)
                                             const T* __restrict__ dout, // (N, S, H, D); PARTS == 4 only
                                             int64_t first, int pairs, int S, int H) {
   using Tile = HeadTile<T, D>;
+  constexpr int kBatch = 4;
   const int64_t d = static_cast<int64_t>(H) * D;
-  const int total = pairs * PARTS * S * Tile::kUnits;
-  for (int t = threadIdx.x; t < total; t += blockDim.x) {
-    const int u = t % Tile::kUnits;
-    int rest = t / Tile::kUnits;
-    const int s = rest % S;
-    rest /= S;
-    const int part = rest % PARTS;
-    const int pl = rest / PARTS;
-    const int64_t pair = first + pl;
-    const int64_t row = (pair / H) * S + s;  // token row of sequence n = pair / H
-    const int64_t head = pair % H;
-    const T* src = part < 3 ? qkv + row * 3 * d + part * d + head * D : dout + row * d + head * D;
-    *reinterpret_cast<uint4*>(tiles + ((pl * PARTS + part) * S + s) * Tile::kStride + u * Tile::kVec) =
-        *reinterpret_cast<const uint4*>(src + u * Tile::kVec);
+  const int64_t n0 = first / H;  // the block's first pair: sequence n0, head h0
+  const int h0 = static_cast<int>(first - n0 * H);
+  const int slots = PARTS * S * Tile::kUnits;  // 16-byte units of one pair
+  const int pair_elems = PARTS * S * Tile::kStride;
+  for (int slot = threadIdx.x; slot < slots; slot += blockDim.x) {
+    const int u = slot % Tile::kUnits;  // compile-time divisor
+    const int s = (slot / Tile::kUnits) % S;
+    const int part = slot / (Tile::kUnits * S);
+    const bool from_qkv = part < 3;
+    const int64_t row_elems = from_qkv ? 3 * d : d;  // one token row of qkv or of dout
+    const int64_t seq_step = S * row_elems - static_cast<int64_t>(H) * D;  // from past the last head to head 0
+    const T* src = (from_qkv ? qkv + part * d : dout) + (n0 * S + s) * row_elems + h0 * D + u * Tile::kVec;
+    T* dst = tiles + (part * S + s) * Tile::kStride + u * Tile::kVec;
+    int head = h0;
+    for (int pl0 = 0; pl0 < pairs; pl0 += kBatch) {
+      uint4 buf[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        if (pl0 + b < pairs) buf[b] = *reinterpret_cast<const uint4*>(src);
+        src += D;
+        if (++head == H) {
+          head = 0;
+          src += seq_step;
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        if (pl0 + b < pairs) *reinterpret_cast<uint4*>(dst + (pl0 + b) * pair_elems) = buf[b];
+    }
   }
 }
 

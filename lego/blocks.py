@@ -75,10 +75,22 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, h, mod, next_shift, next_scale, image_index=None):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        a = self.proj(lk.short_attention(self.qkv(h), self.num_heads, backend=self.backend))  # (N, S, d)
+        a = self.proj(self.attention(h))  # (N, S, d)
         x, h = lk.gated_residual_adaln(x, a, gate_msa, shift_mlp, scale_mlp, image_index, backend=self.backend)
         m = self.fc2(F.gelu(self.fc1(h), approximate="tanh"))  # (N, S, d)
         return lk.gated_residual_adaln(x, m, gate_mlp, next_shift, next_scale, image_index, backend=self.backend)
+
+    def attention(self, h: torch.Tensor) -> torch.Tensor:
+        """Multi-head self-attention of each sequence of h [N, S, d] -> [N, S, d], before the output projection.
+
+        A one-token sequence (XL's 4 x 4 brick, l = 4) attends to itself only: softmax over one key is 1, so o = v
+        and only the v rows of the qkv linear run. q and k keep their rows in the weight (checkpoints keep one
+        layout for every brick); they get zero gradients there.
+        """
+        if h.shape[1] == 1:
+            d = h.shape[-1]
+            return F.linear(h, self.qkv.weight[2 * d :], self.qkv.bias[2 * d :])  # (N, 1, d): v
+        return lk.short_attention(self.qkv(h), self.num_heads, backend=self.backend)  # (N, S, d)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}"

@@ -88,6 +88,21 @@ def _image_index(op, image_index, num_seq, like):
     return image_index.to(torch.int64).contiguous()
 
 
+def _image_order(index: torch.Tensor | None) -> torch.Tensor | None:
+    """The backward's view of image_index: int64 [2, N], the images sorted (stably) and the sequence at each sorted
+    position, so that the kernel walks each image's rows as one run and sums them without atomics (csrc/adaln.cu)."""
+    if index is None:
+        return None
+    sorted_image, order = torch.sort(index, stable=True)
+    return torch.stack([sorted_image, order])
+
+
+def _workspace(ext, kinds: int, num_images: int, d: int, like: torch.Tensor) -> torch.Tensor:
+    """The backward's scratch for per-block, per-image partial sums (csrc/launchers.h); needs no clearing."""
+    slots = ext.ADALN_BACKWARD_MAX_BLOCKS + num_images
+    return torch.empty((kinds, slots, d), dtype=torch.float32, device=like.device)
+
+
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -152,10 +167,10 @@ def adaln_modulate_bwd(dy, x, shift, scale, image_index, mean, rstd):
     dx = new_output((n, s, d), x.dtype, x.device)
     dshift = new_output((b, d), x.dtype, x.device)
     dscale = new_output((b, d), x.dtype, x.device)
-    workspace = torch.empty((2, b, d), dtype=torch.float32, device=x.device)  # zeroed by the extension
+    workspace, image_order = _workspace(ext, 2, b, d, x), _image_order(index)  # both alive through the call
     ext.adaln_modulate_bwd(
-        dy.data_ptr(), x.data_ptr(), scale.data_ptr(), _ptr(index), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
-        dshift.data_ptr(), dscale.data_ptr(), workspace.data_ptr(), n, s, d, b, code, device, stream,
+        dy.data_ptr(), x.data_ptr(), scale.data_ptr(), _ptr(image_order), mean.data_ptr(), rstd.data_ptr(),
+        dx.data_ptr(), dshift.data_ptr(), dscale.data_ptr(), workspace.data_ptr(), n, s, d, b, code, device, stream,
     )  # fmt: skip
     return dx, dshift, dscale
 
@@ -207,10 +222,10 @@ def gated_residual_adaln_bwd(dx_out, dh, x_out, y, gate, scale, image_index, mea
     dgate = new_output((b, d), x_out.dtype, x_out.device)
     dshift = new_output((b, d), x_out.dtype, x_out.device)
     dscale = new_output((b, d), x_out.dtype, x_out.device)
-    workspace = torch.empty((3, b, d), dtype=torch.float32, device=x_out.device)  # zeroed by the extension
+    workspace, image_order = _workspace(ext, 3, b, d, x_out), _image_order(index)  # both alive through the call
     ext.gated_residual_adaln_bwd(
         dx_out.data_ptr(), dh.data_ptr(), x_out.data_ptr(), y.data_ptr(), gate.data_ptr(), scale.data_ptr(),
-        _ptr(index), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dy.data_ptr(), dgate.data_ptr(),
+        _ptr(image_order), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dy.data_ptr(), dgate.data_ptr(),
         dshift.data_ptr(), dscale.data_ptr(), workspace.data_ptr(), n, s, d, b, code, device, stream,
     )  # fmt: skip
     return dx, dy, dgate, dshift, dscale

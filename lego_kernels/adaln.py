@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lego_kernels._checks import check_float, check_index, check_same
-from lego_kernels._dispatch import new_output, resolve_backend
+from lego_kernels._dispatch import interpreting, new_output, resolve_backend
 
 try:
     import triton
@@ -160,7 +160,7 @@ def _adaln_bwd_kernel(
     d,
     seq_len,  # S: rows per sequence
     seqs_per_image,  # N / B (without HAS_INDEX)
-    seqs_per_program,  # sequences one program walks through (all of one image)
+    rows_per_program,  # rows one program walks through (all of one image)
     chunks_per_image,  # programs per image (without HAS_INDEX)
     stride_row,  # row stride of every (N * S, d) tensor
     stride_vec,  # row stride of GATE, SCALE
@@ -175,33 +175,34 @@ def _adaln_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < d
-    # This program's image and its range [seq_lo, seq_hi) of sequence positions (in image order).
+    # This program's image and its range [row_lo, row_hi) of row positions (in image order: with HAS_INDEX the rows
+    # of the sequences sorted by image). Chunks may cut a sequence: the rows are independent but for the image sums.
     if HAS_INDEX:
         img = tl.load(PROGRAM_IMAGE + pid)
         img_ok = img < num_images
         chunk = pid - tl.load(CHUNK_START + img, mask=img_ok, other=0)
-        first = tl.load(SEQ_START + img, mask=img_ok, other=0)
-        end = first + tl.load(SEQ_COUNT + img, mask=img_ok, other=0)
+        first = tl.load(SEQ_START + img, mask=img_ok, other=0) * seq_len
+        end = first + tl.load(SEQ_COUNT + img, mask=img_ok, other=0) * seq_len
     else:
         img = pid // chunks_per_image
         chunk = pid % chunks_per_image
-        first = img * seqs_per_image
-        end = first + seqs_per_image
-    seq_lo = first + chunk * seqs_per_program
-    seq_hi = tl.minimum(seq_lo + seqs_per_program, end)
-    row_lo = seq_lo * seq_len
-    row_hi = seq_hi * seq_len
+        first = img * seqs_per_image * seq_len
+        end = first + seqs_per_image * seq_len
+    row_lo = first + chunk * rows_per_program
+    row_hi = tl.minimum(row_lo + rows_per_program, end)
 
     # One image per program: its vectors are loaded once (programs past the last chunk have no rows; they read the
     # last image's vectors to stay in bounds).
     vec = tl.minimum(img, num_images - 1) * stride_vec + cols
+    # The per-image sums stay [BLOCK_R, BLOCK_D] tiles through the loop and are reduced over rows once at the end:
+    # a column sum per tile would cross warps (shared memory and a barrier) between one tile's loads and the next's.
     if HAS_NORM:
         w = 1.0 + tl.load(SCALE + vec, mask=col_ok, other=0.0).to(tl.float32)
-        acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
-        acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_shift = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        acc_scale = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     if HAS_RESIDUAL:
         gate = tl.load(GATE + vec, mask=col_ok, other=0.0).to(tl.float32)
-        acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_gate = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
 
     for start in range(row_lo, row_hi, BLOCK_R):
         pos = start + tl.arange(0, BLOCK_R)
@@ -213,6 +214,11 @@ def _adaln_bwd_kernel(
             rows = pos
         mask = row_ok[:, None] & col_ok[None, :]
         offs = rows[:, None] * stride_row + cols[None, :]
+        # Every load of the tile first, then the row reductions: the loads all go out together instead of dx_out and
+        # y waiting for the reductions' shuffles.
+        if HAS_RESIDUAL:
+            dx_out = tl.load(DX_OUT + offs, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_NORM:
             dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -223,26 +229,25 @@ def _adaln_bwd_kernel(
             c1 = tl.sum(a * xhat, axis=1) / d
             c2 = tl.sum(a, axis=1) / d
             g = (a - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-            acc_shift += tl.sum(dh, axis=0)
-            acc_scale += tl.sum(dh * xhat, axis=0)
+            acc_shift += dh
+            acc_scale += dh * xhat
         else:
             g = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
         if HAS_RESIDUAL:
-            g += tl.load(DX_OUT + offs, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+            g += dx_out
             tl.store(DY + offs, (gate[None, :] * g).to(DY.dtype.element_ty), mask=mask)
-            acc_gate += tl.sum(g * y, axis=0)
+            acc_gate += g * y
         tl.store(DX + offs, g.to(DX.dtype.element_ty), mask=mask)
 
     # Every program writes its partial rows, zeros included, so the partial buffer needs no clearing.
     part = PARTIAL + pid * stride_partial_program + cols
     if HAS_NORM:
-        tl.store(part, acc_shift, mask=col_ok)
-        tl.store(part + stride_partial_kind, acc_scale, mask=col_ok)
+        tl.store(part, tl.sum(acc_shift, axis=0), mask=col_ok)
+        tl.store(part + stride_partial_kind, tl.sum(acc_scale, axis=0), mask=col_ok)
         if HAS_RESIDUAL:
-            tl.store(part + 2 * stride_partial_kind, acc_gate, mask=col_ok)
+            tl.store(part + 2 * stride_partial_kind, tl.sum(acc_gate, axis=0), mask=col_ok)
     else:
-        tl.store(part, acc_gate, mask=col_ok)
+        tl.store(part, tl.sum(acc_gate, axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -294,14 +299,31 @@ def _reduce_partials_kernel(
 # numbers to make small shapes use several tiles per program and several programs per image.
 
 _TILE_ELEMENTS = 4096  # one [BLOCK_R, BLOCK_D] tile: 16 fp32 per thread and tensor at 8 warps
-_BWD_PROGRAM_ELEMENTS = 1 << 17  # rows one backward program walks ~ this / BLOCK_D (64 rows at d = 1152)
+# Rows per backward program: enough programs to fill a GPU several times over (1024: ~8 per SM on 132 SMs), within
+# [32, 64] rows. The floor bounds what the fp32 partial sums add to the bytes moved (K * d * 4 written and read again
+# per program against ~6 * rows * d * 2 for the gated bf16 backward: 6% at 32 rows); the ceiling keeps big batches
+# at 1024+ programs. The image-brick at B = 16 (4096 rows) gets 128 programs, at B = 256 1024; one per image before.
+_BWD_PROGRAMS = 1024
+_BWD_ROWS = (32, 64)
 
 
-def _tile(d: int, num_rows: int) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_R, num_warps) for rows of width d."""
+def _tile(d: int, num_rows: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_R, num_warps) for rows of width d. The backward's tiles are half as big at the same warps: it
+    holds four input tiles (dh, x, dx_out, y) and three running sums, 8 fp32 each per thread at 8 warps."""
+    elements = _TILE_ELEMENTS // 2 if backward else _TILE_ELEMENTS
     block_d = triton.next_power_of_2(d)
-    block_r = max(1, min(_TILE_ELEMENTS // block_d, triton.next_power_of_2(max(num_rows, 1))))
-    return block_d, block_r, 8 if block_r * block_d >= 4096 else 4
+    block_r = max(1, min(elements // block_d, triton.next_power_of_2(max(num_rows, 1))))
+    return block_d, block_r, 8 if block_r * block_d >= elements else 4
+
+
+def _bwd_rows_per_program(num_rows: int, block_r: int, block_d: int) -> int:
+    """Rows one backward program walks (a multiple of BLOCK_R; see _BWD_PROGRAMS). Under the interpreter, where each
+    program costs milliseconds, up to 2^17 elements' worth."""
+    lo, hi = _BWD_ROWS
+    if interpreting():
+        lo = max(lo, (1 << 17) // block_d)
+    rows = min(max(triton.cdiv(num_rows, _BWD_PROGRAMS), lo), max(hi, lo))
+    return triton.cdiv(rows, block_r) * block_r
 
 
 def _fwd(x, y, gate, shift, scale, image_index):
@@ -360,25 +382,25 @@ def _bwd(dh, dx_out, x, y, gate, scale, image_index, mean, rstd, vec_dtype):
     if num_rows == 0:
         return dx, dy, [torch.zeros(num_images, d, dtype=vec_dtype, device=device) for _ in range(kinds)]
 
-    block_d, block_r, num_warps = _tile(d, num_rows)
-    seqs_per_program = max(1, triton.cdiv(max(_BWD_PROGRAM_ELEMENTS // block_d, block_r), s))
+    block_d, block_r, num_warps = _tile(d, num_rows, backward=True)
+    rows_per_program = _bwd_rows_per_program(num_rows, block_r, block_d)
     if image_index is None:
         seqs_per_image = n // num_images
-        chunks_per_image = max(1, triton.cdiv(seqs_per_image, seqs_per_program))
+        chunks_per_image = max(1, triton.cdiv(seqs_per_image * s, rows_per_program))
         num_programs = num_images * chunks_per_image
         order = program_image = chunk_start = seq_start = seq_count = chunk_count = ref
     else:
-        # Sequences sorted by image; each image's sequences split into chunks of seqs_per_program, one per program.
-        # All on the device without a host sync: the grid is the bound cdiv(N, C) + B, extra programs do nothing.
+        # Sequences sorted by image; each image's rows split into chunks of rows_per_program, one per program. All on
+        # the device without a host sync: the grid is the bound cdiv(N * S, C) + B, extra programs do nothing.
         seqs_per_image, chunks_per_image = 1, 1
         sorted_image, order = torch.sort(image_index.long(), stable=True)
         images = torch.arange(num_images, device=device)
         seq_start = torch.searchsorted(sorted_image, images)
         seq_count = torch.searchsorted(sorted_image, images, right=True) - seq_start
-        chunk_count = (seq_count + seqs_per_program - 1) // seqs_per_program
+        chunk_count = (seq_count * s + rows_per_program - 1) // rows_per_program
         chunk_end = torch.cumsum(chunk_count, 0)
         chunk_start = chunk_end - chunk_count
-        num_programs = triton.cdiv(n, seqs_per_program) + num_images
+        num_programs = triton.cdiv(num_rows, rows_per_program) + num_images
         program_image = torch.searchsorted(chunk_end, torch.arange(num_programs, device=device), right=True)
     partial = new_output((kinds, num_programs, d), torch.float32, device)
     _adaln_bwd_kernel[(num_programs,)](
@@ -402,7 +424,7 @@ def _bwd(dh, dx_out, x, y, gate, scale, image_index, mean, rstd, vec_dtype):
         d,
         s,
         seqs_per_image,
-        seqs_per_program,
+        rows_per_program,
         chunks_per_image,
         d,
         vec_stride,

@@ -182,8 +182,8 @@ def _patch_embed_bwd_weight_kernel(
     X,  # shape (B, C, H, W)
     PREV,  # shape (B, C, H, W); not read without HAS_PREV
     INDEX,  # shape (B, P); not read without HAS_INDEX
-    DW_PART,  # shape (SPLIT, d, K) fp32: this split's share of dweight
-    DPOS_PART,  # shape (SPLIT, S, d) fp32: this split's share of dpos_embed
+    DW_PART,  # shape (SEQ_SPLITS * TOKEN_SPLITS, d, K) fp32: this program's share of dweight
+    DPOS_PART,  # shape (SEQ_SPLITS, S, d) fp32: each sequence split's share of dpos_embed
     N,
     P,
     NH,
@@ -199,6 +199,8 @@ def _patch_embed_bwd_weight_kernel(
     row_step,
     col_step,
     seq_per_split,  # a multiple of BLOCK_M
+    seq_splits,  # sequence splits; program_id(2) = token split * seq_splits + sequence split
+    tokens_per_split,  # token positions per token split
     T: tl.constexpr,
     L: tl.constexpr,
     HAS_PREV: tl.constexpr,
@@ -208,11 +210,15 @@ def _patch_embed_bwd_weight_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """dweight[:, k] = sum over rows of dtok[row, :] * field[row, k], over the sequences of one split; the programs
-    of K-tile 0 also sum dtok per token position (dpos_embed; dbias is its sum over s)."""
+    """dweight[:, k] = sum over rows of dtok[row, :] * field[row, k], over the rows of one (sequence split, token
+    split); the programs of K-tile 0 also sum dtok per token position (dpos_embed; dbias is its sum over s). Splitting
+    the token positions too keeps the image-brick (few sequences of many tokens) spread over the GPU."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    split = tl.program_id(2)
+    part_id = tl.program_id(2)
+    split = part_id % seq_splits
+    s_begin = (part_id // seq_splits) * tokens_per_split
+    s_end = tl.minimum(s_begin + tokens_per_split, T * T)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < d
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -220,7 +226,7 @@ def _patch_embed_bwd_weight_kernel(
     seq_end = tl.minimum(seq_begin + seq_per_split, N)
 
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for s in range(T * T):
+    for s in range(s_begin, s_end):
         dpos = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for n0 in range(seq_begin, seq_end, BLOCK_M):
             seq = n0 + tl.arange(0, BLOCK_M)
@@ -243,7 +249,7 @@ def _patch_embed_bwd_weight_kernel(
             dpos += tl.sum(g.to(tl.float32), axis=0)
         if pid_k == 0:
             tl.store(DPOS_PART + (split * (T * T) + s) * d + cols, dpos, mask=col_ok)
-    part = DW_PART + split.to(tl.int64) * d * K
+    part = DW_PART + part_id.to(tl.int64) * d * K
     tl.store(part + cols[None, :] * K + k[:, None], acc, mask=(k < K)[:, None] & col_ok[None, :])
 
 
@@ -338,8 +344,12 @@ def _bwd_input_config(d: int, k_img: int, dtype: torch.dtype) -> dict:
     }
 
 
-# dweight reduces over all N * S rows: split the sequences so that about this many programs run at once.
+# dweight reduces over all N * S rows: split the sequences, then the token positions, so that about this many programs
+# run at once (the image-brick at B = 64 has 64 sequences of 256 tokens: 18 programs from sequences alone at d 1152).
 _BWD_WEIGHT_PROGRAMS = 512
+# The forward at 8 warps: at 4 its [64, 128] accumulator plus the gathered [64, 64] field tile (64-bit addresses) spilled
+# 576 bytes at the image-brick's shape (sm_90, bf16); at 8, 254 registers and no spill.
+_FWD_WARPS = 8
 
 
 def _geometry(x, weight, brick_size, field_size, patch_index):
@@ -371,7 +381,7 @@ def _patch_embed_fwd_triton(x, prev, weight, bias, pos_embed, patch_index, brick
         patch_index if patch_index is not None else x, out,
         n, p, nh, nw, d, k, c, h, w, x.stride(0), x.stride(1), x.stride(2), row_step, col_step,
         T=t, L=field_size, HAS_PREV=prev is not None, HAS_BIAS=bias is not None, HAS_INDEX=patch_index is not None,
-        DOT_PRECISION=_dot_precision(x.dtype), **cfg,
+        DOT_PRECISION=_dot_precision(x.dtype), **cfg, num_warps=_FWD_WARPS,
     )  # fmt: skip
     return out
 
@@ -388,11 +398,16 @@ def _patch_embed_bwd_triton(dtokens, x, prev, weight, patch_index, brick_size, f
     split = max(1, min(seq_blocks, triton.cdiv(_BWD_WEIGHT_PROGRAMS, tiles)))
     seq_per_split = triton.cdiv(seq_blocks, split) * cfg["BLOCK_M"]
     split = max(1, triton.cdiv(n, seq_per_split))
-    dw_part = new_output((split, d, k), torch.float32, device)
+    token_splits = max(1, min(s, triton.cdiv(_BWD_WEIGHT_PROGRAMS, tiles * split)))
+    tokens_per_split = triton.cdiv(s, token_splits)
+    token_splits = triton.cdiv(s, tokens_per_split)
+    dw_part = new_output((split * token_splits, d, k), torch.float32, device)
     dpos_part = new_output((split, s, d), torch.float32, device)
-    _patch_embed_bwd_weight_kernel[(triton.cdiv(d, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]), split)](
+    grid = (triton.cdiv(d, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]), split * token_splits)
+    _patch_embed_bwd_weight_kernel[grid](
         dtokens, x, prev if prev is not None else x, patch_index if patch_index is not None else x, dw_part, dpos_part,
         n, p, nh, nw, d, k, c, h, w, x.stride(0), x.stride(1), x.stride(2), row_step, col_step, seq_per_split,
+        split, tokens_per_split,
         T=t, L=field_size, HAS_PREV=prev is not None, HAS_INDEX=patch_index is not None,
         DOT_PRECISION=_dot_precision(dtype), **cfg,
     )  # fmt: skip

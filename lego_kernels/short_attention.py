@@ -20,12 +20,16 @@ and dqkv [N, S, 3d] comes back in qkv's packed layout, so the QKV linear's backw
 The kernels: a sequence is too short for tensor cores (a tl.dot needs tiles of 16), so scores and outputs are
 broadcast products reduced with tl.sum in registers. A program takes BLOCK_P (sequence, head) pairs, head fastest, so
 that a program reads BLOCK_P * d_head contiguous columns of each token's row and neighbouring programs the next ones.
-It holds the queries of its pairs, [BLOCK_P, BLOCK_S, BLOCK_DH], and walks over the S keys with an online softmax, so
-registers grow with S * d_head, not S^2 * d_head. That loop is unrolled (tl.static_range): every load of a program is
-then issued up front, which is what keeps enough bytes in flight for a memory-bound kernel. BLOCK_DH is d_head rounded
-up to a power of two, so XL's 72 leaves 56 of 128 lanes masked: registers and issue slots, not memory traffic.
-Registers on sm_90 (cuobjdump, bf16, d_head 72, launch configuration below; no spills): S = 4 forward 64, backward 64;
-S = 16 forward 162, backward 64. Not yet timed on a GPU.
+It loads q, k and v of its pairs as whole [BLOCK_P, BLOCK_S, BLOCK_DH] tiles, all before the first is used (the
+backward also do and o), and walks over the S keys with an online softmax (tl.static_range), picking key j out of the
+k and v tiles with a masked sum over the token axis: that keeps every tile in one register layout, where loading
+key j's row inside the loop needed a layout conversion (shared memory and a barrier) before key j + 1's loads could
+issue: 4 dependent DRAM round trips per program at S = 4 on Triton 3.9. The forward at S > 8 still loads key rows in
+the loop (PRELOAD_KV): there the tiles span warps along S and the pick would cost a shared-memory reduction per key.
+BLOCK_DH is d_head rounded up to a power of two, so XL's 72 leaves 56 of 128 lanes masked: registers and issue
+slots, not memory traffic. Compiled for sm_90 (Triton 3.9, bf16, d_head 72, the launch configuration below, JIT
+specialization; read with cuobjdump): S = 4 forward 72 registers, backward 74, no spills, every global load before
+the first barrier; S = 16 forward 79, backward 78. Not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -56,10 +60,16 @@ _IMPLEMENTED: tuple[str, ...] = ("cuda", "triton")
 
 
 def _split_heads(qkv: torch.Tensor, num_heads: int):
+    """qkv [N, S, 3d] -> q, k, v, each a (N, H, S, d_head) view.
+
+    Unbinding dim 2 of the [N, S, 3, H, d_head] view, not dim 0 of a permuted one: autograd then stacks dq, dk, dv
+    straight into qkv's layout, where the permuted split stacked them as [3, N, H, S, d_head] and cloned the whole
+    [N, S, 3d] gradient once more to give it qkv's layout (tests/test_short_attention.py traces this).
+    """
     n, s, three_d = qkv.shape
     d_head = three_d // (3 * num_heads)
-    q, k, v = qkv.view(n, s, 3, num_heads, d_head).permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, S, d_head)
-    return q, k, v
+    q, k, v = qkv.view(n, s, 3, num_heads, d_head).unbind(2)  # each (N, S, H, d_head)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (N, H, S, d_head)
 
 
 def short_attention_ref(qkv, num_heads):
@@ -122,6 +132,7 @@ def _short_attention_fwd_kernel(
     BLOCK_P: tl.constexpr,  # (sequence, head) pairs per program
     BLOCK_S: tl.constexpr,  # next power of two >= SEQ
     BLOCK_DH: tl.constexpr,  # next power of two >= HEAD_DIM
+    PRELOAD_KV: tl.constexpr = True,  # load k and v as whole tiles up front (see below)
 ):
     D: tl.constexpr = NUM_HEADS * HEAD_DIM
     pairs = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # head fastest
@@ -134,18 +145,30 @@ def _short_attention_fwd_kernel(
     col_ok = cols < HEAD_DIM
 
     qkv_base = seq_idx * stride_qkv_n + head * HEAD_DIM  # (BLOCK_P,) start of the pair's q in token 0
-    tile = rows[None, :, None] * stride_qkv_s + cols[None, None, :]
+    tile = qkv_base[:, None, None] + rows[None, :, None] * stride_qkv_s + cols[None, None, :]
     tile_mask = pair_ok[:, None, None] & row_ok[None, :, None] & col_ok[None, None, :]
-    q = tl.load(QKV + qkv_base[:, None, None] + tile, mask=tile_mask, other=0.0).to(tl.float32) * sm_scale
+    # PRELOAD_KV (S <= 8): q, k and v of every pair, each (BLOCK_P, BLOCK_S, BLOCK_DH) in one layout, so all of the
+    # program's loads go out before any is used. Longer sequences load key j's row in the loop instead: their tiles
+    # span several warps along S, where picking a key out of a tile costs a shared-memory reduction per key.
+    q = tl.load(QKV + tile, mask=tile_mask, other=0.0).to(tl.float32) * sm_scale
+    if PRELOAD_KV:
+        k = tl.load(QKV + D + tile, mask=tile_mask, other=0.0).to(tl.float32)
+        v = tl.load(QKV + 2 * D + tile, mask=tile_mask, other=0.0).to(tl.float32)
 
-    kv_mask = pair_ok[:, None] & col_ok[None, :]
     m = tl.full((BLOCK_P, BLOCK_S), float("-inf"), tl.float32)  # running max of the scores
     l_sum = tl.zeros((BLOCK_P, BLOCK_S), tl.float32)  # running sum of exp(score - m)
     acc = tl.zeros((BLOCK_P, BLOCK_S, BLOCK_DH), tl.float32)
     for j in tl.static_range(SEQ):
-        k_ptrs = QKV + qkv_base[:, None] + j * stride_qkv_s + D + cols[None, :]
-        k_j = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_DH)
-        v_j = tl.load(k_ptrs + D, mask=kv_mask, other=0.0).to(tl.float32)
+        # Key j picked out of the tiles by a masked sum over the token axis: its result's layout is the tiles' own
+        # (sliced), so broadcasting it back needs no layout conversion (no shared memory, no barrier).
+        if PRELOAD_KV:
+            pick = rows[None, :, None] == j
+            k_j = tl.sum(tl.where(pick, k, 0.0), axis=1)  # (BLOCK_P, BLOCK_DH)
+            v_j = tl.sum(tl.where(pick, v, 0.0), axis=1)
+        else:
+            k_ptrs = QKV + qkv_base[:, None] + j * stride_qkv_s + D + cols[None, :]
+            k_j = tl.load(k_ptrs, mask=pair_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            v_j = tl.load(k_ptrs + D, mask=pair_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         s_j = tl.sum(q * k_j[:, None, :], axis=2)  # (BLOCK_P, BLOCK_S) scores of every query against key j
         m_new = tl.maximum(m, s_j)
         alpha = tl.exp(m - m_new)
@@ -196,19 +219,23 @@ def _short_attention_bwd_kernel(
     o_tile = (seq_idx * stride_o_n + head * HEAD_DIM)[:, None, None] + rows[None, :, None] * stride_o_s
     o_tile = o_tile + cols[None, None, :]
     tile_mask = pair_ok[:, None, None] & row_ok[None, :, None] & col_ok[None, None, :]
+    row_mask = pair_ok[:, None] & row_ok[None, :]
+    # Every load of the program first, all (BLOCK_P, BLOCK_S, BLOCK_DH) tiles in one layout (see the forward).
     q = tl.load(QKV + q_tile, mask=tile_mask, other=0.0).to(tl.float32) * sm_scale
+    k = tl.load(QKV + D + q_tile, mask=tile_mask, other=0.0).to(tl.float32)
+    v = tl.load(QKV + 2 * D + q_tile, mask=tile_mask, other=0.0).to(tl.float32)
     do = tl.load(DO + o_tile, mask=tile_mask, other=0.0).to(tl.float32)
     o = tl.load(O + o_tile, mask=tile_mask, other=0.0).to(tl.float32)
-    delta = tl.sum(do * o, axis=2)  # (BLOCK_P, BLOCK_S) D_i = rowsum(do * o)
-    row_mask = pair_ok[:, None] & row_ok[None, :]
     lse = tl.load(LSE + pairs[:, None] * SEQ + rows[None, :], mask=row_mask, other=0.0)
+    delta = tl.sum(do * o, axis=2)  # (BLOCK_P, BLOCK_S) D_i = rowsum(do * o)
 
-    kv_mask = pair_ok[:, None] & col_ok[None, :]
     dq = tl.zeros((BLOCK_P, BLOCK_S, BLOCK_DH), tl.float32)
+    dk = tl.zeros((BLOCK_P, BLOCK_S, BLOCK_DH), tl.float32)
+    dv = tl.zeros((BLOCK_P, BLOCK_S, BLOCK_DH), tl.float32)
     for j in tl.static_range(SEQ):
-        k_off = qkv_base[:, None] + j * stride_qkv_s + D + cols[None, :]  # (BLOCK_P, BLOCK_DH)
-        k_j = tl.load(QKV + k_off, mask=kv_mask, other=0.0).to(tl.float32)
-        v_j = tl.load(QKV + k_off + D, mask=kv_mask, other=0.0).to(tl.float32)
+        pick = rows[None, :, None] == j
+        k_j = tl.sum(tl.where(pick, k, 0.0), axis=1)  # (BLOCK_P, BLOCK_DH)
+        v_j = tl.sum(tl.where(pick, v, 0.0), axis=1)
         s_j = tl.sum(q * k_j[:, None, :], axis=2)  # (BLOCK_P, BLOCK_S), already scaled through q
         p_j = tl.where(row_mask, tl.exp(s_j - lse), 0.0)  # column j of P
         dv_j = tl.sum(p_j[:, :, None] * do, axis=1)  # (BLOCK_P, BLOCK_DH) row j of P^T do
@@ -216,9 +243,11 @@ def _short_attention_bwd_kernel(
         ds_j = p_j * (dp_j - delta)
         dq += ds_j[:, :, None] * k_j[:, None, :]
         dk_j = tl.sum(ds_j[:, :, None] * q, axis=1)  # q carries the scale: dS^T q / sqrt(d_head)
-        tl.store(DQKV + k_off, dk_j.to(DQKV.dtype.element_ty), mask=kv_mask)
-        tl.store(DQKV + k_off + D, dv_j.to(DQKV.dtype.element_ty), mask=kv_mask)
+        dk = tl.where(pick, dk_j[:, None, :], dk)
+        dv = tl.where(pick, dv_j[:, None, :], dv)
     tl.store(DQKV + q_tile, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=tile_mask)
+    tl.store(DQKV + D + q_tile, dk.to(DQKV.dtype.element_ty), mask=tile_mask)
+    tl.store(DQKV + 2 * D + q_tile, dv.to(DQKV.dtype.element_ty), mask=tile_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,10 +258,10 @@ def _launch_config(num_pairs: int, seq: int, d_head: int, backward: bool):
     """(BLOCK_P, BLOCK_S, BLOCK_DH, num_warps) for a launch.
 
     On a GPU: about 1024 elements per [BLOCK_P, BLOCK_S, BLOCK_DH] register tile for 4 warps (8 per thread), twice
-    the warps where one pair alone is bigger, and twice the warps for the backward, which holds three such tiles
-    (q, do, dq) to the forward's two (q, acc). The key loop is unrolled, so every load of a program is in flight at
-    once; more tiles per program would only trade occupancy for the same bytes in flight. Under the interpreter,
-    where each program costs milliseconds, as many pairs per program as fit 32768 elements.
+    the warps where one pair alone is bigger, and twice the warps for the backward, which holds eight such tiles
+    (q, k, v, do, o, dq, dk, dv) to the forward's four (q, k, v, acc). Every load of a program is issued before the
+    first is used, so more tiles per program would only trade occupancy for the same bytes in flight. Under the
+    interpreter, where each program costs milliseconds, as many pairs per program as fit 32768 elements.
     """
     block_s = triton.next_power_of_2(seq)
     block_dh = triton.next_power_of_2(d_head)
@@ -258,7 +287,7 @@ def _short_attention_fwd_triton(qkv: torch.Tensor, num_heads: int):
         qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1),
         1.0 / math.sqrt(d_head),
         NUM_HEADS=num_heads, HEAD_DIM=d_head, SEQ=s,
-        BLOCK_P=block_p, BLOCK_S=block_s, BLOCK_DH=block_dh,
+        BLOCK_P=block_p, BLOCK_S=block_s, BLOCK_DH=block_dh, PRELOAD_KV=s <= 8,
         num_warps=num_warps,
     )  # fmt: skip
     return o, lse

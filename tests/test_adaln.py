@@ -123,10 +123,12 @@ def test_gated_residual_without_norm_triton(device, dtype, index):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index", [None, "int64"])
 def test_small_tiles(device, index, monkeypatch):
-    """Tiles of 2 rows, backward programs of 5 rows: several tiles per program, up to 20 programs per image (more
-    than the reduction's 16-program tile), chunks cut in the middle of an image."""
+    """Forward tiles of 2 rows, backward tiles of 1 row and programs of 5 rows: several tiles per program, up to 56
+    programs per image (more than the reduction's 16-program tile), chunks cut in the middle of an image and of a
+    sequence."""
     monkeypatch.setattr(adaln, "_TILE_ELEMENTS", 128)
-    monkeypatch.setattr(adaln, "_BWD_PROGRAM_ELEMENTS", 5 * 64)
+    monkeypatch.setattr(adaln, "_BWD_ROWS", (5, 5))
+    monkeypatch.setattr(adaln, "interpreting", lambda: False)
     _check_adaln_modulate(device, torch.float32, (3, 15, 4, 40), index)
     _check_gated(device, torch.float32, (2, 40, 7, 40), index)
     _check_gated(device, torch.float32, (3, 15, 4, 40), index, norm=False)
@@ -238,7 +240,7 @@ def _bwd_signature(dt):
     ptrs = {n: f"*{dt}" for n in ("DH", "DX_OUT", "X", "Y", "GATE", "SCALE")} | {"MEAN": "*fp32", "RSTD": "*fp32"}
     ptrs |= {n: "*i64" for n in ("ORDER", "PROGRAM_IMAGE", "CHUNK_START", "SEQ_START", "SEQ_COUNT")}
     ptrs |= {"DX": f"*{dt}", "DY": f"*{dt}", "PARTIAL": "*fp32"}
-    ints = ["num_images", "d", "seq_len", "seqs_per_image", "seqs_per_program", "chunks_per_image", "stride_row"]
+    ints = ["num_images", "d", "seq_len", "seqs_per_image", "rows_per_program", "chunks_per_image", "stride_row"]
     ints += ["stride_vec", "stride_partial_kind", "stride_partial_program"]
     return ptrs | {n: "i32" for n in ints}
 
@@ -308,3 +310,20 @@ def test_gpu_backward_is_deterministic(index):
         first, second = _run(fn, (x, y, *vecs), upstream), _run(fn, (x, y, *vecs), upstream)
         for a, b in zip(first[1], second[1]):
             assert torch.equal(a, b), backend
+
+
+@pytest.mark.parametrize("batch", [16, 32, 64, 128, 256])
+def test_backward_grid_is_parallel_over_rows(batch, monkeypatch):
+    """The Triton backward's grid on a GPU, at the model's bricks (XL: S = 256 image-brick, S = 4 and S = 1 patch-
+    bricks at d = 1152; S: S = 4 at d = 384): enough programs to spread over 132 SMs at every batch (one per image
+    before), while the fp32 partial sums stay under 7% of the bytes the gated bf16 backward must move."""
+    monkeypatch.setattr(adaln, "interpreting", lambda: False)
+    for seq_len, seqs_per_image, d in [(256, 1, 1152), (4, 16, 1152), (1, 64, 1152), (4, 256, 384)]:
+        rows = batch * seqs_per_image * seq_len
+        block_d, block_r, _ = adaln._tile(d, rows, backward=True)
+        per_program = adaln._bwd_rows_per_program(rows, block_r, block_d)
+        programs = batch * -(-seqs_per_image * seq_len // per_program)
+        assert programs >= min(1024, rows // 64), (seq_len, d, programs)
+        assert programs >= 128 or rows < 128 * 64, (seq_len, d, programs)
+        partial_bytes, min_bytes = 2 * 3 * programs * d * 4, 6 * rows * d * 2
+        assert partial_bytes <= 0.07 * min_bytes, (seq_len, d, partial_bytes / min_bytes)

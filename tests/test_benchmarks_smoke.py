@@ -8,8 +8,10 @@
 """
 
 import json
+import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -104,9 +106,9 @@ def test_bytes_match_the_design_floors():
     assert adaln / 3.0e12 * 1e6 == pytest.approx(101, rel=0.01)
 
 
-@pytest.mark.parametrize("has_prev", [False, True])
-def test_brick_flops(has_prev):
-    s = SMALL
+@pytest.mark.parametrize("has_prev, field", [(False, None), (True, None), (True, "one token")])
+def test_brick_flops(has_prev, field):
+    s = SMALL if field is None else replace(SMALL, field=SMALL.brick)  # one token per patch: o = v, no q or k
     brick = LegoBrick(s.brick, s.field, s.hidden, 2, s.heads, in_channels=s.channels, has_prev=has_prev,
                       backend="torch")  # fmt: skip
     x = torch.randn(s.batch, s.channels, s.height, s.width)
@@ -242,3 +244,26 @@ def test_smoke_report(tmp_path):
     except ImportError:
         return
     assert Path(report["files"]["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_quick_selects_the_quick_rows():
+    """`benchmarks.report --quick` runs only rows marked quick: the fused ops and eager (no torch.compile), every op at
+    every brick shape, and LEGO-XL-PG-32 against DiT-XL/2 (training at the group's batch and the large batch, Heun
+    sampling without guidance); nothing else."""
+    pytest.importorskip("pytest_benchmark")
+    env = dict(os.environ, LEGO_BENCH_SMOKE="1", LEGO_BENCH_QUICK="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider", "-o", "addopts="],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    shapes = {i for i in ids if "test_op_at_brick_shape" in i}
+    assert len(shapes) == len(counts.OP_COSTS) * 2 * 2 * 2, sorted(shapes)  # ops x smoke shapes x providers x modes
+    train = {i.split("::")[1] for i in ids if "bench_train" in i}
+    assert train == {f"{t}[{m}-latent-32x32x4]" for t in ("test_train_step", "test_train_step_large_batch")
+                     for m in ("LEGO-XL-PG-32", "DiT-XL_2")}, train  # fmt: skip
+    sampling = [i for i in ids if "bench_sampling" in i]
+    assert sampling and all("heun-cfg1-" in i and ("LEGO-XL-PG-32" in i or "DiT-XL_2" in i) for i in sampling)
+    assert not [i for i in ids if "compile" in i or "sweep" in i or "bench_brick.py" in i]

@@ -149,3 +149,45 @@ def test_registry_names_and_parameter_counts():
         LegoModel.from_name("LEGO-M-PG-64")
     with pytest.raises(ValueError, match="depths"):
         model_config("LEGO-S-PG-64", depths=(1, 2))
+
+
+def test_one_token_bricks_compute_only_v():
+    """S = 1 (XL's 4 x 4 brick, l = 4): o = v, so the block runs only the v rows of its qkv linear. Output and every
+    gradient equal the full path's (qkv linear + attention); q and k get zero gradients and no FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lego.blocks import DiTBlock
+    from lego_kernels import short_attention_ref
+
+    n, d = 6, 32
+    block = randomize(DiTBlock(d, 2, backend="torch")).double()
+    h = torch.randn(n, 1, d, dtype=torch.float64, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        out = block.attention(h)
+    assert fc.get_total_flops() == 2 * n * d * d  # the v rows only
+    full = short_attention_ref(block.qkv(h), 2)  # (N, 1, d)
+    torch.testing.assert_close(out, full, atol=1e-12, rtol=0)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (h, block.qkv.weight, block.qkv.bias), grad)
+    want = torch.autograd.grad(full, (h, block.qkv.weight, block.qkv.bias), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+    assert got[1][: 2 * d].abs().max() == 0  # nothing flows into q and k: softmax over one key is constant
+
+
+def test_one_token_brick_checkpoint_round_trip(tmp_path):
+    """A model with an S = 1 brick keeps the full [3d, d] qkv weight in its checkpoint, and loads back to the same
+    outputs."""
+    import copy
+
+    from lego.checkpoint import load_model, save_checkpoint
+    from lego.models import BrickSpec
+
+    model = randomize(tiny(bricks=(BrickSpec(4, 4, 1), BrickSpec(8, 4, 1), BrickSpec(16, 2, 1))))
+    assert model.bricks[0].seq_len == 1
+    assert model.state_dict()["bricks.0.blocks.0.qkv.weight"].shape == (3 * 32, 32)
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path / "checkpoint.safetensors", model, copy.deepcopy(model), optimizer, 1, {})
+    loaded = load_model(tmp_path / "checkpoint.safetensors")
+    x, sigma, labels = torch.randn(2, 2, 16, 16), torch.tensor([0.5, 3.0]), torch.tensor([1, 4])
+    torch.testing.assert_close(loaded(x, sigma, labels), model.eval()(x, sigma, labels), atol=0, rtol=0)

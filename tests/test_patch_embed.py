@@ -187,7 +187,8 @@ def _compile_spec(kernel, dtype, shape):
     if kernel == "fwd":
         fn = pe._patch_embed_fwd_kernel
         ptrs = {"X": t, "PREV": t, "WEIGHT": t, "BIAS": t, "POS": t, "INDEX": "*i64", "OUT": t}
-        return fn, _signature(fn, ptrs, steps), {**flags, "HAS_BIAS": True, **pe._fwd_config(d, k, torch_dtype)}
+        constexprs = {**flags, "HAS_BIAS": True, **pe._fwd_config(d, k, torch_dtype)}
+        return fn, _signature(fn, ptrs, steps), constexprs, {"num_warps": pe._FWD_WARPS}
     if kernel == "bwd_weight":
         fn = pe._patch_embed_bwd_weight_kernel
         ptrs = {"DTOK": t, "X": t, "PREV": t, "INDEX": "*i64", "DW_PART": "*fp32", "DPOS_PART": "*fp32"}

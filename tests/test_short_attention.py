@@ -198,6 +198,8 @@ def test_kernels_compile_for_gpu(monkeypatch):
             assert block_dh == 128
             constexprs = {"NUM_HEADS": 16, "HEAD_DIM": 72, "SEQ": s}
             constexprs.update(BLOCK_P=block_p, BLOCK_S=block_s, BLOCK_DH=block_dh)
+            if kernel is _short_attention_fwd_kernel:
+                constexprs["PRELOAD_KV"] = s <= 8
             specs.setdefault(cc, []).append((kernel, _signature(kernel, dtype), constexprs, {"num_warps": num_warps}))
     monkeypatch.undo()
     for cc, cc_specs in sorted(specs.items()):
@@ -231,3 +233,38 @@ def test_image_brick_on_gpu(dtype):
     """S = 256 (the image-brick): SDPA, or flash-attn where installed (this is the test that would exercise it)."""
     qkv = _random_qkv(4, 256, 16, 72, dtype, "cuda")
     _check_against_reference(qkv, 16, "auto", *ATOL[dtype])
+
+
+def test_long_span_backward_copies_the_gradient_once():
+    """The image-brick path (S > 16): autograd writes d(qkv) [N, S, 3d] once, stacked straight into qkv's layout,
+    with no second full-size copy (the permute(...).unbind(0) split stacked and then cloned it), and the gradient is
+    the one the permuted split gives."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FullSizeWrites(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.ops = numel, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            view = getattr(func, "is_view", False) or func.overloadpacket.__name__ in ("view", "_unsafe_view")
+            if isinstance(out, torch.Tensor) and out.numel() == self.numel and not view and out._base is None:
+                self.ops.append(func.overloadpacket.__name__)
+            return out
+
+    n, s, num_heads, d_head = 3, MAX_SHORT_SPAN + 3, 2, 8
+    qkv = _random_qkv(n, s, num_heads, d_head, torch.float32, "cpu").requires_grad_()
+    out = short_attention(qkv, num_heads, backend="torch")
+    grad = torch.randn_like(out)
+    with FullSizeWrites(qkv.numel()) as trace:
+        (dqkv,) = torch.autograd.grad(out, qkv, grad)
+    writes = [op for op in trace.ops if not op.startswith("_scaled_dot_product")]
+    assert writes == ["stack"], f"full-size tensors written in the backward: {trace.ops}"
+
+    x = qkv.detach().clone().requires_grad_()
+    q, k, v = x.view(n, s, 3, num_heads, d_head).permute(2, 0, 3, 1, 4).unbind(0)  # the old split
+    old = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, s, -1)
+    (dqkv_old,) = torch.autograd.grad(old, x, grad)
+    torch.testing.assert_close(out, old, atol=0, rtol=0)
+    torch.testing.assert_close(dqkv, dqkv_old, atol=0, rtol=0)
