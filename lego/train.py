@@ -84,6 +84,12 @@ def compile_bricks(model: LegoModel, backend: str = "inductor") -> None:
         brick.forward = torch.compile(brick.forward, fullgraph=True, backend=backend)
 
 
+def _compile_backends() -> list[str]:
+    import torch._dynamo
+
+    return torch._dynamo.list_backends(exclude_tags=())
+
+
 def _workers(cfg: TrainConfig, data) -> int:
     if cfg.workers is not None:
         return cfg.workers
@@ -123,9 +129,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, ranks: distributed.Di
     if cfg.grad_accum < 1 or (cfg.workers is not None and cfg.workers < 0):
         raise LegoError(f"--grad-accum must be at least 1 and --workers at least 0, got {cfg.grad_accum} and "
                         f"{cfg.workers}")
-    if cfg.compile and cfg.compile not in torch._dynamo.list_backends(exclude_tags=()):
+    if cfg.compile and cfg.compile not in _compile_backends():
         raise LegoError(f"--compile {cfg.compile}: not a torch.compile backend; use inductor (the default) or one of "
-                        f"{', '.join(torch._dynamo.list_backends())}")
+                        f"{', '.join(_compile_backends())}")
     resolution = cfg.resolution or model_config(cfg.model).resolution  # (an unknown name fails here, clearly)
     data = open_dataset(cfg.data, resolution)
     channels = data.channels
@@ -184,7 +190,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, ranks: distributed.Di
         for k in range(cfg.grad_accum):  # micro-steps: this rank's chunks of the global batch
             x, y = next(batches)
             first = (k * ranks.world + ranks.rank) * chunk  # where the chunk sits in the global batch
-            x = loader.prepare(x.to(device, non_blocking=True), data, resolution,
+            x = loader.prepare(x.to(device, non_blocking=True), resolution,
                                None if flips is None else flips[first : first + chunk].to(device))
             y = y.to(device) if y is not None else None
             g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
@@ -217,7 +223,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, ranks: distributed.Di
             train_config = {**dataclasses.asdict(cfg), "latents": data.meta} if data.meta else dataclasses.asdict(cfg)
             distributed.save(ckpt_path, model, ema, opt, step + 1, train_config, ranks, step_fn, cfg.fsdp)
     bar.close()
-    if cfg.fsdp:
+    if cfg.fsdp and cfg.sample_n > 0:
         ema = distributed.gathered(ema, ranks)  # a plain model on rank 0 (None elsewhere) for the sample grid
     if cfg.sample_n > 0 and ranks.main:
         sample_grid(ema, out / "samples.png", cfg.sample_n, cfg.sample_steps, model.num_classes, resolution, device)

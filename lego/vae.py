@@ -21,7 +21,7 @@ def load_vae(spec: str, device) -> torch.nn.Module:
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise LegoError("--vae needs the diffusers package: pip install diffusers") from None
+        raise LegoError("--vae needs diffusers: pip install diffusers (or this package's [latent] extra)") from None
     path = Path(spec).expanduser()
     local = path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1
     if local and not path.is_dir():
