@@ -148,7 +148,7 @@ class StepSampler(Sampler):
         self.chunk = batch // (world * accum)
 
     def __len__(self) -> int:
-        return (self.steps - self.start) * self.accum
+        return max(self.steps - self.start, 0) * self.accum
 
     def __iter__(self):
         for step in range(self.start, self.steps):
