@@ -57,6 +57,12 @@ def device(name: str | None, option: str = "--device") -> torch.device:
     return dev
 
 
+def _compile_backends() -> list[str]:
+    import torch._dynamo
+
+    return torch._dynamo.list_backends(exclude_tags=())
+
+
 def check_train_config(cfg) -> None:
     """Every number of a TrainConfig, before anything is loaded or written."""
     integer("--steps", cfg.steps, 1, meaning=" (training steps)")
@@ -86,9 +92,9 @@ def check_train_config(cfg) -> None:
     integer("--grad-accum", cfg.grad_accum, 1, meaning=" (micro-steps per step)")
     if cfg.workers is not None:
         integer("--workers", cfg.workers, 0, meaning=" (DataLoader worker processes)")
-    if cfg.compile and cfg.compile not in torch._dynamo.list_backends(exclude_tags=()):
+    if cfg.compile and cfg.compile not in _compile_backends():
         raise LegoError(f"--compile {cfg.compile}: not a torch.compile backend; use inductor (the default) or one of "
-                        f"{', '.join(torch._dynamo.list_backends())}")
+                        f"{', '.join(_compile_backends())}")
 
 
 def check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn) -> None:

@@ -148,7 +148,7 @@ class StepSampler(Sampler):
         self.chunk = batch // (world * accum)
 
     def __len__(self) -> int:
-        return (self.steps - self.start) * self.accum
+        return max(self.steps - self.start, 0) * self.accum
 
     def __iter__(self):
         for step in range(self.start, self.steps):
@@ -170,7 +170,7 @@ def batches(data: TrainData, batch: int, seed: int, start: int, steps: int, rank
     return iter(loader)
 
 
-def prepare(x: torch.Tensor, data: TrainData, resolution: int, flips: torch.Tensor | None) -> torch.Tensor:
+def prepare(x: torch.Tensor, resolution: int, flips: torch.Tensor | None) -> torch.Tensor:
     """A batch already on its device -> float32 [b, C, R, R]: uint8 to [-1, 1], resized to the resolution (images
     only), mirrored where ``flips`` [b] is True."""
     if x.dtype == torch.uint8:

@@ -210,7 +210,7 @@ class LegoModel(nn.Module):
         """The denoiser D(x; sigma) [B, C, H, W] (fp32), from the top brick that runs."""
         x = x.float()
         sigma_b = as_batch_sigma(sigma, x.shape[0], x.device)
-        if not torch.compiler.is_compiling():  # data-dependent checks: eager calls only (they wait for the device)
+        if not torch.compiler.is_compiling() and x.device.type != "meta":  # data-dependent: eager calls on data only
             self._check_inputs(sigma_b, class_labels, x.shape[0])
         zero = sigma_b == 0  # D(x; 0) = x: there is no noise to remove (and c_noise = log 0 would poison the batch)
         sigma_b = torch.where(zero, torch.ones_like(sigma_b), sigma_b)

@@ -175,7 +175,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: d
         for k in range(cfg.grad_accum):  # micro-steps: this rank's chunks of the global batch
             x, y = next(batches)
             first = (k * ranks.world + ranks.rank) * chunk  # where the chunk sits in the global batch
-            x = loader.prepare(x.to(device, non_blocking=True), data, resolution,
+            x = loader.prepare(x.to(device, non_blocking=True), resolution,
                                None if flips is None else flips[first : first + chunk].to(device))
             y = y.to(device) if y is not None else None
             g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
@@ -215,7 +215,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: d
                                 "(continue with --resume)")
     bar.close()
     run.release_signals()  # from here on Ctrl-C interrupts the sample grid at once; the checkpoint is saved
-    if cfg.fsdp:
+    if cfg.fsdp and cfg.sample_n > 0:
         ema = distributed.gathered(ema, ranks)  # a plain model on rank 0 (None elsewhere) for the sample grid
     if cfg.sample_n > 0 and ranks.main:
         sample_grid(ema, out / "samples.png", cfg.sample_n, cfg.sample_steps, model.num_classes, resolution, device)

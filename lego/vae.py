@@ -7,6 +7,7 @@ latents, ``lego.train`` copies them into its checkpoint, and ``lego.sample --vae
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +22,39 @@ def load_vae(spec: str, device) -> torch.nn.Module:
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise LegoError("--vae needs the diffusers package: pip install diffusers") from None
+        raise LegoError("--vae needs diffusers: pip install diffusers (or this package's [latent] extra)") from None
     path = Path(spec).expanduser()
     local = path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1
     if local and not path.is_dir():
         raise LegoError(f"--vae {spec}: no such folder; give a folder written by AutoencoderKL.save_pretrained")
     if local and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
         path = path / "vae"  # a whole pipeline's folder
+    offline = not local and not hub_reachable()  # then only the local hub cache can serve it, without a minute of retries
     try:
-        vae = AutoencoderKL.from_pretrained(str(path) if local else spec)
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated: not the user's
+            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+            vae = AutoencoderKL.from_pretrained(str(path) if local else spec, local_files_only=offline)
     except Exception as e:  # noqa: BLE001 -- missing files, no network, a wrong format: all mean "cannot load it"
-        where = "" if local else " (a hub id needs a machine that reaches huggingface.co; else give a local folder)"
-        raise LegoError(f"could not load the autoencoder {spec!r}{where}: {str(e).splitlines()[0]}") from None
+        if offline:
+            raise LegoError(f"--vae {spec}: the hub is not reachable from this machine and {spec} is not in its local "
+                            "cache; give a folder written by AutoencoderKL.save_pretrained") from None
+        raise LegoError(f"could not load the autoencoder {spec!r}: {str(e).splitlines()[0]}") from None
     return vae.to(device).eval().requires_grad_(False)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub's endpoint opens within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def factors(vae, meta: dict | None = None) -> tuple[float, float]:

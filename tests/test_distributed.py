@@ -99,7 +99,8 @@ def test_fsdp_with_grad_accum_resumes_a_one_process_run(tmp_path, one_process):
 def test_grad_accum_keeps_the_global_batch(tmp_path, digits_npy, one_process):
     at3, _ = one_process
     run = tmp_path / "accum"
-    assert train_main([*FAST, "--data", digits_npy, "--steps", "3", "--out", str(run), "--grad-accum", "4"]) == 0
+    assert train_main([*FAST, "--data", digits_npy, "--steps", "3", "--out", str(run), "--grad-accum", "4",
+                       "--workers", "0"]) == 0
     _assert_same_run(run, at3)
 
 

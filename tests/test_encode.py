@@ -97,8 +97,11 @@ def test_encode_a_grey_npy_to_fp16(tmp_path, vae_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.npy", "z.json", "z.npy"]  # no temporary left
 
 
-def test_encode_and_sample_bad_input(capsys, tmp_path, vae_dir, image_folder):
+def test_encode_and_sample_bad_input(capsys, monkeypatch, tmp_path, vae_dir, image_folder):
     out = str(tmp_path / "z.npy")
+    monkeypatch.setattr("lego.vae.hub_reachable", lambda: False)  # as on this project's machines, without waiting
+    _one_line_error(capsys, encode_main(["--vae", "nobody/no-such-vae", "--data", str(image_folder), "--out", out]),
+                    "hub is not reachable", "save_pretrained")
     _one_line_error(capsys, encode_main(["--vae", str(tmp_path / "no-vae"), "--data", str(image_folder), "--out",
                                          out]), "no such folder")
     _one_line_error(capsys, encode_main(["--vae", str(vae_dir), "--data", str(image_folder), "--out",

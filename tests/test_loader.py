@@ -56,8 +56,7 @@ def test_flips_are_per_image_and_deterministic():
     assert torch.equal(a, b) and 10 < int(a.sum()) < 54 and not torch.equal(a, loader.flip_draws(5, 1, 64))
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     flips = torch.tensor([True, False, False, True])
-    data = loader.TrainData("t", 3, (8, 8), 0, False, 4)
-    y = loader.prepare(x, data, 8, flips)
+    y = loader.prepare(x, 8, flips)
     base = x.float() / 127.5 - 1
     assert y.dtype == torch.float32
     torch.testing.assert_close(y[flips], base[flips].flip(-1), rtol=0, atol=0)
@@ -78,7 +77,7 @@ def test_npy_images_give_what_the_npz_gives(tmp_path):
     idx = torch.tensor([7, 2, 2, 9])
     x, y = mapped[idx]
     assert x.dtype == torch.uint8 and torch.equal(y, mem[idx][1])  # uint8 until the device
-    torch.testing.assert_close(loader.prepare(x, mapped, 16, None), mem[idx][0])
+    torch.testing.assert_close(loader.prepare(x, 16, None), mem[idx][0])
 
 
 def test_npy_bad_inputs(tmp_path):
