@@ -21,5 +21,7 @@ def test_cli_options_in_the_readme_exist():
     from lego.train import parser as train_parser
 
     known = {a for p in (train_parser(), sample_parser()) for action in p._actions for a in action.option_strings}
+    report = (Path(__file__).parent.parent / "benchmarks" / "report.py").read_text()  # python -m benchmarks.report
+    known |= set(re.findall(r'add_argument\(\s*"(--[a-z][a-z-]+)"', report))
     used = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", README)) - {"--no-deps", "--no-build-isolation"}  # pip's
     assert used <= known, f"README names options the CLIs lack: {sorted(used - known)}"
