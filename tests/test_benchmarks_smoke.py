@@ -267,3 +267,23 @@ def test_quick_selects_the_quick_rows():
     sampling = [i for i in ids if "bench_sampling" in i]
     assert sampling and all("heun-cfg1-" in i and ("LEGO-XL-PG-32" in i or "DiT-XL_2" in i) for i in sampling)
     assert not [i for i in ids if "compile" in i or "sweep" in i or "bench_brick.py" in i]
+
+
+def test_auto_prefers_cuda_only_where_a_gpu_measurement_says_so(monkeypatch):
+    """backend="auto" takes the CUDA kernel over Triton only for ops in AUTO_PREFERS_CUDA, and every entry there must
+    be backed by a committed GPU report (benchmarks/results/*.json) in which CUDA was the fastest fused backend."""
+    from lego_kernels import _dispatch
+
+    reports = [p for p in (REPO / "benchmarks" / "results").glob("*.json") if p.name.count(".") == 1]
+    for op, choice in _dispatch.AUTO_PREFERS_CUDA.items():
+        best = [r for p in reports for r in json.loads(p.read_text())["results"]["ratios"]["ops"]
+                if r["op"] == op and r["best"]]  # fmt: skip
+        assert choice == "cuda" and best and all(r["provider"] == "cuda" for r in best), op
+
+    monkeypatch.setattr(_dispatch, "available_backends", lambda device: ["cuda", "triton", "torch"])
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_dispatch, "AUTO_PREFERS_CUDA", {})
+    assert _dispatch.resolve_backend("auto", cuda, "short_attention", ("cuda", "triton")) == "triton"
+    monkeypatch.setattr(_dispatch, "AUTO_PREFERS_CUDA", {"short_attention": "cuda"})
+    assert _dispatch.resolve_backend("auto", cuda, "short_attention", ("cuda", "triton")) == "cuda"
+    assert _dispatch.resolve_backend("auto", cuda, "adaln_modulate", ("cuda", "triton")) == "triton"

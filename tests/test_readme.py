@@ -17,13 +17,15 @@ def test_python_example_runs():
 
 
 def test_cli_options_in_the_readme_exist():
+    import importlib
+
     from torch.distributed.run import get_args_parser as torchrun_parser
 
-    from lego.encode import parser as encode_parser
-    from lego.sample import parser as sample_parser
-    from lego.train import parser as train_parser
-
-    parsers = (train_parser(), sample_parser(), encode_parser(), torchrun_parser())
+    modules = ("lego.train", "lego.sample", "lego.encode", "lego.convert")
+    parsers = [importlib.import_module(m).parser() for m in modules] + [torchrun_parser()]
     known = {a for p in parsers for action in p._actions for a in action.option_strings}
+    for script in ("report.py", "static.py"):  # python -m benchmarks.report / benchmarks.static
+        text = (Path(__file__).parent.parent / "benchmarks" / script).read_text()
+        known |= set(re.findall(r'add_argument\(\s*"(--[a-z][a-z-]+)"', text))
     used = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", README)) - {"--no-deps", "--no-build-isolation"}  # pip's
     assert used <= known, f"README names options the CLIs lack: {sorted(used - known)}"
