@@ -15,7 +15,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lego.errors import LegoError
+from lego.dit import DiTConfig, DiTModel
 from lego.models import LegoConfig, LegoModel
+from lego.zoo import build_model, config_from_dict
 
 FORMAT = "lego-checkpoint-1"
 
@@ -38,7 +40,7 @@ def atomic_write(path: Path, write) -> None:
 
 @dataclass
 class Checkpoint:
-    model_config: LegoConfig
+    model_config: LegoConfig | DiTConfig
     train_config: dict
     step: int
     model: dict[str, torch.Tensor]
@@ -81,7 +83,7 @@ def load_checkpoint(path, parts: tuple[str, ...] = ("model", "ema", "optim")) ->
     if metadata.get("format") != FORMAT:
         raise LegoError(f"{path} is a safetensors file but not a lego checkpoint (no '{FORMAT}' metadata)")
     try:
-        model_config = LegoConfig.from_dict(json.loads(metadata["model_config"]))
+        model_config = config_from_dict(json.loads(metadata["model_config"]))
         train_config = json.loads(metadata["train_config"])
         step = int(metadata["step"])
     except (KeyError, TypeError, ValueError) as e:
@@ -100,10 +102,10 @@ def load_checkpoint(path, parts: tuple[str, ...] = ("model", "ema", "optim")) ->
     return Checkpoint(model_config, train_config, step, groups["model"], groups["ema"], optimizer)
 
 
-def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel:
+def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel | DiTModel:
     """The model stored in a checkpoint (its EMA weights by default), in eval mode on ``device``."""
     ckpt = load_checkpoint(path, parts=("ema",) if use_ema else ("model",))
-    model = LegoModel(ckpt.model_config)
+    model = build_model(ckpt.model_config)
     try:
         model.load_state_dict(ckpt.ema if use_ema else ckpt.model)
     except RuntimeError as e:

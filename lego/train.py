@@ -27,7 +27,7 @@ from lego.data import load_dataset
 from lego.errors import LegoError, run_cli
 from lego.images import save_grid
 from lego.loss import LegoLoss
-from lego.models import MODELS, LegoModel, model_config
+from lego.zoo import MODEL_NAMES, build_model, model_config
 from lego.sampling import edm_sampler
 
 
@@ -108,11 +108,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             raise LegoError(
                 f"{cfg.data} has {channels} channels but the checkpoint's model takes {ckpt.model_config.in_channels}"
             )
-        model = LegoModel(ckpt.model_config)
+        model = build_model(ckpt.model_config)
     else:
-        model = LegoModel.from_name(
+        model = build_model(model_config(
             cfg.model, in_channels=channels, num_classes=data.num_classes, precond=cfg.precond, resolution=resolution
-        )
+        ))
     model.check_canvas(data.images[:1])
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -177,7 +177,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lego.train", description=__doc__.split("\n\n")[0])
     d = TrainConfig()
-    p.add_argument("--model", choices=list(MODELS), metavar="NAME", help=f"registry name (default {d.model})")
+    p.add_argument("--model", choices=MODEL_NAMES, metavar="NAME", help=f"registry name (default {d.model})")
     p.add_argument("--data", help="default | mnist | fashion-mnist | a folder of images | an .npz (default: default)")
     p.add_argument("--resolution", type=int, help="canvas side; images are resized (default: the model's canvas)")
     p.add_argument("--precond", choices=["edm", "vp"], help="EDM (default) or VP/DDPM preconditioning and loss")
