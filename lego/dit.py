@@ -35,7 +35,7 @@ class DiTConfig:
     patch_size: int
     in_channels: int = 3
     num_classes: int = 0  # 0: unconditional
-    resolution: int = 32  # the training canvas; sampling takes any multiple of patch_size
+    resolution: int = 32  # the training canvas; sampling takes any square canvas whose side is a multiple of patch_size
     precond: str = "edm"
     sigma_data: float = 0.5
 
@@ -123,8 +123,9 @@ class DiTModel(nn.Module):
             raise ValueError(f"the input has {x.shape[1]} channels but the model was built for {self.in_channels}")
         h, w = x.shape[2:]
         p = self.config.patch_size
-        if h % p or w % p:
-            raise ValueError(f"the canvas {h}x{w} is not divisible by the patch size {p}; use multiples of {p}")
+        if h != w or h % p:  # diffusers' DiT un-patchifies square token grids only
+            raise ValueError(f"the canvas {h}x{w} does not fit {self.config.name}: use a square whose side is a multiple "
+                             f"of the patch size {p}")
 
     def run_bricks(self, x, sigma, class_labels=None, skip=(), patch_fraction=1.0, fill=None, generator=None):
         """LegoModel.run_bricks' interface: the raw output F [B, C, H, W] as one BrickOutput (x not yet scaled)."""

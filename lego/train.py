@@ -37,10 +37,10 @@ class TrainConfig:
     data: str = "default"
     resolution: int | None = None  # default: the model's canvas
     precond: str = "edm"
-    batch: int = 128
-    steps: int = 1200
+    batch: int = 64
+    steps: int = 300
     lr: float = 1e-3
-    warmup: int = 200  # steps of linear learning-rate warm-up
+    warmup: int = 100  # steps of linear learning-rate warm-up
     ema: float = 0.995  # EMA decay per step (ramped up over the first steps); ~0.9999 for long runs
     precision: str = "fp32"  # or "bf16" (autocast)
     # Share of each patch-brick's patches trained per image (paper: 0.5 CelebA, 0.75 ImageNet). The tiny demo uses
