@@ -14,8 +14,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lego.errors import LegoError
 from lego.dit import DiTConfig, DiTModel
+from lego.errors import LegoError
 from lego.models import LegoConfig, LegoModel
 from lego.zoo import build_model, config_from_dict
 

@@ -9,7 +9,7 @@ Reported (one JSON line on stdout, written to --json too, then one readable line
   CNN, 99.05% on the MNIST test set). Images at the model's resolution are resized to the CNN's 28 x 28 on both sides.
   The training set's statistics are computed once and cached (next to a dataset file or folder; for the named
   datasets under ~/.cache/lego). Comparable between models evaluated at the same n, not to published FIDs.
-- ``class_accuracy`` (class-conditional models on MNIST): the share of samples the CNN assigns to the class asked for.
+- ``class_accuracy`` (10-class conditional models on digits): the share of samples the CNN assigns to the class asked for.
 - ``inception_fid`` with --inception: the standard FID through torch-fidelity's Inception-v3, when its weights are on
   the machine (they download at run time elsewhere; here give --inception-weights).
 - the cost: network calls, network evaluations per sample, FLOPs spent (counted by torch.utils.flop_counter per
@@ -39,7 +39,7 @@ from lego.errors import LegoError, run_cli
 from lego.sample import DEFAULT_STEPS, parse_labels
 from lego.sampling import SAMPLERS, skip_schedule
 
-MNIST_DATA = ("default", "mnist")  # the classifier's own domain: class accuracy means something there
+NOT_DIGITS = ("fashion-mnist",)  # 10 classes, but not the digits the classifier knows: no class accuracy
 CCEXAM_HINT = (
     "pip install --no-deps ccexam==1.0.0 (--no-deps matters: its metadata asks for torchvision, which would replace "
     "a CPU torch with a CUDA build)"
@@ -248,7 +248,7 @@ def evaluate(
         feats, logits = mnist(images)
         report["fd"] = frechet_distance(*feature_stats(feats), *reference_stats(data, res, mnist, "ccexam-mnist"))
         report["fd_features"] = "ccexam MNISTNet 128-d penultimate layer, images resized to 28x28"
-        if labels is not None and data in MNIST_DATA:
+        if labels is not None and net.num_classes == 10 and data not in NOT_DIGITS:
             report["class_accuracy"] = float((logits.argmax(1) == labels).float().mean())
     if incep is not None:
         feats, _ = incep(images)

@@ -27,8 +27,8 @@ from lego.data import load_dataset
 from lego.errors import LegoError, run_cli
 from lego.images import save_grid
 from lego.loss import LegoLoss
-from lego.zoo import MODEL_NAMES, build_model, model_config
 from lego.sampling import edm_sampler
+from lego.zoo import MODEL_NAMES, build_model, model_config
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A small CPU study on MNIST: LEGO against DiT at equal training compute, brick skipping, and patch fraction.
 
-Usage: python studies/lego_vs_dit.py [--out studies/results] [--steps 300] [--eval-at 75,150,300] [--n 200]
+Usage: python studies/lego_vs_dit.py [--out studies/results] [--steps 150] [--eval-at 75,150] [--n 200]
 
 Runs (same data, batch, optimizer, learning-rate schedule, EMA, seed and sampler; only the backbone differs):
 - ``pg``, ``pr``: LEGO-T-PG-16 and LEGO-T-PR-16 (1.95M parameters); ``dit``: DiT-T/2 at 16 x 16 (2.12M), through
@@ -89,11 +89,7 @@ def run_job(name: str, model: str, patch_fraction: float, args: dict, cpu_budget
         print(f"study: {name} step {step}: {json.dumps(points[-1])}", flush=True)
         if cpu_budget is not None:
             break
-    skips = []
-    if name in ("pg", "pr"):
-        for t in T_BREAKS:
-            skips.append({"run": name, "model": model, **_pick(_evaluate(out / "checkpoint.safetensors", args, t))})
-            print(f"study: {name} t_break {t}: {json.dumps(skips[-1])}", flush=True)
+    skips = skip_job(name, model, args) if name in ("pg", "pr") else []
     return {"name": name, "points": points, "skips": skips, "train_flops_per_step": flops_step}
 
 
@@ -108,16 +104,21 @@ def _pick(report: dict) -> dict:
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    lines = [
-        "# LEGO vs DiT on MNIST (CPU study)", "",
-        f"Command: `{res['command']}`", "",
+    setup = (
         f"Machine: {res['machine']}. Date: {res['date']}. Every run is one single-threaded process; up to "
         f"{res['jobs']} ran at once on a 2-core machine shared with other jobs, so wall-clock is contended and noisy: "
-        "process CPU time is the fairer compute axis.", "",
+        "process CPU time is the fairer compute axis."
+    )
+    evaluation = (
         f"Training: {res['settings']}. Evaluation: `lego.eval`, {res['n']} EMA samples, Heun {res['sample_steps']} "
-        f"steps ({2 * res['sample_steps'] - 1} network evaluations), FD on the ccexam MNIST CNN's 128-d features against the training set at 16 x 16 (FD at "
-        f"n = {res['n']} is biased upwards; compare runs at the same n only). Class accuracy: share of samples the "
-        "CNN assigns to the class asked for.", "",
+        f"steps ({2 * res['sample_steps'] - 1} network evaluations), FD on the ccexam MNIST CNN's 128-d features "
+        f"against the training set at 16 x 16 (FD at n = {res['n']} is biased upwards; compare runs at the same n "
+        "only). Class accuracy: share of samples the CNN assigns to the class asked for (chance: 10%)."
+    )
+    lines = ["# LEGO vs DiT on MNIST (CPU study)", "", f"Command: `{res['command']}`", "", setup, "", evaluation, ""]
+    if res.get("note"):
+        lines += [res["note"], ""]
+    lines += [
         "## Training: quality against compute", "",
         "| run | model | params (M) | step | train wall (s) | train CPU (s) | train PFLOP | FD | class acc |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -208,18 +209,43 @@ def plot(res: dict, out: Path) -> list[str]:
     return files
 
 
+def skip_job(name: str, model: str, args: dict) -> list[dict]:
+    """Sample run ``name``'s checkpoint with the top brick skipped for each t_break in T_BREAKS."""
+    torch.set_num_threads(1)
+    ckpt = Path(args["work"]) / name / "checkpoint.safetensors"
+    skips = []
+    for t in T_BREAKS:
+        skips.append({"run": name, "model": model, **_pick(_evaluate(ckpt, args, t))})
+        print(f"study: {name} t_break {t}: {json.dumps(skips[-1])}", flush=True)
+    return skips
+
+
+def jobs_from_log(path: Path) -> list[dict]:
+    """The records a run printed ("study: <run> step <n>: {...}" and "study: <run> t_break <t>: {...}")."""
+    jobs = {name: {"name": name, "points": [], "skips": []} for name in (*MAIN_RUNS, *PATCH_RUNS)}
+    for line in path.read_text().splitlines():
+        if line.startswith("study: ") and ": {" in line:
+            head, _, body = line.partition(": {")
+            name, kind = head.split()[1:3]
+            jobs[name]["points" if kind == "step" else "skips"].append(json.loads("{" + body))
+    return list(jobs.values())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="studies/results", help="where results.json, results.md and the plots go")
     p.add_argument("--work", default="runs/study", help="checkpoints of the runs")
-    p.add_argument("--steps", type=int, default=300, help="training steps of the main runs (default 300)")
-    p.add_argument("--eval-at", default="75,150,300", help="steps at which the main runs are evaluated")
+    p.add_argument("--steps", type=int, default=150, help="training steps of the main runs (default 150)")
+    p.add_argument("--eval-at", default="75,150", help="steps at which the main runs are evaluated")
     p.add_argument("--patch-budget", type=float, default=60.0, help="training CPU seconds of the patch runs")
     p.add_argument("--n", type=int, default=200, help="samples per evaluation (default 200)")
     p.add_argument("--sample-steps", type=int, default=10, help="Heun steps per sample (default 10)")
     p.add_argument("--batch", type=int, default=64, help="images per training step (default 64)")
     p.add_argument("--chunk", type=int, default=15, help="steps between CPU-budget checks of the patch runs")
     p.add_argument("--jobs", type=int, default=6, help="runs at a time, one thread each (default 6)")
+    p.add_argument("--skip-only", action="store_true", help="only the brick-skipping evaluations of --work's pg, pr")
+    p.add_argument("--note", help="a paragraph for results.md (how the run went)")
+    p.add_argument("--from-log", help="write the results from the 'study:' lines of earlier runs' logs (comma list)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,14 +256,25 @@ def main(argv=None) -> int:
     shared = {"work": args.work, "n": args.n, "sample_steps": args.sample_steps, "eval_at": eval_at, "chunk": args.chunk,
               "train": {"batch": args.batch, "lr": base.lr, "warmup": base.warmup, "ema": base.ema, "seed": 0}}  # fmt: skip
     torch.set_num_threads(1)
-    from lego.eval import MnistFeatures, reference_stats
-
-    reference_stats("default", 16, MnistFeatures(), "ccexam-mnist")  # once, before the workers need it
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_job, name, m, f, shared) for name, (m, f) in MAIN_RUNS.items()]
-        futures += [pool.submit(run_job, name, m, f, shared, args.patch_budget) for name, (m, f) in PATCH_RUNS.items()]
-        jobs = [j.result() for j in futures]
+    if args.from_log:
+        jobs = jobs_from_log(Path(args.from_log.split(",")[0]))
+        for extra in args.from_log.split(",")[1:]:
+            for job, more in zip(jobs, jobs_from_log(Path(extra))):
+                job["points"] += more["points"]
+                job["skips"] += more["skips"]
+    else:
+        from lego.eval import MnistFeatures, reference_stats
+
+        reference_stats("default", 16, MnistFeatures(), "ccexam-mnist")  # once, before the workers need it
+        with ProcessPoolExecutor(args.jobs) as pool:
+            if args.skip_only:
+                for f in [pool.submit(skip_job, name, MAIN_RUNS[name][0], shared) for name in ("pg", "pr")]:
+                    f.result()
+                return 0
+            futures = [pool.submit(run_job, name, m, f, shared) for name, (m, f) in MAIN_RUNS.items()]
+            futures += [pool.submit(run_job, name, m, f, shared, args.patch_budget) for name, (m, f) in PATCH_RUNS.items()]
+            jobs = [j.result() for j in futures]
     from lego.zoo import build_model, model_config
 
     params = {m: sum(q.numel() for q in build_model(model_config(m, in_channels=1, num_classes=10,
@@ -249,7 +286,7 @@ def main(argv=None) -> int:
         skip_rows.append({"run": job["name"], "model": last["model"], **{k: v for k, v in last.items() if k in
                           ("t_break", "fd", "class_accuracy", "flops_per_sample", "flops_saved_by_skipping", "cpu_s")}})
         skip_rows += job["skips"]
-    patch_rows = [j["points"][-1] for j in jobs[3:]]
+    patch_rows = [j["points"][-1] for j in jobs[3:] if j["points"]]
     res = {
         "command": "python studies/lego_vs_dit.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -258,7 +295,7 @@ def main(argv=None) -> int:
         "jobs": args.jobs, "n": args.n, "sample_steps": args.sample_steps, "total_wall_s": round(time.perf_counter() - t0),
         "settings": f"MNIST 10k embedded digits at 16 x 16, batch {args.batch}, AdamW lr {base.lr} (warm-up "
                     f"{base.warmup} steps), EMA {base.ema}, EDM preconditioning and loss, label dropout 0.1, seed 0",
-        "params": params, "jobs_results": jobs, "skip_rows": skip_rows, "patch_rows": patch_rows,
+        "note": args.note, "params": params, "jobs_results": jobs, "skip_rows": skip_rows, "patch_rows": patch_rows,
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(res, indent=1))
     res["files"] = plot(res, out)

@@ -5,13 +5,13 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from lego.checkpoint import load_checkpoint, load_model  # noqa: E402
-from lego.dit import DIT_MODELS, DiTConfig, DiTModel  # noqa: E402
-from lego.loss import LegoLoss  # noqa: E402
-from lego.sample import main as sample_main  # noqa: E402
-from lego.sampling import edm_sampler, skip_schedule  # noqa: E402
-from lego.train import main as train_main  # noqa: E402
-from lego.zoo import MODEL_NAMES, build_model, config_from_dict, model_config  # noqa: E402
+from lego.checkpoint import load_checkpoint, load_model
+from lego.dit import DIT_MODELS, DiTConfig, DiTModel
+from lego.loss import LegoLoss
+from lego.sample import main as sample_main
+from lego.sampling import edm_sampler, skip_schedule
+from lego.train import main as train_main
+from lego.zoo import MODEL_NAMES, build_model, config_from_dict, model_config
 
 TINY = {"in_channels": 1, "num_classes": 10, "resolution": 8, "hidden_size": 32, "num_heads": 2, "num_layers": 2}
 
