@@ -120,14 +120,14 @@ def write_markdown(res: dict, path: Path) -> None:
         lines += [res["note"], ""]
     lines += [
         "## Training: quality against compute", "",
-        "| run | model | params (M) | step | train wall (s) | train CPU (s) | train PFLOP | FD | class acc |",
+        "| run | model | params (M) | step | train wall (s) | train CPU (s) | train TFLOP | FD | class acc |",
         "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for job in res["jobs_results"]:
         for p in job["points"]:
             lines.append(
                 f"| {p['run']} | {p['model']} | {res['params'][p['model']]:.2f} | {p['step']} | {p['train_wall_s']:.0f} | "
-                f"{p['train_cpu_s']:.0f} | {p['train_flops'] / 1e15:.3f} | {p['fd']:.1f} | {p['class_accuracy']:.1%} |"
+                f"{p['train_cpu_s']:.0f} | {p['train_flops'] / 1e12:.1f} | {p['fd']:.1f} | {p['class_accuracy']:.1%} |"
             )
     lines += ["", "## Brick skipping (final models)", "",
               "| run | model | t_break | FD | class acc | GFLOP / sample | saved | sampling CPU (s) |",
@@ -137,7 +137,14 @@ def write_markdown(res: dict, path: Path) -> None:
             f"| {row['run']} | {row['model']} | {row['t_break']} | {row['fd']:.1f} | {row['class_accuracy']:.1%} | "
             f"{row['flops_per_sample'] / 1e9:.2f} | {row['flops_saved_by_skipping']:.0%} | {row['cpu_s']:.0f} |"
         )
-    lines += ["", "## Findings", "", res.get("findings", "(see the README)"), ""]
+    lines += ["", "## Patch fraction at an equal training CPU budget (LEGO-T-PG-16)", "",
+              "| run | patch fraction | steps | train CPU (s) | train TFLOP | FD | class acc |", "|---|---|---|---|---|---|---|"]
+    for p in res["patch_rows"]:
+        lines.append(
+            f"| {p['run']} | {p['patch_fraction']} | {p['step']} | {p['train_cpu_s']:.0f} | {p['train_flops'] / 1e12:.1f} "
+            f"| {p['fd']:.1f} | {p['class_accuracy']:.1%} |"
+        )
+    lines += ["", "Plots: " + ", ".join(f"[{f}]({f})" for f in res.get("files", [])), ""]
     path.write_text("\n".join(lines))
 
 
@@ -156,7 +163,7 @@ def plot(res: dict, out: Path) -> list[str]:
         label = f"{job['name']} ({pts[0]['model']})"
         for col, (key, xlabel, scale) in enumerate([("train_wall_s", "training wall-clock (s)", 1),
                                                     ("train_cpu_s", "training process CPU time (s)", 1),
-                                                    ("train_flops", "training PFLOP", 1e15)]):  # fmt: skip
+                                                    ("train_flops", "training TFLOP", 1e12)]):  # fmt: skip
             xs = [p[key] / scale for p in pts]
             axes[0, col].plot(xs, [p["fd"] for p in pts], "o-", label=label)
             axes[1, col].plot(xs, [100 * p["class_accuracy"] for p in pts], "o-", label=label)

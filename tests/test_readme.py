@@ -17,9 +17,11 @@ def test_python_example_runs():
 
 
 def test_cli_options_in_the_readme_exist():
+    from lego.eval import parser as eval_parser
     from lego.sample import parser as sample_parser
     from lego.train import parser as train_parser
 
-    known = {a for p in (train_parser(), sample_parser()) for action in p._actions for a in action.option_strings}
+    parsers = (train_parser(), sample_parser(), eval_parser())
+    known = {a for p in parsers for action in p._actions for a in action.option_strings}
     used = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", README)) - {"--no-deps", "--no-build-isolation"}  # pip's
     assert used <= known, f"README names options the CLIs lack: {sorted(used - known)}"
