@@ -68,8 +68,9 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     images = ((data.images[:200, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
     np.savez(root / "digits.npz", images=images, labels=data.labels[:200].numpy())
-    assert train_main(["--model", "LEGO-T-PG-16", "--data", str(root / "digits.npz"), "--batch", "8", "--steps", "2",
-                       "--sample-n", "0", "--no-progress", "--out", str(root / "run")]) == 0  # fmt: skip
+    # the demo's model and options (lego.train's defaults), CI-sized: 2 steps of 8 on 200 digits
+    assert train_main(["--data", str(root / "digits.npz"), "--batch", "8", "--steps", "2", "--sample-n", "0",
+                       "--no-progress", "--out", str(root / "run")]) == 0  # fmt: skip
     return root
 
 
@@ -82,7 +83,7 @@ def test_cli_report_and_cost(mnist_features, checkpoint, capsys):
                           "--json", str(out), "--no-progress"]) == 0  # fmt: skip
         printed = capsys.readouterr().out.splitlines()
         reports[t_break] = json.loads(out.read_text())
-        assert json.loads(printed[0]) == reports[t_break] and printed[1].startswith("lego.eval: LEGO-T-PG-16 step 2")
+        assert json.loads(printed[0]) == reports[t_break] and printed[1].startswith("lego.eval: LEGO-T-PR-16 step 2")
     full, skipped = reports[0.0], reports[0.5]
     assert full["nfe_per_sample"] == 5 and full["network_calls"] == 2 * 5  # Heun: 2 x 3 - 1 calls, 2 batches
     assert full["fd"] > 0 and 0 <= full["class_accuracy"] <= 1 and full["wall_s"] > 0
