@@ -1,6 +1,6 @@
 """A small CPU study on MNIST: LEGO against DiT at equal training compute, brick skipping, and patch fraction.
 
-Usage: python studies/lego_vs_dit.py [--out studies/results] [--steps 150] [--eval-at 75,150] [--n 200]
+Usage: python studies/lego_vs_dit.py [--out studies/results] [--steps 300] [--eval-at 75,150,300] [--n 200]
 
 Runs (same data, batch, optimizer, learning-rate schedule, EMA, seed and sampler; only the backbone differs):
 - ``pg``, ``pr``: LEGO-T-PG-16 and LEGO-T-PR-16 (1.95M parameters); ``dit``: DiT-T/2 at 16 x 16 (2.12M), through
@@ -242,8 +242,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="studies/results", help="where results.json, results.md and the plots go")
     p.add_argument("--work", default="runs/study", help="checkpoints of the runs")
-    p.add_argument("--steps", type=int, default=150, help="training steps of the main runs (default 150)")
-    p.add_argument("--eval-at", default="75,150", help="steps at which the main runs are evaluated")
+    p.add_argument("--steps", type=int, default=300, help="training steps of the main runs (default 300)")
+    p.add_argument("--eval-at", default="75,150,300", help="steps at which the main runs are evaluated")
     p.add_argument("--patch-budget", type=float, default=60.0, help="training CPU seconds of the patch runs")
     p.add_argument("--n", type=int, default=200, help="samples per evaluation (default 200)")
     p.add_argument("--sample-steps", type=int, default=10, help="Heun steps per sample (default 10)")
