@@ -238,6 +238,15 @@ def jobs_from_log(path: Path) -> list[dict]:
     return list(jobs.values())
 
 
+def _without_note(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if not skip and a != "--note" and not a.startswith("--note="):
+            out.append(a)
+        skip = a == "--note"
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="studies/results", help="where results.json, results.md and the plots go")
@@ -295,7 +304,7 @@ def main(argv=None) -> int:
         skip_rows += job["skips"]
     patch_rows = [j["points"][-1] for j in jobs[3:] if j["points"]]
     res = {
-        "command": "python studies/lego_vs_dit.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python studies/lego_vs_dit.py", *_without_note(sys.argv[1:] if argv is None else argv)]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, load average at the end "
                    f"{os.getloadavg()[0]:.1f}",
