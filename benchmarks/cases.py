@@ -135,7 +135,7 @@ class ModelCase:
             why = diffusers_missing()
             if why:
                 pytest.skip(why)
-            return build_dit(self.config(), NUM_CLASSES, device)
+            return build_dit(self.config(), NUM_CLASSES, device, self.name)
         from lego.models import LegoModel
 
         cfg = self.config()

@@ -1,19 +1,16 @@
-"""The DiT baseline: diffusers' DiTTransformer2DModel behind the same EDM calling convention as LegoModel.
+"""The DiT baseline of the benchmarks: lego.dit.DiTModel, diffusers' DiTTransformer2DModel behind LegoModel's interface.
 
-``DiTDenoiser(x, sigma, class_labels)`` returns D(x; sigma) = c_skip x + c_out F(c_in x; c_noise, labels) with the
-preconditioning LegoModel uses (lego.precond.EDMPrecond), so the samplers and a loss treat both models alike and
-the comparison times the same work around the network. Its out_channels equal its in_channels (LEGO predicts C
-channels; the original DiT also predicts a variance, which a speed comparison does not need). Attention runs
-through PyTorch's SDPA (flash-attention kernels on a GPU). diffusers is optional: without it every DiT benchmark is
-skipped with that reason.
+It is the library's DiT (``python -m lego.train --model DiT-S/2`` trains the same module), so the benchmarks time the
+same preconditioning, loss and samplers around either backbone. Attention runs through PyTorch's SDPA (flash-attention
+kernels on a GPU). diffusers is optional: without it every DiT benchmark is skipped with that reason.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from lego.precond import EDMPrecond, as_batch_sigma
+from lego.dit import DiTConfig, DiTModel
+from lego.loss import LegoLoss
 
 
 def diffusers_missing() -> str | None:
@@ -25,47 +22,17 @@ def diffusers_missing() -> str | None:
     return None
 
 
-class DiTDenoiser(nn.Module):
-    def __init__(self, dit: nn.Module, num_classes: int, sigma_data: float = 0.5):
-        super().__init__()
-        self.dit = dit
-        self.precond = EDMPrecond(sigma_data=sigma_data)
-        self.sigma_min, self.sigma_max = self.precond.sigma_min, self.precond.sigma_max
-        self.num_classes = num_classes
-        self.in_channels = dit.config.in_channels
-
-    def forward(self, x, sigma, class_labels=None, skip=()):
-        if skip:
-            raise ValueError("DiT has no bricks to skip")
-        x = x.float()
-        batch = x.shape[0]
-        sigma = as_batch_sigma(sigma, batch, x.device)
-        c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in self.precond.coefficients(sigma))
-        if class_labels is None:  # the null class: the embedding table's extra row, used for guidance
-            class_labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=x.device)
-        f = self.dit(c_in * x, c_noise.reshape(-1), class_labels.long(), return_dict=False)[0]  # (B, C, H, W)
-        return c_skip * x + c_out * f.float()
-
-
-def build_dit(config: dict, num_classes: int, device: torch.device) -> DiTDenoiser:
+def build_dit(config: dict, num_classes: int, device: torch.device, name: str = "DiT-custom") -> DiTModel:
     """``config``: DiTTransformer2DModel arguments (num_attention_heads, attention_head_dim, num_layers, in_channels,
     sample_size, patch_size)."""
-    from diffusers import DiTTransformer2DModel
-
+    heads = config["num_attention_heads"]
+    cfg = DiTConfig(
+        name, config["num_layers"], heads * config["attention_head_dim"], heads, config["patch_size"],
+        in_channels=config["in_channels"], num_classes=num_classes, resolution=config["sample_size"],
+    )  # fmt: skip
     with torch.device(device):
-        dit = DiTTransformer2DModel(**config, num_embeds_ada_norm=num_classes)
-    return DiTDenoiser(dit, num_classes).to(device)
+        return DiTModel(cfg).to(device)
 
 
-def dit_loss(net: DiTDenoiser, images, labels=None, generator=None):
-    """EDM's loss for the DiT baseline, drawn like lego.LegoLoss (sigma, noise); returns (loss, None).
-
-    Label dropout happens inside diffusers' label embedder in train mode (probability 0.1, as LegoLoss's default).
-    """
-    batch, device = images.shape[0], images.device
-    sigma = net.precond.sample_sigma(batch, generator, device)  # (B,)
-    noise = torch.randn(images.shape, generator=generator, device=device)
-    x = images + sigma.view(-1, 1, 1, 1) * noise
-    d = net(x, sigma, labels)  # (B, C, H, W)
-    weight = net.precond.loss_weight(sigma).view(-1, 1, 1, 1)
-    return (weight * (d - images) ** 2).mean(), None
+# EDM's loss on DiT's one output, drawn as for LEGO (sigma, noise, label dropout 0.1): returns (loss, per-"brick").
+dit_loss = LegoLoss(patch_fraction=1.0, label_dropout=0.1)

@@ -22,8 +22,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lego.dit import DiTConfig, DiTModel
 from lego.errors import LegoError
 from lego.models import LegoConfig, LegoModel
+from lego.zoo import build_model, config_from_dict
 
 FORMAT = "lego-checkpoint-1"
 
@@ -105,7 +107,7 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 @dataclass
 class Checkpoint:
-    model_config: LegoConfig
+    model_config: LegoConfig | DiTConfig
     train_config: dict
     step: int
     model: dict[str, torch.Tensor]
@@ -173,7 +175,7 @@ def load_checkpoint(path, parts: tuple[str, ...] = ("model", "ema", "optim")) ->
     if metadata.get("format") != FORMAT:
         raise LegoError(f"{path} is a safetensors file but not a lego checkpoint (no '{FORMAT}' metadata)")
     try:
-        model_config = LegoConfig.from_dict(json.loads(metadata["model_config"]))
+        model_config = config_from_dict(json.loads(metadata["model_config"]))
         train_config = json.loads(metadata["train_config"])
         step = int(metadata["step"])
     except (KeyError, TypeError, ValueError) as e:
@@ -192,7 +194,7 @@ def load_checkpoint(path, parts: tuple[str, ...] = ("model", "ema", "optim")) ->
     return Checkpoint(model_config, train_config, step, groups["model"], groups["ema"], optimizer)
 
 
-def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel:
+def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel | DiTModel:
     """The model stored in a checkpoint (its EMA weights by default), in eval mode on ``device``."""
     ckpt = load_checkpoint(path, parts=("ema",) if use_ema else ("model",))
     weights = ckpt.ema if use_ema else ckpt.model
@@ -202,7 +204,7 @@ def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel:
             f"{path}: {len(bad)} of its {len(weights)} {'EMA' if use_ema else 'raw'} weight tensors hold NaN or inf "
             f"(first {bad[0]}); it would sample NaN images: use a checkpoint from before the run diverged"
         )
-    model = LegoModel(ckpt.model_config)
+    model = build_model(ckpt.model_config)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

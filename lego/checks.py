@@ -10,7 +10,7 @@ import math
 import torch
 
 from lego.errors import LegoError
-from lego.models import model_config
+from lego.zoo import model_config
 
 MAX_SEED = 2**31 - 1  # seeds are combined with the step into generator seeds, which must stay below 2^63
 
@@ -79,10 +79,11 @@ def check_train_config(cfg) -> None:
     integer("--sample-steps", cfg.sample_steps, 1)
     if cfg.resolution is not None:
         integer("--resolution", cfg.resolution, 1, meaning=" (a multiple of the model's largest brick)")
-        largest = max(b.brick_size for b in model_config(cfg.model).bricks)
+        config = model_config(cfg.model)
+        largest = max(b.brick_size for b in config.bricks) if hasattr(config, "bricks") else config.patch_size
         if cfg.resolution % largest:
             raise LegoError(
-                f"--resolution {cfg.resolution} is not divisible by {cfg.model}'s largest brick size {largest}; "
+                f"--resolution {cfg.resolution} is not divisible by {cfg.model}'s largest brick (or patch) size {largest}; "
                 f"use a multiple of {largest}"
             )
     if cfg.precision not in ("fp32", "bf16"):

@@ -25,12 +25,14 @@ def skip_schedule(model, t_break: float):
     t/T > 1 - t_break. t_break = 0 never skips."""
     if not 0 <= t_break <= 1:
         raise ValueError(f"t_break must be in [0, 1], got {t_break}")
+    if t_break == 0:
+        return _no_skip
+    if not hasattr(model, "bricks"):  # a DiT (lego.dit): one network, nothing to skip
+        raise ValueError(f"{model.config.name} has no bricks to skip; t_break > 0 is for LEGO models")
     top = len(model.bricks) - 1
     top_is_image = model.bricks[top].brick_size == model.max_brick
 
     def skip(t: float) -> tuple[int, ...]:
-        if t_break == 0:
-            return ()
         hit = t <= t_break if top_is_image else t > 1 - t_break
         return (top,) if hit else ()
 

@@ -26,13 +26,15 @@ from tqdm import tqdm
 
 from lego import checks, distributed, loader
 from lego.checkpoint import load_checkpoint
+from lego.dit import DiTModel
 from lego.errors import Stopped, run_cli
 from lego.images import save_grid
 from lego.loader import open_dataset
 from lego.loss import LegoLoss
-from lego.models import MODELS, LegoModel, model_config
+from lego.models import LegoModel
 from lego.rundir import RunDir
 from lego.sampling import edm_sampler
+from lego.zoo import MODEL_NAMES, build_model, model_config
 
 
 @dataclass
@@ -41,10 +43,10 @@ class TrainConfig:
     data: str = "default"
     resolution: int | None = None  # default: the model's canvas
     precond: str = "edm"
-    batch: int = 128
-    steps: int = 1200
+    batch: int = 64
+    steps: int = 400
     lr: float = 1e-3
-    warmup: int = 200  # steps of linear learning-rate warm-up
+    warmup: int = 100  # steps of linear learning-rate warm-up
     ema: float = 0.995  # EMA decay per step (ramped up over the first steps); ~0.9999 for long runs
     precision: str = "fp32"  # or "bf16" (autocast)
     # Share of each patch-brick's patches trained per image (paper: 0.5 CelebA, 0.75 ImageNet). The tiny demo uses
@@ -70,11 +72,11 @@ class TrainConfig:
 RUNTIME_OPTIONS = ("grad_accum", "compile", "fsdp", "workers")  # not taken from the checkpoint on --resume
 
 
-def compile_bricks(model: LegoModel, backend: str = "inductor") -> None:
+def compile_bricks(model: LegoModel | DiTModel, backend: str = "inductor") -> None:
     """torch.compile each brick's forward, fullgraph (a graph break is an error): the bricks hold the compute, while
     the loss's random draws stay eager. The forward is replaced, not the module, so state-dict keys do not change and
     DDP/FSDP hooks run around the compiled code."""
-    for brick in model.bricks:
+    for brick in getattr(model, "bricks", [model.dit]):  # a DiT is one brick
         brick.forward = torch.compile(brick.forward, fullgraph=True, backend=backend)
 
 
@@ -128,11 +130,11 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: d
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         checks.check_resume(cfg, ckpt.model_config, ckpt.step, resolution, channels, data.num_classes)
-        model = LegoModel(ckpt.model_config)
+        model = build_model(ckpt.model_config)
     else:
-        model = LegoModel.from_name(
+        model = build_model(model_config(
             cfg.model, in_channels=channels, num_classes=data.num_classes, precond=cfg.precond, resolution=resolution
-        )
+        ))
     model.check_canvas(torch.empty(1, channels, resolution, resolution, device="meta"))
     loss_fn = LegoLoss(cfg.patch_fraction, cfg.label_dropout)
     batches = loader.batches(data, cfg.batch, cfg.seed, ckpt.step if ckpt else 0, cfg.steps, ranks.rank, ranks.world,
@@ -229,7 +231,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: d
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lego.train", description=__doc__.split("\n\n")[0])
     d = TrainConfig()
-    p.add_argument("--model", choices=list(MODELS), metavar="NAME", help=f"registry name (default {d.model})")
+    p.add_argument("--model", choices=MODEL_NAMES, metavar="NAME", help=f"registry name (default {d.model})")
     p.add_argument("--data", help="default | mnist | fashion-mnist | a folder of images | an .npz (default: default)")
     p.add_argument("--resolution", type=int, help="canvas side; images are resized (default: the model's canvas)")
     p.add_argument("--precond", choices=["edm", "vp"], help="EDM (default) or VP/DDPM preconditioning and loss")

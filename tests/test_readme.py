@@ -21,7 +21,7 @@ def test_cli_options_in_the_readme_exist():
 
     from torch.distributed.run import get_args_parser as torchrun_parser
 
-    modules = ("lego.train", "lego.sample", "lego.encode", "lego.convert")
+    modules = ("lego.train", "lego.sample", "lego.encode", "lego.convert", "lego.eval")
     parsers = [importlib.import_module(m).parser() for m in modules] + [torchrun_parser()]
     known = {a for p in parsers for action in p._actions for a in action.option_strings}
     for script in ("report.py", "static.py"):  # python -m benchmarks.report / benchmarks.static

@@ -1,0 +1,154 @@
+"""DiT as a model of this pipeline: diffusers' DiTTransformer2DModel behind LegoModel's interface.
+
+``DiTModel(config)`` is called like a LegoModel, ``model(x, sigma, class_labels)`` -> D(x; sigma) = c_skip x + c_out F,
+with the same preconditioning object (lego.precond: EDM or VP, c_noise scaled by ``embed_scale`` as LegoModel does),
+and ``run_bricks`` returns its one output as a single "brick", so lego.LegoLoss, the samplers, lego.train,
+lego.checkpoint and lego.eval treat both models alike: a comparison differs only in the backbone.
+
+Sizes follow DiT's table (Peebles & Xie, 2023): S 384 / 6 heads / 12 layers, B 768 / 12 / 12, L 1024 / 16 / 24,
+XL 1152 / 16 / 28, patch 2, 4 or 8; T (128 / 4 / 6, ours) matches LEGO-T's six blocks for the CPU studies. Names:
+``DiT-<size>/<patch>``. Differences from the original DiT: the output has C channels (no learned variance, as LEGO),
+and diffusers gives every block its own timestep/class embedder. Weights are initialised as DiT's
+``initialize_weights`` (xavier linears, N(0, 0.02) embeddings, adaLN and output layers zeroed). Label dropout for
+guidance is LegoLoss's (diffusers' own dropout is switched off so labels are not dropped twice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lego.errors import LegoError
+from lego.models import BrickOutput
+from lego.precond import as_batch_sigma, make_precond
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+    in_channels: int = 3
+    num_classes: int = 0  # 0: unconditional
+    resolution: int = 32  # the training canvas; sampling takes any square canvas whose side is a multiple of patch_size
+    precond: str = "edm"
+    sigma_data: float = 0.5
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiTConfig:
+        return cls(**d)
+
+
+# (hidden size, heads, layers) per size: DiT's Table 1; T is ours (LEGO-T's width and block count).
+DIT_SIZES = {"T": (128, 4, 6), "S": (384, 6, 12), "B": (768, 12, 12), "L": (1024, 16, 24), "XL": (1152, 16, 28)}
+DIT_MODELS: dict[str, DiTConfig] = {
+    f"DiT-{size}/{p}": DiTConfig(f"DiT-{size}/{p}", layers, hidden, heads, p)
+    for size, (hidden, heads, layers) in DIT_SIZES.items()
+    for p in (2, 4, 8)
+}
+
+
+def dit_config(name: str, **overrides) -> DiTConfig:
+    """The registry's DiT config ``name`` with ``overrides`` (any DiTConfig field) applied."""
+    if name not in DIT_MODELS:
+        raise ValueError(f"unknown model {name!r}; the DiT sizes are: {', '.join(DIT_MODELS)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(DiTConfig)}
+    if unknown:
+        raise ValueError(f"{name}: unknown model option(s) {', '.join(sorted(unknown))} for a DiT")
+    return dataclasses.replace(DIT_MODELS[name], **overrides)
+
+
+def _diffusers_dit():
+    try:
+        from diffusers import DiTTransformer2DModel
+    except ImportError as e:
+        raise LegoError(f"DiT models need diffusers ({e}); pip install diffusers") from None
+    return DiTTransformer2DModel
+
+
+class DiTModel(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        if config.hidden_size % config.num_heads:
+            raise ValueError(f"{config.name}: hidden size {config.hidden_size} is not a multiple of {config.num_heads} heads")
+        self.config = config
+        self.precond = make_precond(config.precond, config.sigma_data)
+        self.sigma_min, self.sigma_max = self.precond.sigma_min, self.precond.sigma_max
+        self.num_classes = config.num_classes
+        self.in_channels = config.in_channels
+        self.max_brick = config.patch_size  # canvases must be multiples of it (the samplers' and loaders' check)
+        # An unconditional DiT still needs a class table: one class, always given.
+        self.dit = _diffusers_dit()(
+            num_attention_heads=config.num_heads, attention_head_dim=config.hidden_size // config.num_heads,
+            in_channels=config.in_channels, out_channels=config.in_channels, num_layers=config.num_layers,
+            sample_size=config.resolution, patch_size=config.patch_size, num_embeds_ada_norm=max(config.num_classes, 1),
+        )  # fmt: skip
+        for m in self.dit.modules():
+            if hasattr(m, "token_drop"):  # diffusers' LabelEmbedding: LegoLoss drops labels, not it
+                m.dropout_prob = 0.0
+        self._init_weights()
+
+    def _init_weights(self):
+        """DiT's initialize_weights (facebookresearch/DiT models.py), on diffusers' module names."""
+        for m in self.dit.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        proj = self.dit.pos_embed.proj  # the patch embedding: a linear over p x p x C patches
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        nn.init.zeros_(proj.bias)
+        for block in self.dit.transformer_blocks:
+            emb = block.norm1.emb
+            nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+            nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
+            nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
+            nn.init.zeros_(block.norm1.linear.weight)  # adaLN-Zero: each block starts as the identity
+            nn.init.zeros_(block.norm1.linear.bias)
+        for layer in (self.dit.proj_out_1, self.dit.proj_out_2):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def check_canvas(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"expected a batch of canvases [B, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"the input has {x.shape[1]} channels but the model was built for {self.in_channels}")
+        h, w = x.shape[2:]
+        p = self.config.patch_size
+        if h != w or h % p:  # diffusers' DiT un-patchifies square token grids only
+            raise ValueError(f"the canvas {h}x{w} does not fit {self.config.name}: use a square whose side is a multiple "
+                             f"of the patch size {p}")
+
+    def run_bricks(self, x, sigma, class_labels=None, skip=(), patch_fraction=1.0, fill=None, generator=None,
+                   share=None):
+        """LegoModel.run_bricks' interface: the raw output F [B, C, H, W] as one BrickOutput (x not yet scaled). A DiT
+        makes no random draws, so ``share`` (which rows of a split batch these are) changes nothing."""
+        if skip:
+            raise ValueError(f"{self.config.name} has no bricks to skip; brick skipping (--t-break) is for LEGO models")
+        if patch_fraction < 1:
+            raise ValueError(f"{self.config.name} has no patch-bricks; --patch-fraction < 1 is for LEGO models")
+        self.check_canvas(x)
+        batch = x.shape[0]
+        sigma = as_batch_sigma(sigma, batch, x.device)
+        _, _, c_in, c_noise = self.precond.coefficients(sigma)
+        if class_labels is None or not self.num_classes:  # the null class (guidance), or the one class
+            class_labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=x.device)
+        t = c_noise * self.precond.embed_scale  # (B,), as LegoModel.condition feeds its time embedding
+        f = self.dit(x * c_in.view(-1, 1, 1, 1), t, class_labels.to(x.device).long(), return_dict=False)[0]
+        return [BrickOutput(0, f.float(), None)]  # f: (B, C, H, W)
+
+    def forward(self, x, sigma, class_labels=None, skip=()):
+        """The denoiser D(x; sigma) [B, C, H, W] (fp32)."""
+        x = x.float()
+        sigma_b = as_batch_sigma(sigma, x.shape[0], x.device)
+        f = self.run_bricks(x, sigma_b, class_labels, skip)[0].output  # (B, C, H, W)
+        c_skip, c_out, _, _ = self.precond.coefficients(sigma_b)
+        return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * f
