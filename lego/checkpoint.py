@@ -47,8 +47,10 @@ class Checkpoint:
 
 
 def save_checkpoint(path, model, ema, optimizer, step: int, train_config: dict) -> None:
-    tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tensors.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
+    from lego.base import stored_state  # a frozen base's weights stay at their origin
+
+    tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in stored_state(model).items()}
+    tensors.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in stored_state(ema).items()})
     opt_state = optimizer.state_dict()
     for idx, state in opt_state["state"].items():
         for key, value in state.items():
@@ -103,9 +105,11 @@ def load_checkpoint(path, parts: tuple[str, ...] = ("model", "ema", "optim")) ->
 def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel:
     """The model stored in a checkpoint (its EMA weights by default), in eval mode on ``device``."""
     ckpt = load_checkpoint(path, parts=("ema",) if use_ema else ("model",))
+    from lego.base import with_base_weights
+
     model = LegoModel(ckpt.model_config)
     try:
-        model.load_state_dict(ckpt.ema if use_ema else ckpt.model)
+        model.load_state_dict(with_base_weights(model, ckpt.ema if use_ema else ckpt.model))
     except RuntimeError as e:
         raise LegoError(f"{path}: the weights do not fit the model in its config ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lego.base import stack_on_base, with_base_weights
 from lego.checkpoint import load_checkpoint, save_checkpoint
 from lego.data import load_dataset
 from lego.errors import LegoError, run_cli
@@ -55,6 +56,8 @@ class TrainConfig:
     sample_n: int = 100
     sample_steps: int = 18
     device: str | None = None  # default: cuda if available
+    base_ckpt: str | None = None  # a pretrained denoiser as brick 0 of the PR stack --model (lego.base)
+    freeze_base: bool = False  # train only the bricks on top of it
 
 
 def _device(name: str | None) -> torch.device:
@@ -109,6 +112,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 f"{cfg.data} has {channels} channels but the checkpoint's model takes {ckpt.model_config.in_channels}"
             )
         model = LegoModel(ckpt.model_config)
+    elif cfg.base_ckpt:
+        model = stack_on_base(cfg.model, cfg.base_ckpt, cfg.freeze_base, in_channels=channels,
+                              num_classes=data.num_classes, precond=cfg.precond, resolution=resolution)
     else:
         model = LegoModel.from_name(
             cfg.model, in_channels=channels, num_classes=data.num_classes, precond=cfg.precond, resolution=resolution
@@ -116,11 +122,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     model.check_canvas(data.images[:1])
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt.model)
-        ema.load_state_dict(ckpt.ema)
+        model.load_state_dict(with_base_weights(model, ckpt.model))
+        ema.load_state_dict(with_base_weights(ema, ckpt.ema))
         opt.load_state_dict(ckpt.optimizer)
         start = ckpt.step
     loss_fn = LegoLoss(cfg.patch_fraction, cfg.label_dropout)
@@ -197,6 +203,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-n", type=int, help=f"samples in the final grid, 0 for none (default {d.sample_n})")
     p.add_argument("--sample-steps", type=int, help=f"Heun steps for the final grid (default {d.sample_steps})")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--base-ckpt", help="a checkpoint of ours or a diffusers DiT/UNet folder as brick 0 of the PR stack")
+    p.add_argument("--freeze-base", action="store_true", default=None, help="with --base-ckpt: train the bricks only")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     return p
 
