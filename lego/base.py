@@ -113,7 +113,7 @@ def load_base(path, prediction: str | None = None) -> tuple[nn.Module, dict]:
             raise LegoError(f"{path} holds a diffusers {name}; a base must be one of {', '.join(DIFFUSERS_CLASSES)}")
         import diffusers
 
-        model = getattr(diffusers, name).from_pretrained(str(path))
+        model = getattr(diffusers, name).from_pretrained(str(path), low_cpu_mem_usage=False)  # (no accelerate)
         record = {"kind": "diffusers", "class": name, "config": dict(model.config),
                   "prediction": prediction or _prediction_of(path)}
         denoiser = DiffusersDenoiser(model, record["prediction"])
