@@ -59,12 +59,14 @@ def sample(
     model = load_model(ckpt, use_ema=use_ema, device=device)
     h = height or model.config.resolution
     w = width or model.config.resolution
-    labels = parse_labels(labels, n, model.num_classes)
+    labels_text, labels = labels, parse_labels(labels, n, model.num_classes)
     net = model
     if window or stride or regions:  # sliding window: the canvas only has to hold one window
         net = SlidingWindow(model, window, stride, max_batch)
         net.windows(h, w)
         if regions:
+            if labels_text:
+                raise LegoError("give --labels or --regions, not both")
             if not model.num_classes:
                 raise LegoError("--regions given but the model is unconditional")
             labels = region_map(h, w, parse_regions(regions, h)).expand(n, -1, -1)  # (n, H, W)

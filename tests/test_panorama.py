@@ -153,7 +153,7 @@ def test_sample_cli_sliding_window_and_regions(tiny_ckpt, tmp_path, capsys):
         assert sample_main([*base, "--out", str(npz), "--window", "16", "--sampler", sampler]) == 0
     for bad, needle in ((["--regions", "0:20=1"], "without a class"), (["--regions", "0:40=12"], "0..9"),
                         (["--window", "8"], "multiples of 16"), (["--window", "32"], "larger than the canvas"),
-                        (["--regions", "a=1"], "cannot read")):
+                        (["--regions", "a=1"], "cannot read"), (["--regions", "0:40=1", "--labels", "2"], "not both")):
         code = sample_main([*base, "--out", str(npz), *bad])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
