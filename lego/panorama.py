@@ -133,17 +133,14 @@ class SlidingWindow:
             mask = (maps[job] == label[:, None, None]).to(x.dtype)[:, None]  # (J, 1, wh, ww)
         elif class_labels is not None:
             label = class_labels.to(x.device)[image]  # (B nW,)
-        index = (image[:, None, None], slice(None), rows[:, :, None], cols[:, None, :])
-        pixels = (image[:, None, None], rows[:, :, None], cols[:, None, :])
         out = torch.zeros(batch, height, width, channels, dtype=x.dtype, device=x.device)  # channels last for index_put
         count = torch.zeros(batch, height, width, 1, dtype=x.dtype, device=x.device)
         for start in range(0, image.shape[0], self.max_batch):
             part = slice(start, start + self.max_batch)
-            x_win = x[tuple(i[part] if isinstance(i, torch.Tensor) else i for i in index)]  # (J, wh, ww, C)
-            x_win = x_win.permute(0, 3, 1, 2).contiguous()  # (J, C, wh, ww)
+            where = (image[part, None, None], rows[part, :, None], cols[part, None, :])  # a window's pixels
+            x_win = x[where[0], :, where[1], where[2]].permute(0, 3, 1, 2).contiguous()  # (J, C, wh, ww)
             d = self.net(x_win, sigma[image[part]], None if label is None else label[part], skip=skip)
             m = torch.ones_like(d[:, :1]) if mask is None else mask[part]  # (J, 1, wh, ww)
-            where = tuple(i[part] for i in pixels)
             out.index_put_(where, (d * m).permute(0, 2, 3, 1).to(x.dtype), accumulate=True)
             count.index_put_(where, m.permute(0, 2, 3, 1), accumulate=True)
         return (out / count).permute(0, 3, 1, 2)  # (B, C, H, W)
