@@ -118,8 +118,10 @@ class Checkpoint:
 def save_checkpoint(path, model, ema, optimizer, step: int, train_config: dict) -> None:
     """Write a checkpoint; refuses (LegoError, nothing written) when the model's or the EMA's weights are not finite,
     so a diverged run never replaces a good checkpoint. A failed write (OSError) leaves the old file as it was."""
-    tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tensors.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
+    from lego.base import stored_state  # a frozen base's weights stay at their origin
+
+    tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in stored_state(model).items()}
+    tensors.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in stored_state(ema).items()})
     bad = non_finite(tensors)
     if bad:
         raise LegoError(
@@ -197,6 +199,8 @@ def load_checkpoint(path, parts: tuple[str, ...] = ("model", "ema", "optim")) ->
 def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel | DiTModel:
     """The model stored in a checkpoint (its EMA weights by default), in eval mode on ``device``."""
     ckpt = load_checkpoint(path, parts=("ema",) if use_ema else ("model",))
+    from lego.base import with_base_weights
+
     weights = ckpt.ema if use_ema else ckpt.model
     bad = non_finite(weights)
     if bad:
@@ -206,7 +210,7 @@ def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel | DiTModel
         )
     model = build_model(ckpt.model_config)
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(with_base_weights(model, weights))
     except RuntimeError as e:
         raise LegoError(f"{path}: the weights do not fit the model in its config ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()

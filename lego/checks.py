@@ -83,7 +83,8 @@ def check_train_config(cfg) -> None:
         largest = max(b.brick_size for b in config.bricks) if hasattr(config, "bricks") else config.patch_size
         if cfg.resolution % largest:
             raise LegoError(
-                f"--resolution {cfg.resolution} is not divisible by {cfg.model}'s largest brick (or patch) size {largest}; "
+                f"--resolution {cfg.resolution} is not divisible by {cfg.model}'s largest brick (or patch) size "
+                f"{largest}; "
                 f"use a multiple of {largest}"
             )
     if cfg.precision not in ("fp32", "bf16"):
@@ -91,6 +92,9 @@ def check_train_config(cfg) -> None:
     if cfg.precond not in ("edm", "vp"):
         raise LegoError(f"--precond must be edm or vp, got {cfg.precond!r}")
     integer("--grad-accum", cfg.grad_accum, 1, meaning=" (micro-steps per step)")
+    if cfg.fsdp and cfg.freeze_base:  # checkpoints index the optimizer's state by every parameter's name
+        raise LegoError("--fsdp with --freeze-base is not supported: drop --fsdp (DDP handles a frozen base) or train "
+                        "the base too")
     if cfg.workers is not None:
         integer("--workers", cfg.workers, 0, meaning=" (DataLoader worker processes)")
     if cfg.compile and cfg.compile not in _compile_backends():

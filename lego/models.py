@@ -47,6 +47,7 @@ class LegoConfig:
     # Multiplies c_noise before the time embedding; None: the preconditioning's own (EDM 250, VP 1). The authors'
     # released models feed EDM's c_noise unscaled, so lego.convert sets 1.0.
     time_scale: float | None = None
+    base: dict | None = None  # a pretrained denoiser as brick 0 (lego.base): where it came from, frozen or not
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,7 +119,9 @@ class BrickOutput:
 
 
 class LegoModel(nn.Module):
-    def __init__(self, config: LegoConfig):
+    def __init__(self, config: LegoConfig, base: nn.Module | None = None):
+        """``base``: the denoiser D(x, sigma, class_labels) that config.base records, when it cannot be rebuilt from
+        the record (a Python module) or is already loaded (lego.base.stack_on_base)."""
         super().__init__()
         self.config = config
         d = config.hidden_size
@@ -133,8 +136,14 @@ class LegoModel(nn.Module):
                 b.brick_size, b.field_size, d, b.depth, config.num_heads, config.mlp_ratio, config.in_channels,
                 has_prev=k > 0, backend=config.backend,
             )
+            if not (k == 0 and config.base) else None
             for k, b in enumerate(config.bricks)
         )
+        if config.base:  # a pretrained denoiser replaces the bottom image-brick (lego.base)
+            from lego.base import BaseBrick, build_base  # (lego.base loads checkpoints, which import this module)
+
+            self.bricks[0] = BaseBrick(base if base is not None else build_base(config.base))
+            self.bricks[0].requires_grad_(not config.base.get("frozen"))
         self.max_brick = max(b.brick_size for b in config.bricks)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
@@ -202,7 +211,10 @@ class LegoModel(nn.Module):
                 scores = torch.rand(rows, total, generator=generator, device=x.device)[start : start + batch]
                 patch_index = scores.argsort(dim=1)[:, :keep].sort(dim=1).values  # (B, P)
                 mask = _patch_mask(patch_index, total, brick.brick_size, h, w)
-            prev = brick(x_in, prev, cond, patch_index, fill if patch_index is not None else None).float()
+            if getattr(brick, "is_base", False):
+                prev = brick(x, sigma, class_labels, self.precond)  # F_0 that reproduces the base's D
+            else:
+                prev = brick(x_in, prev, cond, patch_index, fill if patch_index is not None else None).float()
             outputs.append(BrickOutput(k, prev, patch_index, mask))
         return outputs
 

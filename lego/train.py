@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from lego import checks, distributed, loader
+from lego.base import stack_on_base, with_base_weights
 from lego.checkpoint import load_checkpoint
 from lego.dit import DiTModel
 from lego.errors import Stopped, run_cli
@@ -67,6 +68,8 @@ class TrainConfig:
     compile: str | None = None  # torch.compile the bricks with this backend ("inductor"; "aot_eager" to debug)
     fsdp: bool = False  # shard parameters and optimizer state over the ranks (FSDP2) instead of replicating them
     workers: int | None = None  # DataLoader workers (default: 4 for .npy datasets, none for data held in memory)
+    base_ckpt: str | None = None  # a pretrained denoiser as brick 0 of the PR stack --model (lego.base)
+    freeze_base: bool = False  # train only the bricks on top of it
 
 
 RUNTIME_OPTIONS = ("grad_accum", "compile", "fsdp", "workers")  # not taken from the checkpoint on --resume
@@ -131,6 +134,9 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: d
         ckpt = load_checkpoint(ckpt_path)
         checks.check_resume(cfg, ckpt.model_config, ckpt.step, resolution, channels, data.num_classes)
         model = build_model(ckpt.model_config)
+    elif cfg.base_ckpt:
+        model = stack_on_base(cfg.model, cfg.base_ckpt, cfg.freeze_base, in_channels=channels,
+                              num_classes=data.num_classes, precond=cfg.precond, resolution=resolution)
     else:
         model = build_model(model_config(
             cfg.model, in_channels=channels, num_classes=data.num_classes, precond=cfg.precond, resolution=resolution
@@ -140,17 +146,17 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: d
     batches = loader.batches(data, cfg.batch, cfg.seed, ckpt.step if ckpt else 0, cfg.steps, ranks.rank, ranks.world,
                              cfg.grad_accum, _workers(cfg, data), device)
     if ckpt is not None:
-        model.load_state_dict(ckpt.model)
+        model.load_state_dict(with_base_weights(model, ckpt.model))
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if ckpt is not None:
-        ema.load_state_dict(ckpt.ema)
+        ema.load_state_dict(with_base_weights(ema, ckpt.ema))
     if cfg.compile:
         compile_bricks(model, cfg.compile)
     step_fn = distributed.wrap(distributed.TrainStep(model, loss_fn), ranks, device, cfg.fsdp)
     if cfg.fsdp:
         distributed.shard_like(ema, model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     start = 0
     if ckpt is not None:
         distributed.load_optimizer(opt, step_fn, ckpt.optimizer, cfg.fsdp)
@@ -252,6 +258,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-n", type=int, help=f"samples in the final grid, 0 for none (default {d.sample_n})")
     p.add_argument("--sample-steps", type=int, help=f"Heun steps for the final grid (default {d.sample_steps})")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--base-ckpt", help="a checkpoint of ours or a diffusers DiT/UNet folder as brick 0 of the PR stack")
+    p.add_argument("--freeze-base", action="store_true", default=None, help="with --base-ckpt: train the bricks only")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     p.add_argument("--flip", action="store_true", default=None, help="mirror each image with probability 1/2")
     p.add_argument("--grad-accum", type=int, metavar="K", help="split each step into K micro-steps (same global batch)")

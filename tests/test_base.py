@@ -1,0 +1,162 @@
+"""A pretrained denoiser as brick 0 of a PR stack (lego.base): adapters, frozen vs fine-tuned training, checkpoints."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from lego.base import DiffusersDenoiser, stack_on_base
+from lego.checkpoint import load_checkpoint, load_model
+from lego.errors import LegoError
+from lego.precond import VPPrecond
+from lego.sampling import edm_sampler, skip_schedule
+from lego.train import main as train_main
+
+FAST = ["--batch", "4", "--log-every", "1", "--sample-n", "0", "--no-progress"]
+
+
+class OracleDDPM(torch.nn.Module):
+    """A diffusers-like model that knows x0: it returns the exact epsilon, v or x0 for DDPM's x_t at step t."""
+
+    def __init__(self, x0, prediction):
+        super().__init__()
+        self.x0, self.prediction = x0, prediction
+        self.config = {}
+        self.abar = VPPrecond().alphas_cumprod
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_t, t, class_labels=None):
+        abar = self.abar[t].view(-1, 1, 1, 1).float()
+        eps = (x_t - abar.sqrt() * self.x0) / (1 - abar).sqrt()
+        out = {"epsilon": eps, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * self.x0, "sample": self.x0}
+        return types.SimpleNamespace(sample=out[self.prediction])
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_diffusers_adapter_turns_each_prediction_into_x0(prediction):
+    x0 = torch.randn(3, 2, 8, 8)
+    sigma = VPPrecond().sigmas[torch.tensor([5, 300, 990])].float()  # on DDPM's grid, so the oracle is exact
+    x = x0 + sigma.view(-1, 1, 1, 1) * torch.randn_like(x0)
+    d = DiffusersDenoiser(OracleDDPM(x0, prediction), prediction)(x, sigma)
+    torch.testing.assert_close(d, x0, rtol=1e-4, atol=1e-3 * float(sigma.max()))
+
+
+def test_a_module_base_gives_the_stacks_bottom_prediction():
+    """Brick 0's raw output reproduces the base's D exactly; the bricks above see it, the top brick refines it."""
+    x0 = torch.randn(2, 1, 16, 16)
+    base = DiffusersDenoiser(OracleDDPM(x0, "epsilon"))
+    model = stack_on_base("LEGO-T-PR-16", base, freeze=True, in_channels=1, resolution=16, backend="torch")
+    sigma = VPPrecond().sigmas[torch.tensor([100, 700])].float()
+    x = x0 + sigma.view(-1, 1, 1, 1) * torch.randn_like(x0)
+    outs = model.run_bricks(x, sigma)
+    c_skip, c_out, _, _ = (c.view(-1, 1, 1, 1) for c in model.precond.coefficients(sigma))
+    torch.testing.assert_close(c_skip * x + c_out * outs[0].output, x0, rtol=1e-4, atol=1e-3)
+    # Only brick 0 running: the model is the base; the samplers and skipping run unchanged.
+    torch.testing.assert_close(model(x, sigma, skip=(1, 2)), x0, rtol=1e-4, atol=1e-3)
+    z = torch.randn(2, 1, 16, 16)
+    assert torch.isfinite(edm_sampler(model, z, num_steps=2, skip=skip_schedule(model, 0.5))).all()
+    assert not any(p.requires_grad for p in model.bricks[0].parameters())
+    with pytest.raises(LegoError, match="not a PR stack"):
+        stack_on_base("LEGO-T-PG-16", base, in_channels=1, resolution=16)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A base trained for one step, then bricks trained on top of it for two steps, frozen and fine-tuned."""
+    from lego.data import load_dataset
+
+    tmp = tmp_path_factory.mktemp("base")
+    data = load_dataset("default")
+    np.savez(tmp / "d.npz", images=((data.images[:32, 0] + 1) * 127.5).round().to(torch.uint8).numpy(),
+             labels=data.labels[:32].numpy())
+    common = [*FAST, "--data", str(tmp / "d.npz")]
+    assert train_main([*common, "--steps", "1", "--out", str(tmp / "base")]) == 0
+    base = str(tmp / "base" / "checkpoint.safetensors")
+    for name, extra in (("frozen", ["--freeze-base"]), ("tuned", [])):
+        assert train_main([*common, "--steps", "2", "--base-ckpt", base, "--out", str(tmp / name), *extra]) == 0
+    return tmp
+
+
+def _keys(path):
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def test_frozen_base_is_bit_identical_and_stays_at_its_origin(runs):
+    origin = load_model(runs / "base" / "checkpoint.safetensors").state_dict()
+    ckpt_path = runs / "frozen" / "checkpoint.safetensors"
+    assert not [k for k in _keys(ckpt_path) if k.startswith(("model/bricks.0.", "ema/bricks.0."))]
+    record = load_checkpoint(ckpt_path, parts=()).model_config.base
+    assert record["kind"] == "lego" and record["frozen"] and record["path"].endswith("base/checkpoint.safetensors")
+    assert train_main(["--resume", "--out", str(runs / "frozen"), "--steps", "3", "--no-progress"]) == 0
+    for use_ema in (True, False):
+        model = load_model(ckpt_path, use_ema=use_ema)
+        base = model.bricks[0].denoiser.state_dict()
+        assert base.keys() == origin.keys()
+        for k in origin:
+            assert torch.equal(base[k], origin[k]), k
+        top = model.bricks[-1].final_layer.linear.weight
+        assert top.abs().sum() > 0  # the bricks on top did train
+
+
+def test_fine_tuned_base_is_stored_and_changed(runs, tmp_path):
+    origin = load_model(runs / "base" / "checkpoint.safetensors", use_ema=False).state_dict()
+    ckpt_path = runs / "tuned" / "checkpoint.safetensors"
+    assert [k for k in _keys(ckpt_path) if k.startswith("model/bricks.0.")]
+    assert not load_checkpoint(ckpt_path, parts=()).model_config.base["frozen"]
+    tuned = load_model(ckpt_path, use_ema=False).bricks[0].denoiser.state_dict()
+    assert any(not torch.equal(tuned[k], origin[k]) for k in origin)
+    # The checkpoint stands alone: the origin may go away.
+    moved = tmp_path / "tuned.safetensors"
+    moved.write_bytes(ckpt_path.read_bytes())
+    (runs / "base" / "checkpoint.safetensors").rename(runs / "base" / "gone.safetensors")
+    try:
+        model = load_model(moved, use_ema=False)
+        assert all(torch.equal(model.bricks[0].denoiser.state_dict()[k], tuned[k]) for k in tuned)
+        with pytest.raises(LegoError, match="frozen base .* is missing"):
+            load_model(runs / "frozen" / "checkpoint.safetensors")
+    finally:
+        (runs / "base" / "gone.safetensors").rename(runs / "base" / "checkpoint.safetensors")
+
+
+def test_diffusers_dit_folder_as_base(tmp_path, capsys):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2,
+                                num_layers=1, sample_size=16, patch_size=4, num_embeds_ada_norm=10)
+    dit.save_pretrained(tmp_path / "dit")
+    npz = tmp_path / "d.npz"
+    np.savez(npz, images=np.random.default_rng(0).integers(0, 255, (10, 16, 16), dtype=np.uint8),
+             labels=np.arange(10))
+    out = tmp_path / "run"
+    assert train_main([*FAST, "--data", str(npz), "--steps", "1", "--base-ckpt", str(tmp_path / "dit"),
+                       "--freeze-base", "--out", str(out)]) == 0
+    model = load_model(out / "checkpoint.safetensors")
+    assert model.config.base["class"] == "DiTTransformer2DModel" and model.config.base["prediction"] == "epsilon"
+    state = DiTTransformer2DModel.from_pretrained(tmp_path / "dit").state_dict()
+    assert all(torch.equal(model.bricks[0].denoiser.model.state_dict()[k], v) for k, v in state.items())
+    y = torch.tensor([3, 10])  # a class and DiT's null class (for classifier-free guidance)
+    assert torch.isfinite(model(torch.randn(2, 1, 16, 16), torch.tensor([0.3, 5.0]), y)).all()
+    # Bad bases: one error line each.
+    capsys.readouterr()
+    for base, needle in ((tmp_path / "nope", "not found"), (out / "checkpoint.safetensors", "not a PR stack")):
+        model_args = ["--model", "LEGO-T-PG-16"] if needle == "not a PR stack" else []
+        code = train_main([*FAST, *model_args, "--data", str(npz), "--steps", "1", "--base-ckpt", str(base),
+                           "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_unet_base_runs_in_the_stack():
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    model = stack_on_base("LEGO-T-PR-16", DiffusersDenoiser(unet, "v_prediction"), in_channels=1, resolution=16)
+    x = torch.randn(2, 1, 16, 16)
+    model(x, torch.tensor([0.5, 2.0])).square().mean().backward()
+    assert unet.conv_in.weight.grad is not None  # fine-tuned along with the bricks

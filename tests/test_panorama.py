@@ -1,0 +1,215 @@
+"""Sliding-window sampling (lego.panorama): equal to plain sampling with one window, coverage at the edges, batching,
+per-region labels, and the command line."""
+
+import pytest
+import torch
+
+from lego import LegoModel
+from lego.errors import LegoError
+from lego.panorama import SlidingWindow, coverage, panorama, parse_regions, region_map, window_starts
+from lego.sampling import ddim_sampler, ddpm_sampler, edm_sampler, skip_schedule
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny class-conditional model with random (not adaLN-zero) weights, so every brick's output matters."""
+    torch.manual_seed(0)
+    net = LegoModel.from_name("LEGO-T-PR-16", in_channels=1, num_classes=3, depths=(1, 1, 1), hidden_size=32,
+                              num_heads=2, backend="torch")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+@pytest.mark.parametrize("sampler", [edm_sampler, ddpm_sampler, ddim_sampler])
+def test_one_window_equal_to_the_canvas_is_plain_sampling(model, sampler):
+    z = torch.randn(2, 1, 16, 16)
+    y = torch.tensor([0, 2])
+    kw = {"num_steps": 3, "cfg_scale": 1.5, "skip": skip_schedule(model, 0.5)}
+    plain = sampler(model, z, y, generator=torch.Generator().manual_seed(1), **kw)
+    windowed = sampler(SlidingWindow(model, window=16, stride=5), z, y, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(plain, windowed)
+    # A uniform label map is the same thing as one label per image.
+    maps = y[:, None, None].expand(-1, 16, 16).clone()
+    mapped = sampler(SlidingWindow(model, window=16), z, maps, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(plain, mapped)
+
+
+def test_window_starts_end_flush_with_the_edge():
+    assert window_starts(16, 16, 4) == [0]
+    assert window_starts(40, 16, 8) == [0, 8, 16, 24]
+    assert window_starts(42, 16, 8) == [0, 8, 16, 24, 26]  # the last window moved back to the edge
+    assert window_starts(17, 16, 100) == [0, 1]
+    with pytest.raises(LegoError, match="larger than the canvas"):
+        window_starts(8, 16, 4)
+
+
+def test_coverage_counts_at_the_edges_non_square():
+    count = coverage(24, 42, window=(16, 16), stride=(8, 8))  # rows: starts 0, 8; columns: 0, 8, 16, 24, 26
+    assert count.shape == (24, 42) and count.min() >= 1
+    rows = torch.tensor([1] * 8 + [2] * 8 + [1] * 8)
+    cols = torch.tensor([1] * 8 + [2] * 8 + [2] * 8 + [2] * 2 + [3] * 6 + [2] * 8 + [1] * 2)
+    assert torch.equal(count, rows[:, None] * cols[None, :])
+    # SlidingWindow divides by exactly these counts: a denoiser returning ones everywhere averages to ones, and one
+    # returning 1 per window sums to the count.
+    class Ones:
+        num_classes, in_channels, sigma_min, sigma_max = 0, 1, 0.002, 80.0
+        config = type("C", (), {"resolution": 16})
+
+        def check_canvas(self, x):
+            pass
+
+        def __call__(self, x, sigma, labels=None, skip=()):
+            return torch.ones_like(x)
+
+    sw = SlidingWindow(Ones(), window=16, stride=8, max_batch=3)
+    assert torch.equal(sw(torch.randn(2, 1, 24, 42), 1.0), torch.ones(2, 1, 24, 42))
+
+
+def test_batched_windows_equal_one_window_at_a_time(model):
+    x, sigma, y = torch.randn(2, 1, 32, 48), torch.tensor([0.5, 3.0]), torch.tensor([1, 2])
+    sw = SlidingWindow(model, window=16, stride=(6, 12), max_batch=7)  # chunks that split images
+    got = sw(x, sigma, y, skip=(2,))
+    out, count = torch.zeros_like(x), torch.zeros_like(x)
+    for top, left in sw.windows(32, 48):
+        d = model(x[:, :, top : top + 16, left : left + 16], sigma, y, skip=(2,))
+        out[:, :, top : top + 16, left : left + 16] += d
+        count[:, :, top : top + 16, left : left + 16] += 1
+    torch.testing.assert_close(got, out / count, rtol=1e-5, atol=1e-5)
+    assert torch.equal(count[0, 0], coverage(32, 48, (16, 16), (6, 12)).float())
+    torch.testing.assert_close(SlidingWindow(model, window=16, stride=(6, 12), max_batch=1000)(x, sigma, y, skip=(2,)),
+                               got, rtol=1e-5, atol=1e-5)
+
+
+def test_each_pixel_takes_its_own_regions_prediction(model):
+    """With a label map, a pixel's value is the average over its windows of the prediction under its own class."""
+    x, sigma = torch.randn(1, 1, 16, 32), torch.tensor([1.0])
+    labels = region_map(16, 32, [(0, 0, 16, 20, 0), (0, 20, 16, 32, 2)])  # a boundary inside windows
+    sw = SlidingWindow(model, window=16, stride=8)
+    got = sw(x, sigma, labels[None])
+    out, count = torch.zeros_like(x), torch.zeros_like(x)
+    for top, left in sw.windows(16, 32):
+        win = (slice(None), slice(None), slice(top, top + 16), slice(left, left + 16))
+        for cls in (0, 2):
+            m = (labels[win[2], win[3]] == cls).float()
+            out[win] += m * model(x[win], sigma, torch.tensor([cls]))
+            count[win] += m
+    torch.testing.assert_close(got, out / count, rtol=1e-5, atol=1e-5)
+
+
+def test_regions_parse_and_check():
+    assert parse_regions("0:16=3,16:48=7", 16) == [(0, 0, 16, 16, 3), (0, 16, 16, 48, 7)]
+    labels = region_map(16, 48, parse_regions("0:16=3,16:48=7", 16))
+    assert labels[:, :16].eq(3).all() and labels[:, 16:].eq(7).all()
+    with pytest.raises(LegoError, match="without a class"):
+        region_map(16, 48, parse_regions("0:16=3", 16))
+    with pytest.raises(LegoError, match="outside"):
+        region_map(16, 48, parse_regions("0:64=3", 16))
+    with pytest.raises(LegoError, match="cannot read"):
+        parse_regions("0-16=3", 16)
+
+
+def test_panorama_function(model):
+    g = torch.Generator().manual_seed(0)
+    out = panorama(model, 16, 40, n=2, regions=[(0, 0, 16, 20, 1), (0, 20, 16, 40, 2)], stride=8, steps=2,
+                   cfg_scale=2.0, t_break=0.5, generator=g)
+    assert out.shape == (2, 1, 16, 40) and torch.isfinite(out).all()
+    with pytest.raises(LegoError, match="class ids"):
+        panorama(model, 16, 40, labels=5, steps=2)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        panorama(model, 16, 40, window=8, steps=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    import numpy as np
+
+    from lego.data import load_dataset
+    from lego.train import main as train_main
+
+    tmp = tmp_path_factory.mktemp("pano")
+    data = load_dataset("default")
+    np.savez(tmp / "d.npz", images=((data.images[:32, 0] + 1) * 127.5).round().to(torch.uint8).numpy(),
+             labels=data.labels[:32].numpy())
+    assert train_main(["--model", "LEGO-T-PR-16", "--data", str(tmp / "d.npz"), "--batch", "4", "--steps", "1",
+                       "--sample-n", "0", "--no-progress", "--out", str(tmp / "run")]) == 0
+    return str(tmp / "run" / "checkpoint.safetensors")
+
+
+def test_sample_cli_sliding_window_and_regions(tiny_ckpt, tmp_path, capsys):
+    import numpy as np
+
+    from lego.sample import main as sample_main
+
+    npz = tmp_path / "p.npz"
+    base = ["--ckpt", tiny_ckpt, "--n", "2", "--steps", "2", "--height", "16", "--width", "40"]
+    assert sample_main([*base, "--out", str(npz), "--regions", "0:20=1,20:40=7", "--stride", "8", "--max-batch", "3",
+                        "--cfg-scale", "2", "--t-break", "0.5"]) == 0
+    with np.load(npz) as z:
+        assert z["samples"].shape == (2, 1, 16, 40)
+        assert (z["labels"][:, :, :20] == 1).all() and (z["labels"][:, :, 20:] == 7).all()
+    for sampler in ("ddpm", "ddim"):
+        assert sample_main([*base, "--out", str(npz), "--window", "16", "--sampler", sampler]) == 0
+    for bad, needle in ((["--regions", "0:20=1"], "without a class"), (["--regions", "0:40=12"], "0..9"),
+                        (["--window", "8"], "multiples of 16"), (["--window", "32"], "larger than the canvas"),
+                        (["--regions", "a=1"], "cannot read"), (["--regions", "0:40=1", "--labels", "2"], "not both")):
+        code = sample_main([*base, "--out", str(npz), *bad])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+class IdealDenoiser(torch.nn.Module):
+    """The exact denoiser of a small labelled set of real digits: D(x; sigma, y) = E[x0 | x, class y], a softmax over
+    the set's images of that class (all of them for the null class). What a perfectly trained model computes."""
+
+    def __init__(self, images, labels, num_classes):
+        super().__init__()
+        self.images, self.labels = images, labels  # (N, C, h, w), (N,)
+        self.num_classes, self.in_channels = num_classes, images.shape[1]
+        self.sigma_min, self.sigma_max = 0.002, 80.0
+        self.config = type("C", (), {"resolution": images.shape[-1]})
+
+    def check_canvas(self, x):
+        pass
+
+    def forward(self, x, sigma, class_labels=None, skip=()):
+        dist = torch.cdist(x.flatten(1).double(), self.images.flatten(1).double()) ** 2  # (B, N)
+        logits = -dist / (2 * sigma.double().view(-1, 1) ** 2)
+        if class_labels is not None:
+            own = (self.labels[None] == class_labels[:, None]) | (class_labels[:, None] == self.num_classes)
+            logits = logits.masked_fill(~own, float("-inf"))
+        weights = logits.softmax(dim=1).float()  # (B, N)
+        return (weights @ self.images.flatten(1)).view_as(x)
+
+
+def test_each_region_is_classified_as_its_own_class():
+    """Mixed-class canvases from real digits: a classifier (ccexam's MNIST CNN) reads each region as its class."""
+    pytest.importorskip("ccexam", reason="pip install --no-deps ccexam==1.0.0 (.ci/run does)")
+    import importlib.resources
+
+    import torch.nn.functional as F
+    from ccexam.models import MNISTNet
+
+    from lego.data import load_dataset
+
+    classifier = MNISTNet(input_size=28)
+    with importlib.resources.as_file(importlib.resources.files("ccexam") / "weights" / "mnist.pth") as p:
+        classifier.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
+    classifier.eval()
+
+    def classify(x):  # [B, 1, 16, 16] in [-1, 1] -> class ids
+        x = (F.interpolate(x, size=(28, 28), mode="bilinear") + 1) / 2
+        with torch.no_grad():
+            return classifier((x - 0.1307) / 0.3081).argmax(1)
+
+    data = load_dataset("default", 16)
+    pick = torch.cat([torch.nonzero(data.labels == c)[:20, 0] for c in range(10)])
+    net = IdealDenoiser(data.images[pick], data.labels[pick], 10)
+    classes = (0, 1, 7, 4)
+    labels = region_map(16, 64, [(0, 16 * i, 16, 16 * i + 16, c) for i, c in enumerate(classes)])
+    z = torch.randn(8, 1, 16, 64, generator=torch.Generator().manual_seed(0))
+    out = edm_sampler(SlidingWindow(net, window=16, stride=8), z, labels.expand(8, -1, -1), num_steps=12)
+    for i, c in enumerate(classes):
+        hits = (classify(out[..., 16 * i : 16 * i + 16]) == c).float().mean().item()
+        assert hits >= 0.75, f"region {i} (class {c}): {hits:.0%} classified as {c}; chance is 10%"
