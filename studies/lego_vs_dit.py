@@ -6,7 +6,8 @@ Runs (same data, batch, optimizer, learning-rate schedule, EMA, seed and sampler
 - ``pg``, ``pr``: LEGO-T-PG-16 and LEGO-T-PR-16 (1.95M parameters); ``dit``: DiT-T/2 at 16 x 16 (2.12M), through
   ``lego.train`` (AdamW lr 1e-3, 100 warm-up steps, EMA 0.995: fixed here, not lego.train's defaults), evaluated by
   ``lego.eval`` at each ``--eval-at`` step: FD on MNIST-classifier features and class accuracy, against training
-  wall-clock, process CPU time and FLOPs (forward + backward of one training step counted by torch.utils.flop_counter, times the steps).
+  wall-clock, process CPU time and FLOPs (forward + backward of one training step counted by
+  torch.utils.flop_counter, times the steps).
 - brick skipping: the final ``pg`` and ``pr`` models sampled with t_break in {0, 0.25, 0.5, 0.75}.
 - patch fraction: LEGO-T-PG-16 trained with 1.0, 0.75 and 0.5 of its patch-bricks' patches, each for the same
   training CPU time (--patch-budget; CPU time rather than wall time because the machine is shared).
