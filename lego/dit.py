@@ -78,7 +78,9 @@ class DiTModel(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
         if config.hidden_size % config.num_heads:
-            raise ValueError(f"{config.name}: hidden size {config.hidden_size} is not a multiple of {config.num_heads} heads")
+            raise ValueError(
+                f"{config.name}: hidden size {config.hidden_size} is not a multiple of {config.num_heads} heads"
+            )
         self.config = config
         self.precond = make_precond(config.precond, config.sigma_data)
         self.sigma_min, self.sigma_max = self.precond.sigma_min, self.precond.sigma_max
@@ -124,8 +126,10 @@ class DiTModel(nn.Module):
         h, w = x.shape[2:]
         p = self.config.patch_size
         if h != w or h % p:  # diffusers' DiT un-patchifies square token grids only
-            raise ValueError(f"the canvas {h}x{w} does not fit {self.config.name}: use a square whose side is a multiple "
-                             f"of the patch size {p}")
+            raise ValueError(
+                f"the canvas {h}x{w} does not fit {self.config.name}: use a square whose side is a multiple "
+                f"of the patch size {p}"
+            )
 
     def run_bricks(self, x, sigma, class_labels=None, skip=(), patch_fraction=1.0, fill=None, generator=None,
                    share=None):

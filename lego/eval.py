@@ -9,7 +9,8 @@ Reported (one JSON line on stdout, written to --json too, then one readable line
   CNN, 99.05% on the MNIST test set). Images at the model's resolution are resized to the CNN's 28 x 28 on both sides.
   The training set's statistics are computed once and cached (next to a dataset file or folder; for the named
   datasets under ~/.cache/lego). Comparable between models evaluated at the same n, not to published FIDs.
-- ``class_accuracy`` (10-class conditional models on digits): the share of samples the CNN assigns to the class asked for.
+- ``class_accuracy`` (10-class conditional models on digits): the share of samples the CNN assigns to the class
+  asked for.
 - ``inception_fid`` with --inception: the standard FID through torch-fidelity's Inception-v3, when its weights are on
   the machine (they download at run time elsewhere; here give --inception-weights).
 - the cost: network calls, network evaluations per sample, FLOPs spent (counted by torch.utils.flop_counter per
@@ -149,7 +150,9 @@ class InceptionFeatures:
                 f"them: copy {INCEPTION_FILE} (from torch-fidelity's v0.2.0 release on GitHub) here and pass "
                 "--inception-weights PATH"
             )
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+        self.net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+        )
         self.net = self.net.to(device)
         self.device = device
 

@@ -45,8 +45,8 @@ class TrainConfig:
     resolution: int | None = None  # default: the model's canvas
     precond: str = "edm"
     batch: int = 64
-    steps: int = 400
-    lr: float = 1e-3
+    steps: int = 500
+    lr: float = 2e-3
     warmup: int = 100  # steps of linear learning-rate warm-up
     ema: float = 0.995  # EMA decay per step (ramped up over the first steps); ~0.9999 for long runs
     precision: str = "fp32"  # or "bf16" (autocast)

@@ -4,9 +4,10 @@ Usage: python studies/lego_vs_dit.py [--out studies/results] [--steps 300] [--ev
 
 Runs (same data, batch, optimizer, learning-rate schedule, EMA, seed and sampler; only the backbone differs):
 - ``pg``, ``pr``: LEGO-T-PG-16 and LEGO-T-PR-16 (1.95M parameters); ``dit``: DiT-T/2 at 16 x 16 (2.12M), through
-  ``lego.train`` (``pr`` with the demo's defaults is the README's first command), evaluated by ``lego.eval`` at each
-  ``--eval-at`` step: FD on MNIST-classifier features and class accuracy, against training wall-clock, process CPU
-  time and FLOPs (forward + backward of one training step counted by torch.utils.flop_counter, times the steps).
+  ``lego.train`` (AdamW lr 1e-3, 100 warm-up steps, EMA 0.995: fixed here, not lego.train's defaults), evaluated by
+  ``lego.eval`` at each ``--eval-at`` step: FD on MNIST-classifier features and class accuracy, against training
+  wall-clock, process CPU time and FLOPs (forward + backward of one training step counted by
+  torch.utils.flop_counter, times the steps).
 - brick skipping: the final ``pg`` and ``pr`` models sampled with t_break in {0, 0.25, 0.5, 0.75}.
 - patch fraction: LEGO-T-PG-16 trained with 1.0, 0.75 and 0.5 of its patch-bricks' patches, each for the same
   training CPU time (--patch-budget; CPU time rather than wall time because the machine is shared).
@@ -126,7 +127,8 @@ def write_markdown(res: dict, path: Path) -> None:
     for job in res["jobs_results"]:
         for p in job["points"]:
             lines.append(
-                f"| {p['run']} | {p['model']} | {res['params'][p['model']]:.2f} | {p['step']} | {p['train_wall_s']:.0f} | "
+                f"| {p['run']} | {p['model']} | {res['params'][p['model']]:.2f} | {p['step']} "
+                f"| {p['train_wall_s']:.0f} | "
                 f"{p['train_cpu_s']:.0f} | {p['train_flops'] / 1e12:.1f} | {p['fd']:.1f} | {p['class_accuracy']:.1%} |"
             )
     lines += ["", "## Brick skipping (final models)", "",
@@ -137,11 +139,17 @@ def write_markdown(res: dict, path: Path) -> None:
             f"| {row['run']} | {row['model']} | {row['t_break']} | {row['fd']:.1f} | {row['class_accuracy']:.1%} | "
             f"{row['flops_per_sample'] / 1e9:.2f} | {row['flops_saved_by_skipping']:.0%} | {row['cpu_s']:.0f} |"
         )
-    lines += ["", "## Patch fraction at an equal training CPU budget (LEGO-T-PG-16)", "",
-              "| run | patch fraction | steps | train CPU (s) | train TFLOP | FD | class acc |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Patch fraction at an equal training CPU budget (LEGO-T-PG-16)",
+        "",
+        "| run | patch fraction | steps | train CPU (s) | train TFLOP | FD | class acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in res["patch_rows"]:
         lines.append(
-            f"| {p['run']} | {p['patch_fraction']} | {p['step']} | {p['train_cpu_s']:.0f} | {p['train_flops'] / 1e12:.1f} "
+            f"| {p['run']} | {p['patch_fraction']} | {p['step']} | {p['train_cpu_s']:.0f} "
+            f"| {p['train_flops'] / 1e12:.1f} "
             f"| {p['fd']:.1f} | {p['class_accuracy']:.1%} |"
         )
     lines += ["", "Plots: " + ", ".join(f"[{f}]({f})" for f in res.get("files", [])), ""]
@@ -266,11 +274,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     eval_at = sorted({int(s) for s in args.eval_at.split(",")} | {args.steps})
-    from lego.train import TrainConfig
-
-    base = TrainConfig()
-    shared = {"work": args.work, "n": args.n, "sample_steps": args.sample_steps, "eval_at": eval_at, "chunk": args.chunk,
-              "train": {"batch": args.batch, "lr": base.lr, "warmup": base.warmup, "ema": base.ema, "seed": 0}}  # fmt: skip
+    base = argparse.Namespace(lr=1e-3, warmup=100, ema=0.995)  # the optimizer settings the results were made with
+    shared = {
+        "work": args.work, "n": args.n, "sample_steps": args.sample_steps, "eval_at": eval_at, "chunk": args.chunk,
+        "train": {"batch": args.batch, "lr": base.lr, "warmup": base.warmup, "ema": base.ema, "seed": 0},
+    }  # fmt: skip
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     if args.from_log:
@@ -289,7 +297,9 @@ def main(argv=None) -> int:
                     f.result()
                 return 0
             futures = [pool.submit(run_job, name, m, f, shared) for name, (m, f) in MAIN_RUNS.items()]
-            futures += [pool.submit(run_job, name, m, f, shared, args.patch_budget) for name, (m, f) in PATCH_RUNS.items()]
+            futures += [
+                pool.submit(run_job, name, m, f, shared, args.patch_budget) for name, (m, f) in PATCH_RUNS.items()
+            ]
             jobs = [j.result() for j in futures]
     from lego.zoo import build_model, model_config
 
@@ -299,8 +309,17 @@ def main(argv=None) -> int:
     skip_rows = []
     for job in jobs[:2]:
         last = job["points"][-1]
-        skip_rows.append({"run": job["name"], "model": last["model"], **{k: v for k, v in last.items() if k in
-                          ("t_break", "fd", "class_accuracy", "flops_per_sample", "flops_saved_by_skipping", "cpu_s")}})
+        skip_rows.append(
+            {
+                "run": job["name"],
+                "model": last["model"],
+                **{
+                    k: v
+                    for k, v in last.items()
+                    if k in ("t_break", "fd", "class_accuracy", "flops_per_sample", "flops_saved_by_skipping", "cpu_s")
+                },
+            }
+        )
         skip_rows += job["skips"]
     patch_rows = [j["points"][-1] for j in jobs[3:] if j["points"]]
     res = {
@@ -308,7 +327,8 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, load average at the end "
                    f"{os.getloadavg()[0]:.1f}",
-        "jobs": args.jobs, "n": args.n, "sample_steps": args.sample_steps, "total_wall_s": round(time.perf_counter() - t0),
+        "jobs": args.jobs, "n": args.n, "sample_steps": args.sample_steps,
+        "total_wall_s": round(time.perf_counter() - t0),
         "settings": f"MNIST 10k embedded digits at 16 x 16, batch {args.batch}, AdamW lr {base.lr} (warm-up "
                     f"{base.warmup} steps), EMA {base.ema}, EDM preconditioning and loss, label dropout 0.1, seed 0",
         "note": args.note, "params": params, "jobs_results": jobs, "skip_rows": skip_rows, "patch_rows": patch_rows,
