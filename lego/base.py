@@ -143,10 +143,10 @@ def build_base(record: dict) -> nn.Module:
 
         model = getattr(diffusers, record["class"]).from_config(record["config"])
         return DiffusersDenoiser(model, record["prediction"])
-    if kind == "lego":
-        from lego.models import LegoConfig, LegoModel
+    if kind == "lego":  # a checkpoint of ours: a LEGO stack or a DiT
+        from lego.zoo import build_model, config_from_dict
 
-        return LegoModel(LegoConfig.from_dict(record["config"])).eval()
+        return build_model(config_from_dict(record["config"])).eval()
     raise LegoError(f"unknown base kind {kind!r} in the model config")
 
 
