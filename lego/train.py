@@ -45,7 +45,7 @@ class TrainConfig:
     resolution: int | None = None  # default: the model's canvas
     precond: str = "edm"
     batch: int = 64
-    steps: int = 500
+    steps: int = 800
     lr: float = 2e-3
     warmup: int = 100  # steps of linear learning-rate warm-up
     ema: float = 0.995  # EMA decay per step (ramped up over the first steps); ~0.9999 for long runs
