@@ -326,10 +326,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# fp32 runs its tl.dot as FMAs (no TF32 rounding): smaller N and K tiles keep its registers and compile time in check.
+# fp32 runs its tl.dot as FMAs (no TF32 rounding): a smaller N tile keeps its registers and compile time in check.
+# K tiles of 32: each gathered field element costs its own address arithmetic (int64), and at 64 the [64, 64] gather
+# plus the [64, 128] accumulator spilled (XL-U's 4 x 4 brick of 2 x 2 fields, K 40: 255 registers, 24 bytes, sm_90 bf16;
+# at 32: 170 registers, and half the shared memory at every shape).
 def _fwd_config(d: int, k: int, dtype: torch.dtype) -> dict:
     wide = dtype != torch.float32
-    return {"BLOCK_M": 64, "BLOCK_N": _pow2(d, 16, 128 if wide else 64), "BLOCK_K": _pow2(k, 16, 64 if wide else 32)}
+    return {"BLOCK_M": 64, "BLOCK_N": _pow2(d, 16, 128 if wide else 64), "BLOCK_K": _pow2(k, 16, 32)}
 
 
 def _bwd_weight_config(d: int, k: int, dtype: torch.dtype) -> dict:
@@ -348,7 +351,7 @@ def _bwd_input_config(d: int, k_img: int, dtype: torch.dtype) -> dict:
 # run at once (the image-brick at B = 64 has 64 sequences of 256 tokens: 18 programs from sequences alone at d 1152).
 _BWD_WEIGHT_PROGRAMS = 512
 # The forward at 8 warps: at 4 its [64, 128] accumulator plus the gathered [64, 64] field tile (64-bit addresses) spilled
-# 576 bytes at the image-brick's shape (sm_90, bf16); at 8, 254 registers and no spill.
+# 576 bytes at the image-brick's shape (sm_90, bf16, K tiles of 64 then); at 8, 254 registers and no spill.
 _FWD_WARPS = 8
 
 
