@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lego_kernels._checks import check_canvas, check_float, check_index, check_same
-from lego_kernels._dispatch import new_output, resolve_backend, triton_importable
+from lego_kernels._dispatch import interpreting, new_output, resolve_backend, triton_importable
 
 if triton_importable():
     import triton
@@ -355,6 +355,19 @@ _BWD_WEIGHT_PROGRAMS = 512
 _FWD_WARPS = 8
 
 
+# Below this many forward programs, a program takes fewer sequences (down to tl.dot's 16 rows): XL's 16 x 16 brick at
+# B 64 is 256 sequences of 4 tokens, 144 programs of 64 sequences, under one wave on 132 SMs.
+_FWD_PROGRAMS = 512
+
+
+def _fwd_block_m(n: int, programs_per_row_block: int, block_m: int) -> int:
+    """Sequences per forward program: halve block_m while the grid is under _FWD_PROGRAMS (not under the interpreter,
+    where each program costs milliseconds)."""
+    while block_m > 16 and not interpreting() and triton.cdiv(n, block_m) * programs_per_row_block < _FWD_PROGRAMS:
+        block_m //= 2
+    return block_m
+
+
 def _geometry(x, weight, brick_size, field_size, patch_index):
     b, c, h, w = x.shape
     nh, nw = h // brick_size, w // brick_size
@@ -378,6 +391,7 @@ def _patch_embed_fwd_triton(x, prev, weight, bias, pos_embed, patch_index, brick
     if out.numel() == 0:
         return out
     cfg = _fwd_config(d, k, x.dtype)
+    cfg["BLOCK_M"] = _fwd_block_m(n, t * t * triton.cdiv(d, cfg["BLOCK_N"]), cfg["BLOCK_M"])
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), t * t, triton.cdiv(d, cfg["BLOCK_N"]))
     _patch_embed_fwd_kernel[grid](
         x, prev if prev is not None else x, weight, bias if bias is not None else pos_embed, pos_embed,
