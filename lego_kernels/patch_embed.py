@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lego_kernels._checks import check_canvas, check_float, check_index, check_same
-from lego_kernels._dispatch import new_output, resolve_backend, triton_importable
+from lego_kernels._dispatch import interpreting, new_output, resolve_backend, triton_importable
 
 if triton_importable():
     import triton
@@ -326,10 +326,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# fp32 runs its tl.dot as FMAs (no TF32 rounding): smaller N and K tiles keep its registers and compile time in check.
+# fp32 runs its tl.dot as FMAs (no TF32 rounding): a smaller N tile keeps its registers and compile time in check.
+# K tiles of 32: each gathered field element costs its own address arithmetic (int64), and at 64 the [64, 64] gather
+# plus the [64, 128] accumulator spilled (XL-U's 4 x 4 brick of 2 x 2 fields, K 40: 255 registers, 24 bytes, sm_90 bf16;
+# at 32: 170 registers, and half the shared memory at every shape).
 def _fwd_config(d: int, k: int, dtype: torch.dtype) -> dict:
     wide = dtype != torch.float32
-    return {"BLOCK_M": 64, "BLOCK_N": _pow2(d, 16, 128 if wide else 64), "BLOCK_K": _pow2(k, 16, 64 if wide else 32)}
+    return {"BLOCK_M": 64, "BLOCK_N": _pow2(d, 16, 128 if wide else 64), "BLOCK_K": _pow2(k, 16, 32)}
 
 
 def _bwd_weight_config(d: int, k: int, dtype: torch.dtype) -> dict:
@@ -348,8 +351,21 @@ def _bwd_input_config(d: int, k_img: int, dtype: torch.dtype) -> dict:
 # run at once (the image-brick at B = 64 has 64 sequences of 256 tokens: 18 programs from sequences alone at d 1152).
 _BWD_WEIGHT_PROGRAMS = 512
 # The forward at 8 warps: at 4 its [64, 128] accumulator plus the gathered [64, 64] field tile (64-bit addresses) spilled
-# 576 bytes at the image-brick's shape (sm_90, bf16); at 8, 254 registers and no spill.
+# 576 bytes at the image-brick's shape (sm_90, bf16, K tiles of 64 then); at 8, 254 registers and no spill.
 _FWD_WARPS = 8
+
+
+# Below this many forward programs, a program takes fewer sequences (down to tl.dot's 16 rows): XL's 16 x 16 brick at
+# B 64 is 256 sequences of 4 tokens, 144 programs of 64 sequences, under one wave on 132 SMs.
+_FWD_PROGRAMS = 512
+
+
+def _fwd_block_m(n: int, programs_per_row_block: int, block_m: int) -> int:
+    """Sequences per forward program: halve block_m while the grid is under _FWD_PROGRAMS (not under the interpreter,
+    where each program costs milliseconds)."""
+    while block_m > 16 and not interpreting() and triton.cdiv(n, block_m) * programs_per_row_block < _FWD_PROGRAMS:
+        block_m //= 2
+    return block_m
 
 
 def _geometry(x, weight, brick_size, field_size, patch_index):
@@ -375,6 +391,7 @@ def _patch_embed_fwd_triton(x, prev, weight, bias, pos_embed, patch_index, brick
     if out.numel() == 0:
         return out
     cfg = _fwd_config(d, k, x.dtype)
+    cfg["BLOCK_M"] = _fwd_block_m(n, t * t * triton.cdiv(d, cfg["BLOCK_N"]), cfg["BLOCK_M"])
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), t * t, triton.cdiv(d, cfg["BLOCK_N"]))
     _patch_embed_fwd_kernel[grid](
         x, prev if prev is not None else x, weight, bias if bias is not None else pos_embed, pos_embed,

@@ -29,7 +29,8 @@ the loop (PRELOAD_KV): there the tiles span warps along S and the pick would cos
 BLOCK_DH is d_head rounded up to a power of two, so XL's 72 leaves 56 of 128 lanes masked: registers and issue
 slots, not memory traffic. Compiled for sm_90 (Triton 3.9, bf16, d_head 72, the launch configuration below, JIT
 specialization; read with cuobjdump): S = 4 forward 72 registers, backward 74, no spills, every global load before
-the first barrier; S = 16 forward 79, backward 78. Not yet timed on a GPU.
+the first barrier; S = 16 forward 79, backward 78. LEGO-S's d_head 64, S = 4 forward: 48 registers, one round trip
+(2 pairs per program; at 4 pairs on 4 warps it had two, see _launch_config). Not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -268,6 +269,11 @@ def _launch_config(num_pairs: int, seq: int, d_head: int, backward: bool):
     budget = 32768 if interpreting() else 1024
     block_p = max(1, min(budget // (block_s * block_dh), triton.next_power_of_2(num_pairs)))
     num_warps = 4 if block_p * block_s * block_dh <= 1024 else 8
+    if not backward and seq <= 8 and block_p >= num_warps and not interpreting():
+        # Fewer pairs than warps, so the tile spans warps: the key picks then reduce through shared memory behind a
+        # barrier, and ptxas keeps every load above it. With whole pairs per warp (d_head 64: 4 pairs on 4 warps)
+        # all reductions are shuffles and ptxas sinks v's load below key 0's scores: a second DRAM round trip.
+        block_p = max(1, num_warps // 2)
     return block_p, block_s, block_dh, num_warps * 2 if backward else num_warps
 
 

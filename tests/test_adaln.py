@@ -128,6 +128,7 @@ def test_small_tiles(device, index, monkeypatch):
     sequence."""
     monkeypatch.setattr(adaln, "_TILE_ELEMENTS", 128)
     monkeypatch.setattr(adaln, "_BWD_ROWS", (5, 5))
+    monkeypatch.setattr(adaln, "_FWD_PROGRAMS", 1)  # rows per forward program as the tile allows, not as the grid needs
     monkeypatch.setattr(adaln, "interpreting", lambda: False)
     _check_adaln_modulate(device, torch.float32, (3, 15, 4, 40), index)
     _check_gated(device, torch.float32, (2, 40, 7, 40), index)
@@ -327,3 +328,15 @@ def test_backward_grid_is_parallel_over_rows(batch, monkeypatch):
         assert programs >= 128 or rows < 128 * 64, (seq_len, d, programs)
         partial_bytes, min_bytes = 2 * 3 * programs * d * 4, 6 * rows * d * 2
         assert partial_bytes <= 0.07 * min_bytes, (seq_len, d, partial_bytes / min_bytes)
+
+
+@pytest.mark.parametrize("batch", [16, 64, 256])
+def test_forward_grid_fills_the_gpu(batch, monkeypatch):
+    """The Triton forward's grid on a GPU at the model's bricks: rows per program shrink until there are 2048
+    programs or one row each (LEGO-S's 16 x 16 brick at B 64 ran 512 programs of 8 rows, under one wave)."""
+    monkeypatch.setattr(adaln, "interpreting", lambda: False)
+    for seq_len, seqs_per_image, d in [(256, 1, 1152), (4, 16, 1152), (1, 64, 1152), (4, 16, 384), (4, 256, 384)]:
+        rows = batch * seqs_per_image * seq_len
+        block_d, block_r, num_warps = adaln._tile(d, rows)
+        assert -(-rows // block_r) >= min(rows, 2048), (seq_len, d, block_r)
+        assert block_r * block_d <= adaln._TILE_ELEMENTS and num_warps in (4, 8)

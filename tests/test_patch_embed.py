@@ -89,6 +89,18 @@ def test_patch_embed_one_weight_split(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_patch_embed_small_grid_takes_fewer_sequences_per_program(device, monkeypatch):
+    """The forward's GPU rule for small grids, run here too: 108 sequences at 16 per program (7 row blocks, the last
+    one partial). XL's 16 x 16 brick at B 64 (256 sequences, 4 tokens, 9 column blocks) reaches 576 programs."""
+    monkeypatch.setattr(pe, "interpreting", lambda: False)
+    assert pe._fwd_block_m(256, 4 * 9, 64) == 16  # 144 programs at 64
+    assert pe._fwd_block_m(1024, 4 * 9, 64) == 64  # B 256: 576 programs already
+    assert pe._fwd_block_m(108, 4, 64) == 16
+    tensors = _inputs(3, 4, 16, 36, 4, 2, 40, True, torch.float32, device)
+    _check(tensors, 4, 2, _random_subset(3, 36, 0.9, torch.int64, device), ATOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_patch_embed_gradients_only_where_required(device):
     """dx/dprev are computed only when one of them requires grad; each of them alone still comes out right."""
     x, prev, weight, bias, pos_embed = _inputs(2, 3, 8, 12, 4, 2, 24, True, torch.float32, device)

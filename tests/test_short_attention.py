@@ -206,6 +206,17 @@ def test_kernels_compile_for_gpu(monkeypatch):
         compile_for_gpu(*cc_specs, capabilities=(cc,))
 
 
+@pytest.mark.parametrize("d_head", [32, 64, 72, 128])
+@pytest.mark.parametrize("s", [2, 4, 8])
+def test_preloading_forward_tiles_span_warps(monkeypatch, s, d_head):
+    """On a GPU the S <= 8 forward gives a program fewer (sequence, head) pairs than warps. With whole pairs per warp
+    (d_head 64: 4 pairs on 4 warps) every reduction is a shuffle, no barrier fences the loads, and ptxas sinks v's
+    load below key 0's scores: a second DRAM round trip (tests/test_static_profile.py reads it from the SASS)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    block_p, _, _, num_warps = _launch_config(256 * 64 * 6, s, d_head, backward=False)
+    assert block_p < num_warps
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # On a GPU: the XL patch-brick shape (B = 256 images of 64 patches, S = 4, d = 1152, 16 heads of 72).
 

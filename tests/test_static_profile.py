@@ -42,23 +42,17 @@ COMMITTED = REPO / "benchmarks" / "results" / "static-profile.json"
 ARCH = "sm_90"
 
 # Today's violations, one line per case: a strict xfail each. Remove a line when its fix lands (the case XPASSes).
-ITEM2_ROUNDS = "issue 8 item 2: S = 4 attention, key j+1's loads wait for key j's layout conversion"
 ITEM3_GRID = "issue 8 item 3: the adaLN backward grid is one program per image"
 ITEM3_PARTIALS = "issue 8 item 3: the adaLN backward writes and reads back fp32 per-image partial sums"
-ITEM5_SPILLS = "issue 8 item 5: the patch_embed forward spills at 255 registers"
 ITEM5_BWD_GRID = "issue 8 item 5: the patch_embed backward grids (bwd_weight over sequences, bwd_input) are small"
 ITEM5_BYTES = "issue 8 item 5: the patch_embed backward reads the gradient twice (bwd_weight and bwd_input)"
-FOUND_PATCH_EMBED_FWD_GRID = "issue 8, found by this profile: the patch_embed forward grid of 16 x 16 bricks at B 64"
-FOUND_ADALN_FWD_GRID = "issue 8, found by this profile: the adaLN forward at d 384 runs 8 rows per program, < 1 wave"
 KNOWN_VIOLATIONS = {
-    ("spills", "patch_embed_fwd_kernel@r4-l2-S4-d1152"): ITEM5_SPILLS,
     ("waves", "adaln_bwd_kernel@r16-l8-S4-d1152"): ITEM3_GRID,
     ("waves", "adaln_bwd_kernel@r16-l8-S4-d384"): ITEM3_GRID,
     ("waves", "adaln_bwd_kernel@r32-l2-S256-d1152"): ITEM3_GRID,
     ("waves", "adaln_bwd_kernel@r4-l2-S4-d1152"): ITEM3_GRID,
     ("waves", "adaln_bwd_kernel@r4-l4-S1-d1152"): ITEM3_GRID,
     ("waves", "adaln_bwd_kernel@r8-l4-S4-d1152"): ITEM3_GRID,
-    ("waves", "adaln_fwd_kernel@r16-l8-S4-d384"): FOUND_ADALN_FWD_GRID,
     ("waves", "patch_embed_bwd_input_kernel@r16-l8-S4-d1152"): ITEM5_BWD_GRID,
     ("waves", "patch_embed_bwd_input_kernel@r32-l2-S256-d1152"): ITEM5_BWD_GRID,
     ("waves", "patch_embed_bwd_input_kernel@r4-l2-S4-d1152"): ITEM5_BWD_GRID,
@@ -69,8 +63,6 @@ KNOWN_VIOLATIONS = {
     ("waves", "patch_embed_bwd_weight_kernel@r4-l2-S4-d384"): ITEM5_BWD_GRID,
     ("waves", "patch_embed_bwd_weight_kernel@r4-l4-S1-d1152"): ITEM5_BWD_GRID,
     ("waves", "patch_embed_bwd_weight_kernel@r64-l2-S1024-d384"): ITEM5_BWD_GRID,
-    ("waves", "patch_embed_fwd_kernel@r16-l8-S4-d1152"): FOUND_PATCH_EMBED_FWD_GRID,
-    ("waves", "patch_embed_fwd_kernel@r16-l8-S4-d384"): FOUND_PATCH_EMBED_FWD_GRID,
     ("bytes", "adaln_modulate_bwd@r16-l8-S4-d1152"): ITEM3_PARTIALS,
     ("bytes", "gated_residual_adaln_bwd@r16-l8-S4-d1152"): ITEM3_PARTIALS,
     ("bytes", "patch_embed_bwd@r16-l8-S4-d1152"): ITEM5_BYTES,
@@ -81,8 +73,6 @@ KNOWN_VIOLATIONS = {
     ("bytes", "patch_embed_bwd@r4-l4-S1-d1152"): ITEM5_BYTES,
     ("bytes", "patch_embed_bwd@r64-l2-S1024-d384"): ITEM5_BYTES,
     ("bytes", "patch_embed_bwd@r8-l4-S4-d1152"): ITEM5_BYTES,
-    ("rounds", "short_attention_fwd_kernel@r16-l8-S4-d384"): ITEM2_ROUNDS,
-    ("rounds", "short_attention_fwd_kernel@r4-l2-S4-d384"): ITEM2_ROUNDS,
 }
 
 pytest.importorskip("triton", reason="the static profile compiles Triton kernels")
