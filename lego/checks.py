@@ -63,8 +63,9 @@ def _compile_backends() -> list[str]:
     return torch._dynamo.list_backends(exclude_tags=())
 
 
-def check_train_config(cfg) -> None:
-    """Every number of a TrainConfig, before anything is loaded or written."""
+def check_train_config(cfg, resume: bool = False) -> None:
+    """Every number of a TrainConfig, before anything is loaded or written. With ``resume`` the model is the
+    checkpoint's (maybe a converted one outside the registry): check_resume compares --resolution with it."""
     integer("--steps", cfg.steps, 1, meaning=" (training steps)")
     integer("--batch", cfg.batch, 1, meaning=" (images per step)")
     real("--lr", cfg.lr, 0, low_open=True, meaning=" (e.g. 1e-3)")
@@ -79,6 +80,7 @@ def check_train_config(cfg) -> None:
     integer("--sample-steps", cfg.sample_steps, 1)
     if cfg.resolution is not None:
         integer("--resolution", cfg.resolution, 1, meaning=" (a multiple of the model's largest brick)")
+    if cfg.resolution is not None and not resume:
         config = model_config(cfg.model)
         largest = max(b.brick_size for b in config.bricks) if hasattr(config, "bricks") else config.patch_size
         if cfg.resolution % largest:
