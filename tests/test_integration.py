@@ -2,6 +2,9 @@
 lego.train (--resume, --compile, torchrun's wrapping), lego.sample and lego.eval. CI-sized: 16 x 16, a few steps."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -24,3 +27,21 @@ def test_a_checkpoint_outside_the_registry_resumes(tmp_path):
     assert train_main(argv) == 0
     after = load_checkpoint(run / "checkpoint.safetensors")
     assert after.step == 1 and after.model_config == config
+
+
+def test_fsdp_shards_a_dit_and_matches_one_process(tmp_path):
+    """--fsdp shards each brick; a DiT's one brick is its transformer (it has no .bricks), and the sample grid's
+    gathered EMA is rebuilt as a DiT."""
+    args = ["--model", "DiT-T/2", "--resolution", "16", "--batch", "4", "--steps", "2", "--sample-n", "2",
+            "--sample-steps", "1", "--no-progress", "--device", "cpu", "--warmup", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "lego.train", *args, "--fsdp", "--out", str(tmp_path / "fsdp")], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "fsdp" / "samples.png").is_file()
+    assert train_main([*args, "--sample-n", "0", "--out", str(tmp_path / "one")]) == 0
+    sharded, one = (load_checkpoint(tmp_path / name / "checkpoint.safetensors") for name in ("fsdp", "one"))
+    assert sharded.step == one.step == 2 and sharded.model.keys() == one.model.keys()
+    for key in one.model:
+        torch.testing.assert_close(sharded.model[key], one.model[key], atol=1e-5, rtol=0, msg=key)
