@@ -231,7 +231,11 @@ def evaluate(
     data = data or info.train_config.get("data", "default")
     net = load_model(ckpt, use_ema=use_ema, device=device)
     res = net.config.resolution
-    mnist = MnistFeatures(device) if net.in_channels == 1 else None  # before sampling: fail fast when missing
+    latent = bool(info.train_config.get("latents"))  # trained on lego.encode's latents: its samples are not images
+    if latent and inception:
+        raise LegoError(f"--inception: {ckpt} draws autoencoder latents (it was trained on {data}), and lego.eval scores "
+                        "images; drop --inception to measure the sampling cost alone")
+    mnist = MnistFeatures(device) if net.in_channels == 1 and not latent else None  # before sampling: fail fast
     incep = InceptionFeatures(inception_weights, device) if inception else None
 
     wall, cpu = time.perf_counter(), time.process_time()

@@ -45,3 +45,17 @@ def test_fsdp_shards_a_dit_and_matches_one_process(tmp_path):
     assert sharded.step == one.step == 2 and sharded.model.keys() == one.model.keys()
     for key in one.model:
         torch.testing.assert_close(sharded.model[key], one.model[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_eval_refuses_to_score_latents_as_images(tmp_path, capsys):
+    """A model trained on lego.encode's latents samples latents: lego.eval must not feed them to Inception."""
+    from lego.eval import main as eval_main
+
+    config = model_config("LEGO-T-PG-16", in_channels=4)
+    model = LegoModel(config)
+    ckpt = tmp_path / "checkpoint.safetensors"
+    train_config = {"model": config.name, "data": str(tmp_path / "latents.npy"), "latents": {"scaling_factor": 0.18}}
+    save_checkpoint(ckpt, model, LegoModel(config), torch.optim.AdamW(model.parameters()), 1, train_config)
+    code = eval_main(["--ckpt", str(ckpt), "--n", "1", "--steps", "1", "--inception", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "latents" in err and "drop --inception" in err, err
