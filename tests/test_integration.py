@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 import torch
 
 from lego.checkpoint import load_checkpoint, save_checkpoint
@@ -13,7 +15,16 @@ from lego.models import LegoModel, model_config
 from lego.train import main as train_main
 
 
-def test_a_checkpoint_outside_the_registry_resumes(tmp_path):
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """Two 16 x 16 grey images with labels 0 and 9 (10 classes): loads at once, unlike the embedded MNIST."""
+    path = tmp_path_factory.mktemp("data") / "two.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.integers(0, 256, (2, 16, 16), dtype=np.uint8), labels=np.array([0, 9]))
+    return str(path)
+
+
+def test_a_checkpoint_outside_the_registry_resumes(tmp_path, digits):
     """lego.convert names a model after the snapshot (e.g. lego_T_PG_32) and records its resolution: --resume must
     take the model from the checkpoint, not look that name up in the registry."""
     run = tmp_path / "conv"
@@ -23,7 +34,8 @@ def test_a_checkpoint_outside_the_registry_resumes(tmp_path):
     train_config = {"model": config.name, "resolution": 16, "precond": "edm", "steps": 0, "out": str(run)}
     save_checkpoint(run / "checkpoint.safetensors", model, LegoModel(config), torch.optim.AdamW(model.parameters()), 0,
                     train_config)  # as lego.convert writes it
-    argv = ["--resume", "--out", str(run), "--steps", "1", "--batch", "2", "--sample-n", "0", "--no-progress"]
+    argv = ["--resume", "--out", str(run), "--data", digits, "--steps", "1", "--batch", "2", "--sample-n", "0",
+            "--no-progress"]
     assert train_main(argv) == 0
     after = load_checkpoint(run / "checkpoint.safetensors")
     assert after.step == 1 and after.model_config == config
@@ -59,3 +71,25 @@ def test_eval_refuses_to_score_latents_as_images(tmp_path, capsys):
     code = eval_main(["--ckpt", str(ckpt), "--n", "1", "--steps", "1", "--inception", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "latents" in err and "drop --inception" in err, err
+
+
+def test_resume_refuses_another_base_or_freezing(tmp_path, capsys, digits):
+    """The checkpoint fixes brick 0: --resume with --freeze-base on a trained base, or with another --base-ckpt,
+    would be ignored while the saved options claimed it; it is refused in one line."""
+    config = model_config("LEGO-T-PG-16", in_channels=1, num_classes=10)
+    base = LegoModel(config)
+    for name in ("a", "b"):
+        save_checkpoint(tmp_path / name / "checkpoint.safetensors", base, LegoModel(config),
+                        torch.optim.AdamW(base.parameters()), 1, {"model": config.name})
+    run = tmp_path / "run"
+    fast = ["--data", digits, "--batch", "2", "--sample-n", "0", "--no-progress"]
+    assert train_main(["--model", "LEGO-T-PR-16", "--base-ckpt", str(tmp_path / "a" / "checkpoint.safetensors"),
+                       "--steps", "1", "--out", str(run), *fast]) == 0
+    capsys.readouterr()
+    for option, needle in ((["--freeze-base"], "base is trained"),
+                           (["--base-ckpt", str(tmp_path / "b" / "checkpoint.safetensors")], "the checkpoint's base")):
+        code = train_main(["--resume", "--out", str(run), "--steps", "2", *option, *fast])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert train_main(["--resume", "--out", str(run), "--steps", "2", *fast]) == 0
+    assert load_checkpoint(run / "checkpoint.safetensors", parts=()).step == 2
