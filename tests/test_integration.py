@@ -93,3 +93,35 @@ def test_resume_refuses_another_base_or_freezing(tmp_path, capsys, digits):
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
     assert train_main(["--resume", "--out", str(run), "--steps", "2", *fast]) == 0
     assert load_checkpoint(run / "checkpoint.safetensors", parts=()).step == 2
+
+
+def test_eval_and_heldout_read_a_mapped_npy_as_train_does(tmp_path, capsys):
+    """lego.train reads a memory-mapped .npy (lego.loader); lego.eval's reference set (the checkpoint's --data) and
+    lego.heldout's --data read it too, and score it exactly as the same images in an .npz."""
+    pytest.importorskip("ccexam", reason="pip install --no-deps ccexam==1.0.0 (.ci/run does)")
+    import json
+
+    from lego.eval import main as eval_main
+    from lego.heldout import main as heldout_main
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (40, 20, 20), dtype=np.uint8), np.arange(40) % 10
+    np.save(tmp_path / "d.npy", images)
+    np.save(tmp_path / "d.labels.npy", labels)
+    np.savez(tmp_path / "d.npz", images=images, labels=labels)
+    config = model_config("LEGO-T-PG-16", in_channels=1, num_classes=10)
+    model = LegoModel(config)
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    save_checkpoint(ckpt, model, LegoModel(config), torch.optim.AdamW(model.parameters()), 1,
+                    {"model": config.name, "data": str(tmp_path / "d.npy")})
+    fd = {}
+    for data in ("npy", "npz"):
+        argv = ["--ckpt", str(ckpt), "--n", "4", "--steps", "1", "--no-progress", "--data", str(tmp_path / f"d.{data}")]
+        assert eval_main(argv[:-2] if data == "npy" else argv) == 0  # npy: the checkpoint's own --data
+        fd[data] = json.loads(capsys.readouterr().out.splitlines()[0])["fd"]
+    assert fd["npy"] == pytest.approx(fd["npz"], rel=1e-6)
+    losses = []
+    for data in ("npy", "npz"):
+        assert heldout_main(["--ckpt", str(ckpt), "--data", str(tmp_path / f"d.{data}"), "--n", "8"]) == 0
+        losses.append(float(capsys.readouterr().out.split("held-out loss ")[1].split()[0]))
+    assert losses[0] == losses[1]
