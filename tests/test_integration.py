@@ -24,21 +24,23 @@ def digits(tmp_path_factory):
     return str(path)
 
 
-def test_a_checkpoint_outside_the_registry_resumes(tmp_path, digits):
+def test_a_converted_checkpoint_resumes_as_lego_train_would(tmp_path, digits, monkeypatch):
     """lego.convert names a model after the snapshot (e.g. lego_T_PG_32) and records its resolution: --resume must
-    take the model from the checkpoint, not look that name up in the registry."""
-    run = tmp_path / "conv"
+    take the model from the checkpoint, not look that name up in the registry; and fine-tuning must run lego.train's
+    optimizer (AdamW without weight decay), not the defaults of the one the converter stored."""
+    import lego.convert
+
     config = dataclasses.replace(model_config("LEGO-T-PG-16", in_channels=1, num_classes=10), name="lego_T_PG_16",
                                  time_scale=1.0)
-    model = LegoModel(config)
-    train_config = {"model": config.name, "resolution": 16, "precond": "edm", "steps": 0, "out": str(run)}
-    save_checkpoint(run / "checkpoint.safetensors", model, LegoModel(config), torch.optim.AdamW(model.parameters()), 0,
-                    train_config)  # as lego.convert writes it
+    monkeypatch.setattr(lego.convert, "convert_model", lambda *args, **kwargs: LegoModel(config).eval())
+    run = tmp_path / "conv"
+    lego.convert.convert("lego_T_PG_16.pkl", run)  # (the snapshot is not read: convert_model stands in for it)
     argv = ["--resume", "--out", str(run), "--data", digits, "--steps", "1", "--batch", "2", "--sample-n", "0",
             "--no-progress"]
     assert train_main(argv) == 0
     after = load_checkpoint(run / "checkpoint.safetensors")
     assert after.step == 1 and after.model_config == config
+    assert [g["weight_decay"] for g in after.optimizer["param_groups"]] == [0.0]
 
 
 def test_fsdp_shards_a_dit_and_matches_one_process(tmp_path):
