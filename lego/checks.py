@@ -6,6 +6,7 @@ Each failure is a LegoError naming the option, the value and the fix, so the CLI
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -63,8 +64,9 @@ def _compile_backends() -> list[str]:
     return torch._dynamo.list_backends(exclude_tags=())
 
 
-def check_train_config(cfg) -> None:
-    """Every number of a TrainConfig, before anything is loaded or written."""
+def check_train_config(cfg, resume: bool = False) -> None:
+    """Every number of a TrainConfig, before anything is loaded or written. With ``resume`` the model is the
+    checkpoint's (maybe a converted one outside the registry): check_resume compares --resolution with it."""
     integer("--steps", cfg.steps, 1, meaning=" (training steps)")
     integer("--batch", cfg.batch, 1, meaning=" (images per step)")
     real("--lr", cfg.lr, 0, low_open=True, meaning=" (e.g. 1e-3)")
@@ -79,6 +81,7 @@ def check_train_config(cfg) -> None:
     integer("--sample-steps", cfg.sample_steps, 1)
     if cfg.resolution is not None:
         integer("--resolution", cfg.resolution, 1, meaning=" (a multiple of the model's largest brick)")
+    if cfg.resolution is not None and not resume:
         config = model_config(cfg.model)
         largest = max(b.brick_size for b in config.bricks) if hasattr(config, "bricks") else config.patch_size
         if cfg.resolution % largest:
@@ -120,7 +123,8 @@ def check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, s
 
 
 def check_resume(cfg, saved, saved_step: int, resolution: int, channels: int, num_classes: int) -> None:
-    """--resume: the options and data must describe the model in the checkpoint (``saved``, a LegoConfig)."""
+    """--resume: the options and data must describe the model in the checkpoint (``saved``, a LegoConfig or
+    DiTConfig), its base brick included."""
     clash = []
     if cfg.model != saved.name:
         clash.append(f"--model {cfg.model} (the checkpoint holds {saved.name})")
@@ -132,6 +136,14 @@ def check_resume(cfg, saved, saved_step: int, resolution: int, channels: int, nu
         clash.append(f"--data {cfg.data}: its {channels} channels (the checkpoint's model takes {saved.in_channels})")
     if num_classes != saved.num_classes:
         clash.append(f"--data {cfg.data}: its {num_classes} classes (the checkpoint's model has {saved.num_classes})")
+    base = getattr(saved, "base", None) or {}  # brick 0 from a pretrained model (lego.base); DiTs have none
+    given, recorded = Path(cfg.base_ckpt or "").expanduser(), Path(base.get("path") or "")
+    # (a relative --base-ckpt saved with the run may not resolve from here: only two files that exist are compared)
+    if cfg.base_ckpt and (not base or given.exists() and recorded.exists() and not given.samefile(recorded)):
+        clash.append(f"--base-ckpt {cfg.base_ckpt} (the checkpoint's base is {base.get('path') or 'none'})")
+    if base and bool(cfg.freeze_base) != bool(base.get("frozen")):
+        clash.append(f"--freeze-base {'given' if cfg.freeze_base else 'not given'} (the checkpoint's base is "
+                     f"{'frozen' if base.get('frozen') else 'trained'})")
     if clash:
         raise LegoError(
             f"--resume: {'; '.join(clash)} contradict the checkpoint in {cfg.out}; drop those options to continue it, "

@@ -339,7 +339,8 @@ def convert(snapshot_path, out, num_heads: int | None = None) -> Path:
         "out": str(out), "converted_from": str(snapshot_path),
     }
     ema = copy.deepcopy(model)  # the same weights, stored twice: safetensors refuses shared memory
-    save_checkpoint(ckpt, model, ema, torch.optim.AdamW(model.parameters()), 0, train_config)
+    opt = torch.optim.AdamW(model.parameters(), weight_decay=0.0)  # lego.train's (it sets the lr every step)
+    save_checkpoint(ckpt, model, ema, opt, 0, train_config)
     return ckpt
 
 

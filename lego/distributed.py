@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lego.errors import LegoError
+from lego.zoo import bricks_of, build_model
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def wrap(step: TrainStep, ranks: Dist, device: torch.device, fsdp: bool) -> nn.M
         # FSDP2 warns that a brick returns a view (patch_unembed's canvas); only an in-place op on it would be wrong,
         # and run_bricks and the loss use brick outputs out of place.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        for brick in step.model.bricks:
+        for brick in bricks_of(step.model):
             fully_shard(brick)
         fully_shard(step)  # the embedders; gathered when the step starts
         return step
@@ -196,7 +197,7 @@ def shard_like(ema: nn.Module, model: nn.Module) -> None:
     """Shard the EMA copy as ``wrap`` sharded the model, so that its update stays local to each rank."""
     from torch.distributed.fsdp import fully_shard
 
-    for brick in ema.bricks:
+    for brick in bricks_of(ema):
         fully_shard(brick)
     fully_shard(ema)
 
@@ -248,15 +249,13 @@ def load_optimizer(opt, root: nn.Module, state: dict, fsdp: bool) -> None:
 
 
 def gathered(model: nn.Module, ranks: Dist) -> nn.Module | None:
-    """A sharded LegoModel (its own FSDP root) as one plain model on rank 0, None on the others; a collective."""
+    """A sharded model (its own FSDP root) as one plain model on rank 0, None on the others; a collective."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    from lego.models import LegoModel
 
     device = next(model.parameters()).device
     state = get_model_state_dict(model, options=_full_state_options())
     if not ranks.main:
         return None
-    plain = LegoModel(model.config)
+    plain = build_model(model.config)  # a LEGO stack or a DiT
     plain.load_state_dict(state)
     return plain.to(device).eval()

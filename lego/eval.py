@@ -35,8 +35,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from lego.checkpoint import load_checkpoint, load_model
-from lego.data import NAMED, load_dataset
+from lego.data import NAMED
 from lego.errors import LegoError, run_cli
+from lego.loader import open_dataset, prepare
 from lego.sample import DEFAULT_STEPS, parse_labels
 from lego.sampling import SAMPLERS, skip_schedule
 
@@ -120,8 +121,12 @@ def reference_stats(data: str, resolution: int, extractor, tag: str) -> tuple[np
     if path.is_file():
         with np.load(path) as z:
             return z["mu"], z["sigma"]
-    dataset = load_dataset(data, resolution)
-    mu, sigma = feature_stats(extractor(dataset.images)[0])
+    dataset = open_dataset(data, resolution)  # what lego.train reads: a memory-mapped .npy included
+    feats = []
+    for start in range(0, len(dataset), 10000):  # a mapped dataset is read a slice at a time
+        images, _ = dataset[torch.arange(start, min(start + 10000, len(dataset)))]
+        feats.append(extractor(prepare(images, resolution, None))[0])
+    mu, sigma = feature_stats(torch.cat(feats))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
@@ -231,7 +236,11 @@ def evaluate(
     data = data or info.train_config.get("data", "default")
     net = load_model(ckpt, use_ema=use_ema, device=device)
     res = net.config.resolution
-    mnist = MnistFeatures(device) if net.in_channels == 1 else None  # before sampling: fail fast when missing
+    latent = bool(info.train_config.get("latents"))  # trained on lego.encode's latents: its samples are not images
+    if latent and inception:
+        raise LegoError(f"--inception: {ckpt} draws autoencoder latents (it was trained on {data}), and lego.eval scores "
+                        "images; drop --inception to measure the sampling cost alone")
+    mnist = MnistFeatures(device) if net.in_channels == 1 and not latent else None  # before sampling: fail fast
     incep = InceptionFeatures(inception_weights, device) if inception else None
 
     wall, cpu = time.perf_counter(), time.process_time()

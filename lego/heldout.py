@@ -16,8 +16,8 @@ import sys
 import torch
 
 from lego.checkpoint import load_model
-from lego.data import load_dataset
 from lego.errors import LegoError, run_cli
+from lego.loader import open_dataset, prepare
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def heldout_loss(model, images, labels=None, seed: int = 0, batch: int = 250) ->
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lego.heldout", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", nargs="+", required=True, help="checkpoints to score")
-    p.add_argument("--data", required=True, help="held-out images: default | a folder | an .npz (see lego.train)")
+    p.add_argument("--data", required=True, help="held-out images: default | a folder | an .npz | an .npy (see lego.train)")
     p.add_argument("--n", type=int, default=1000, help="images scored, the first n (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and sigmas (default 0)")
 
@@ -50,9 +50,10 @@ def main(argv=None) -> int:
             raise LegoError(f"--n must be positive, got {args.n}")
         for path in args.ckpt:
             model = load_model(path)
-            data = load_dataset(args.data, model.config.resolution)
-            labels = None if data.labels is None else data.labels[: args.n]
-            loss = heldout_loss(model, data.images[: args.n], labels, args.seed)
+            res = model.config.resolution
+            data = open_dataset(args.data, res)  # what lego.train reads: a memory-mapped .npy included
+            images, labels = data[torch.arange(min(args.n, len(data)))]
+            loss = heldout_loss(model, prepare(images, res, None), labels, args.seed)
             print(f"{path}: held-out loss {loss:.4f} ({min(args.n, len(data))} images of {data.name}, seed {args.seed})")
 
     return run_cli("lego.heldout", work)

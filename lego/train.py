@@ -109,7 +109,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     folder that holds a checkpoint is refused unless ``overwrite``. Every option is checked before anything is loaded
     or written; the folder is locked while the run lasts (lego/rundir.py). Under torchrun every rank calls this;
     rank 0 alone owns the folder, logs, writes checkpoints and samples (lego.distributed)."""
-    checks.check_train_config(cfg)
+    checks.check_train_config(cfg, resume)
     ranks, device, created = distributed.setup(cfg.device, checks.device)
     try:
         run = RunDir(cfg.out, resume=resume, overwrite=overwrite, ranks=ranks)

@@ -31,3 +31,9 @@ def config_from_dict(d: dict) -> LegoConfig | DiTConfig:
 
 def build_model(config: LegoConfig | DiTConfig) -> LegoModel | DiTModel:
     return DiTModel(config) if isinstance(config, DiTConfig) else LegoModel(config)
+
+
+def bricks_of(model: LegoModel | DiTModel) -> list:
+    """The modules holding a model's compute, one per brick: a LEGO stack's bricks, or a DiT's transformer (one
+    brick). What --compile compiles and --fsdp shards."""
+    return list(model.bricks) if isinstance(model, LegoModel) else [model.dit]
