@@ -35,7 +35,7 @@ from lego.loss import LegoLoss
 from lego.models import LegoModel
 from lego.rundir import RunDir
 from lego.sampling import edm_sampler
-from lego.zoo import MODEL_NAMES, build_model, model_config
+from lego.zoo import MODEL_NAMES, bricks_of, build_model, model_config
 
 
 @dataclass
@@ -79,7 +79,7 @@ def compile_bricks(model: LegoModel | DiTModel, backend: str = "inductor") -> No
     """torch.compile each brick's forward, fullgraph (a graph break is an error): the bricks hold the compute, while
     the loss's random draws stay eager. The forward is replaced, not the module, so state-dict keys do not change and
     DDP/FSDP hooks run around the compiled code."""
-    for brick in model.bricks if isinstance(model, LegoModel) else [model.dit]:  # a DiT is one brick
+    for brick in bricks_of(model):  # a DiT's transformer is its one brick
         brick.forward = torch.compile(brick.forward, fullgraph=True, backend=backend)
 
 
