@@ -10,29 +10,8 @@ import torch
 
 from lego.data import load_dataset
 from lego.images import save_grid
-from lego.panorama import SlidingWindow, region_map
+from lego.panorama import ExactDenoiser, SlidingWindow, region_map
 from lego.sampling import edm_sampler
-
-
-class ExactDenoiser:
-    """D(x; sigma, y) = E[x0 | x, class y] over a set of images: a softmax over them (all of them for the null class)."""
-
-    def __init__(self, images, labels, num_classes):
-        self.images, self.labels = images, labels  # (N, C, h, w), (N,)
-        self.num_classes, self.in_channels = num_classes, images.shape[1]
-        self.sigma_min, self.sigma_max = 0.002, 80.0
-        self.config = type("C", (), {"resolution": images.shape[-1]})
-
-    def check_canvas(self, x):
-        pass
-
-    def __call__(self, x, sigma, class_labels=None, skip=()):
-        logits = -torch.cdist(x.flatten(1).double(), self.images.flatten(1).double()) ** 2
-        logits = logits / (2 * sigma.double().view(-1, 1) ** 2)  # (B, N)
-        if class_labels is not None:
-            own = (self.labels[None] == class_labels[:, None]) | (class_labels[:, None] == self.num_classes)
-            logits = logits.masked_fill(~own, float("-inf"))
-        return (logits.softmax(dim=1).float() @ self.images.flatten(1)).view_as(x)
 
 
 def main():

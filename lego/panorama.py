@@ -180,3 +180,28 @@ def panorama(
         wrapped, z, y, num_steps=steps or DEFAULT_STEPS[sampler], cfg_scale=cfg_scale,
         skip=skip_schedule(net, t_break), generator=generator, **sampler_kwargs,
     )
+
+
+class ExactDenoiser(torch.nn.Module):
+    """The exact denoiser of a small labelled image set: D(x; sigma, y) = E[x0 | x, class y], a softmax over the set's
+    images of class y (all of them for the null class y = num_classes). What a perfectly trained model computes on
+    that set: a reference for samplers and sliding windows, with nothing of a training run in it."""
+
+    def __init__(self, images, labels, num_classes):
+        super().__init__()
+        self.images, self.labels = images, labels  # (N, C, h, w), (N,)
+        self.num_classes, self.in_channels = num_classes, images.shape[1]
+        self.sigma_min, self.sigma_max = 0.002, 80.0
+        self.config = type("C", (), {"resolution": images.shape[-1]})
+
+    def check_canvas(self, x):
+        pass
+
+    def forward(self, x, sigma, class_labels=None, skip=()):
+        dist = torch.cdist(x.flatten(1).double(), self.images.flatten(1).double()) ** 2  # (B, N)
+        logits = -dist / (2 * sigma.double().view(-1, 1) ** 2)
+        if class_labels is not None:
+            own = (self.labels[None] == class_labels[:, None]) | (class_labels[:, None] == self.num_classes)
+            logits = logits.masked_fill(~own, float("-inf"))
+        weights = logits.softmax(dim=1).float()  # (B, N)
+        return (weights @ self.images.flatten(1)).view_as(x)

