@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lego.errors import LegoError
-from lego.models import BrickOutput
+from lego.models import BrickOutput, check_batch_of_canvases
 from lego.precond import as_batch_sigma, make_precond
 
 
@@ -119,11 +119,7 @@ class DiTModel(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def check_canvas(self, x: torch.Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"expected a batch of canvases [B, C, H, W], got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"the input has {x.shape[1]} channels but the model was built for {self.in_channels}")
-        h, w = x.shape[2:]
+        h, w = check_batch_of_canvases(x, self.in_channels)
         p = self.config.patch_size
         if h != w or h % p:  # diffusers' DiT un-patchifies square token grids only
             raise ValueError(

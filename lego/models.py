@@ -155,11 +155,7 @@ class LegoModel(nn.Module):
         return cls(model_config(name, in_channels=in_channels, num_classes=num_classes, **overrides))
 
     def check_canvas(self, x: torch.Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"expected a batch of canvases [B, C, H, W], got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"the input has {x.shape[1]} channels but the model was built for {self.in_channels}")
-        h, w = x.shape[2:]
+        h, w = check_batch_of_canvases(x, self.in_channels)
         if h % self.max_brick or w % self.max_brick:
             raise ValueError(
                 f"the canvas {h}x{w} is not divisible by the largest brick size {self.max_brick}; "
@@ -243,6 +239,15 @@ class LegoModel(nn.Module):
                     f"class labels must be in 0..{self.num_classes - 1} ({self.num_classes}: none, for guidance), "
                     f"got {labels.min().item()}..{labels.max().item()}"
                 )
+
+
+def check_batch_of_canvases(x: torch.Tensor, in_channels: int) -> tuple[int, int]:
+    """``x`` is [B, in_channels, H, W]; returns (H, W). Each model adds its own rule for H and W."""
+    if x.dim() != 4:
+        raise ValueError(f"expected a batch of canvases [B, C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"the input has {x.shape[1]} channels but the model was built for {in_channels}")
+    return x.shape[2], x.shape[3]
 
 
 def _patch_mask(patch_index, total, brick_size, height, width):
