@@ -295,8 +295,8 @@ _TILE_ELEMENTS = 4096  # one [BLOCK_R, BLOCK_D] tile: 16 fp32 per thread and ten
 # 2 or 3 sums); C = 1 needs none: one program per image writes the image's sums directly. C is the most programs per
 # image that keeps the partials within _PARTIAL_SHARE of the op's minimum bytes (the 1.1x bound of
 # benchmarks/static.py), up to _BWD_PROGRAMS in all; where that is under 2, C = 1. An image of 16 rows at d 1152
-# (LEGO-XL-U-32's 16 x 16 brick) gets one program (a partial would cost 13% of its bytes); one of 64 rows, 2 (modulate)
-# or 3 (gated); one of 256 rows, 9 or 12 at B 64.
+# (LEGO-XL-U-32's 16 x 16 brick) gets one program (two programs' partials would add 31% to its bytes, 24% gated); one
+# of 64 rows, 2 (modulate) or 3 (gated); one of 256 rows, 9 or 12 at B 64.
 _BWD_PROGRAMS = 1056  # two waves of 4 resident 8-warp programs on 132 SMs (H100/H200)
 _PARTIAL_SHARE = 0.1
 
