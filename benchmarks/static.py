@@ -18,6 +18,11 @@ What it does, step by step:
 4. Derive, per launch: resident CTAs per SM (registers in units of 256 per warp, 2048 threads, 32 CTAs, shared memory
    with 1 KB reserved per CTA), waves = programs / (SMs x resident CTAs), global load / store widths, and the
    dependent global-load round trips before the first global store (``load_rounds``, method in its docstring).
+   The programs the waves check asks of a launch (``programs_needed``): two waves where each of their programs would
+   still move >= 8 KB; for a kernel whose outputs are sums over independent groups of rows (``REDUCTIONS``: the adaLN
+   backward sums each image's rows), at most the programs its partial sums allow: one program per group writes final
+   sums, C per group cost groups x C partials written and read back, allowed while they add at most
+   (MAX_BYTES_RATIO - 1) x the op's minimum bytes (``programs_allowed_by_bytes``).
 5. Bytes, per op call: a launch moves each tensor it really uses once (a parameter the compiled PTX never loads, a
    placeholder for an absent input, is not counted; re-reads that L2 absorbs are not counted either), plus the bytes
    the op's own PyTorch steps move (sorts, sums of partial buffers). The op's minimum is its inputs read once and its
@@ -235,6 +240,45 @@ def resident_ctas(cc: int, regs: int, threads: int, smem: int) -> tuple[int, str
     }
     which = min(limits, key=limits.get)
     return limits[which], which
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The waves rule. Pure functions of a launch's numbers: the tests prove them on hand-made ones.
+
+
+def _adaln_bwd_reduction(args: dict) -> tuple[int, int]:
+    """lego_kernels.adaln's backward: dshift/dscale/dgate are sums over the rows of each image (groups = images, the
+    rows of SCALE, a [B, d] vector); a program's partial is K = 2 HAS_NORM + HAS_RESIDUAL fp32 rows of width d."""
+    kinds = 2 * bool(args["HAS_NORM"]) + bool(args["HAS_RESIDUAL"])
+    return args["SCALE"].shape[0], kinds * args["d"] * 4
+
+
+# Kernels whose outputs are sums over independent groups of their rows, kernel name -> (bound launch arguments ->
+# (groups, bytes of one program's partial sums)). One program per group writes its group's sums directly; splitting a
+# group over several programs makes each write a partial that a second pass reads back.
+REDUCTIONS = {"_adaln_bwd_kernel": _adaln_bwd_reduction}
+
+
+def programs_allowed_by_bytes(groups: int, partial_bytes: int, op_min_bytes: int) -> int:
+    """The most programs a reduction over ``groups`` groups may run within the bytes bound: C programs per group cost
+    groups * C partials, each written and read back (2 * partial_bytes), and C >= 2 is allowed while that traffic stays
+    within (MAX_BYTES_RATIO - 1) x the op's minimum bytes; one program per group needs no partials. Counted in whole
+    programs per group: an uneven split leaves the longest program (what a grid under one wave waits for) as long."""
+    budget = int(round(MAX_BYTES_RATIO - 1, 9) * op_min_bytes)
+    return groups * max(1, budget // (groups * 2 * partial_bytes))
+
+
+def programs_needed(
+    launch_bytes: int, per_wave: int, reduction: tuple[int, int] | None = None, op_min_bytes: int = 0
+) -> int:
+    """Programs a launch must run to pass the waves check: two waves where every program of two waves would still move
+    >= WORK_PER_PROGRAM bytes, but for a reduction (groups, partial bytes) no more than programs_allowed_by_bytes;
+    0 where the work is too small for two waves."""
+    if launch_bytes < 2 * per_wave * WORK_PER_PROGRAM:
+        return 0
+    if reduction is None:
+        return 2 * per_wave
+    return min(2 * per_wave, programs_allowed_by_bytes(*reduction, op_min_bytes))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -563,7 +607,10 @@ def build_profile(models=tuple(MODELS), batches=BATCHES, archs=ARCHS, workers=1,
                         if scenario not in entry["scenarios"]:
                             entry["scenarios"].append(scenario)
                         names = [p.name for p in fn.params]
-                        launch_keys.append((lkey, dict(zip(names, launch.args)) | launch.kwargs))
+                        bound = dict(zip(names, launch.args)) | launch.kwargs
+                        if fn.__name__ in REDUCTIONS:
+                            entry["reduction"] = REDUCTIONS[fn.__name__](bound)  # (groups, partial bytes)
+                        launch_keys.append((lkey, bound))
                     okey = (call.name, call.brick, tuple(k for k, _ in launch_keys), _nbytes(call.inputs + call.outputs))
                     if okey not in ops:
                         ops[okey] = {
@@ -590,6 +637,7 @@ def build_profile(models=tuple(MODELS), batches=BATCHES, archs=ARCHS, workers=1,
         for lkey, bound in launch_keys:
             used = [bound[n] for n in compiled[lkey[0]][archs[0]]["used_args"] if isinstance(bound.get(n), torch.Tensor)]
             launches[lkey]["bytes"] = _nbytes(used)
+            launches[lkey]["op_min_bytes"] = min(launches[lkey].get("op_min_bytes", okey[3]), okey[3])
             total += launches[lkey]["bytes"]
         entry = ops[okey]
         entry["bytes"] = total + entry["torch_bytes"]
@@ -604,13 +652,16 @@ def build_profile(models=tuple(MODELS), batches=BATCHES, archs=ARCHS, workers=1,
             m = compiled[ckey][cc]
             ctas, limiter = resident_ctas(cc, m["registers"], 32 * m["num_warps"], m["shared_bytes"])
             per_wave = SM_LIMITS[cc]["sms"] * max(ctas, 1)
+            # Two waves where each of their programs would still move >= 8 KB, and for a reduction only as many
+            # programs as its partial sums leave within the bytes bound (programs_needed).
+            needed = programs_needed(entry["bytes"], per_wave, entry.get("reduction"), entry["op_min_bytes"])
             entry["arch"][f"sm_{cc}"] = {
                 **{k: v for k, v in m.items() if k != "used_args"},
                 "ctas_per_sm": ctas,
                 "occupancy_limit": limiter,
                 "waves": round(programs / per_wave, 3),
-                # Two waves of programs would each still move >= 8 KB: the work allows a fuller grid.
-                "work_allows_two_waves": entry["bytes"] >= 2 * per_wave * WORK_PER_PROGRAM,
+                "work_allows_two_waves": needed >= 2 * per_wave,
+                "programs_needed": needed,
             }
         launch_rows.append(entry)
     return {
@@ -717,8 +768,9 @@ def violations(profile: dict, arch: str = "sm_90") -> dict[str, dict[str, str]]:
         a, case = e["arch"][arch], case_name(e["kernel"], e["brick"])
         if a["spill_bytes"] or a["spill_instructions"]:
             worst("spills", case, a["spill_bytes"], f"{a['spill_bytes']} B local memory, {a['registers']} registers")
-        if a["work_allows_two_waves"] and a["waves"] < 2:
-            worst("waves", case, -a["waves"], f"{e['programs']} programs = {a['waves']} waves ({e['scenarios'][0]})")
+        if e["programs"] < a["programs_needed"]:
+            worst("waves", case, -a["waves"], f"{e['programs']} programs = {a['waves']} waves, {a['programs_needed']} "
+                  f"needed ({e['scenarios'][0]})")  # fmt: skip
         if e["kernel"] == "_short_attention_fwd_kernel" and a["rounds_before_store"] > 1:
             worst("rounds", case, a["rounds_before_store"], f"{a['rounds_before_store']} round trips before the store")
     for e in profile["ops"]:
@@ -742,7 +794,8 @@ def markdown(profile: dict) -> str:
     ]
     checks = {
         "spills": "local-memory spills",
-        "waves": "under two waves where the work allows more (>= 8 KB per program)",
+        "waves": ("under two waves where the work allows more (>= 8 KB per program; for a reduction, as many programs "
+                  f"as its partial sums allow within {MAX_BYTES_RATIO}x the op's minimum bytes)"),
         "bytes": f"more than {MAX_BYTES_RATIO}x the op's minimum bytes",
         "rounds": "S <= 16 attention forward: more than one load round trip before its first store",
     }

@@ -17,10 +17,12 @@ Backward, per row with xhat = LN(v), rstd = 1 / sqrt(var(v) + 1e-6) and a = dh *
     gated:      g = dx_out + dv;  dx = g;  dy = gate[b] * g;  dgate[b] = sum of g * y
 
 The fused backends (Triton here; "cuda" in ``lego_kernels._cuda``) keep the statistics and every sum in fp32 and
-store in the input dtype. The per-image sums are deterministic: each backward program walks rows of ONE image and
-writes an fp32 partial sum; a second small kernel adds each image's partials in a fixed order (no atomics). With
-``image_index`` the sequences are first sorted by image (a stable argsort on the device, no host sync), so the same
-scheme holds for any mapping, images without sequences included (their gradients are zero). ``image_index`` values
+store in the input dtype. The per-image sums are deterministic (no atomics): each backward program walks rows of ONE
+image; where an image has one program it writes the image's sums directly, where it has C > 1 (large images) each
+writes an fp32 partial sum and a second small kernel adds each image's partials in a fixed order (the launchers'
+comment says how C is chosen). With ``image_index`` the sequences are first sorted by image (a stable argsort on the
+device, no host sync), so the same scheme holds for any mapping, images without sequences included (their gradients
+are zero). ``image_index`` values
 must lie in [0, B). float64 inputs always take the reference (the fused kernels accumulate in fp32).
 """
 
@@ -149,23 +151,20 @@ def _adaln_bwd_kernel(
     MEAN,  # shape (N * S,) fp32 (HAS_NORM)
     RSTD,  # shape (N * S,) fp32 (HAS_NORM)
     ORDER,  # shape (N,) int64: sequences sorted by image (HAS_INDEX)
-    PROGRAM_IMAGE,  # shape (num_programs,) int64: each program's image, B past the last chunk (HAS_INDEX)
-    CHUNK_START,  # shape (B,) int64: the first program of each image (HAS_INDEX)
     SEQ_START,  # shape (B,) int64: each image's first position in ORDER (HAS_INDEX)
     SEQ_COUNT,  # shape (B,) int64: each image's number of sequences (HAS_INDEX)
     DX,  # shape (N * S, d): gradient of x (gated: of the residual input x)
     DY,  # shape (N * S, d): gradient of y (HAS_RESIDUAL)
-    PARTIAL,  # shape (K, num_programs, d) fp32: per-program sums [dshift, dscale (HAS_NORM), dgate (HAS_RESIDUAL)]
-    num_images,
+    SUM0,  # shape (B * C, d): dshift (HAS_NORM) or dgate, per program: the op's output when C = 1, else fp32 partials
+    SUM1,  # shape (B * C, d): dscale (HAS_NORM)
+    SUM2,  # shape (B * C, d): dgate (HAS_NORM and HAS_RESIDUAL)
     d,
     seq_len,  # S: rows per sequence
     seqs_per_image,  # N / B (without HAS_INDEX)
-    rows_per_program,  # rows one program walks through (all of one image)
-    chunks_per_image,  # programs per image (without HAS_INDEX)
+    chunks_per_image,  # C: programs per image
     stride_row,  # row stride of every (N * S, d) tensor
     stride_vec,  # row stride of GATE, SCALE
-    stride_partial_kind,
-    stride_partial_program,
+    stride_sum,  # row stride of SUM0, SUM1, SUM2
     HAS_RESIDUAL: tl.constexpr,
     HAS_NORM: tl.constexpr,
     HAS_INDEX: tl.constexpr,
@@ -175,25 +174,21 @@ def _adaln_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < d
-    # This program's image and its range [row_lo, row_hi) of row positions (in image order: with HAS_INDEX the rows
-    # of the sequences sorted by image). Chunks may cut a sequence: the rows are independent but for the image sums.
+    # Program pid walks chunk pid % C of image pid // C: rows [row_lo, row_hi) of the image's rows in image order (with
+    # HAS_INDEX, the rows of its sequences sorted by image). C equal chunks per image; a chunk may cut a sequence.
+    img = pid // chunks_per_image
+    chunk = pid % chunks_per_image
     if HAS_INDEX:
-        img = tl.load(PROGRAM_IMAGE + pid)
-        img_ok = img < num_images
-        chunk = pid - tl.load(CHUNK_START + img, mask=img_ok, other=0)
-        first = tl.load(SEQ_START + img, mask=img_ok, other=0) * seq_len
-        end = first + tl.load(SEQ_COUNT + img, mask=img_ok, other=0) * seq_len
+        first = tl.load(SEQ_START + img) * seq_len
+        count = tl.load(SEQ_COUNT + img) * seq_len
     else:
-        img = pid // chunks_per_image
-        chunk = pid % chunks_per_image
         first = img * seqs_per_image * seq_len
-        end = first + seqs_per_image * seq_len
-    row_lo = first + chunk * rows_per_program
-    row_hi = tl.minimum(row_lo + rows_per_program, end)
+        count = seqs_per_image * seq_len
+    row_lo = first + chunk * count // chunks_per_image
+    row_hi = first + (chunk + 1) * count // chunks_per_image
 
-    # One image per program: its vectors are loaded once (programs past the last chunk have no rows; they read the
-    # last image's vectors to stay in bounds).
-    vec = tl.minimum(img, num_images - 1) * stride_vec + cols
+    # One image per program: its vectors are loaded once.
+    vec = img * stride_vec + cols
     # The per-image sums stay [BLOCK_R, BLOCK_D] tiles through the loop and are reduced over rows once at the end:
     # a column sum per tile would cross warps (shared memory and a barrier) between one tile's loads and the next's.
     if HAS_NORM:
@@ -239,31 +234,29 @@ def _adaln_bwd_kernel(
             acc_gate += g * y
         tl.store(DX + offs, g.to(DX.dtype.element_ty), mask=mask)
 
-    # Every program writes its partial rows, zeros included, so the partial buffer needs no clearing.
-    part = PARTIAL + pid * stride_partial_program + cols
+    # Row pid of the sums: with C = 1 that is the image's own dshift/dscale/dgate, cast to their dtype (no partials, no
+    # second kernel); with C > 1 an fp32 partial. Every program writes its row, zeros included (an image without rows).
+    out = pid * stride_sum + cols
     if HAS_NORM:
-        tl.store(part, tl.sum(acc_shift, axis=0), mask=col_ok)
-        tl.store(part + stride_partial_kind, tl.sum(acc_scale, axis=0), mask=col_ok)
+        tl.store(SUM0 + out, tl.sum(acc_shift, axis=0).to(SUM0.dtype.element_ty), mask=col_ok)
+        tl.store(SUM1 + out, tl.sum(acc_scale, axis=0).to(SUM1.dtype.element_ty), mask=col_ok)
         if HAS_RESIDUAL:
-            tl.store(part + 2 * stride_partial_kind, tl.sum(acc_gate, axis=0), mask=col_ok)
+            tl.store(SUM2 + out, tl.sum(acc_gate, axis=0).to(SUM2.dtype.element_ty), mask=col_ok)
     else:
-        tl.store(part, tl.sum(acc_gate, axis=0), mask=col_ok)
+        tl.store(SUM0 + out, tl.sum(acc_gate, axis=0).to(SUM0.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
 def _reduce_partials_kernel(
-    PARTIAL,  # shape (K, num_programs, d) fp32
-    CHUNK_START,  # shape (B,) int64: the first program of each image (HAS_INDEX)
-    CHUNK_COUNT,  # shape (B,) int64: the number of programs of each image (HAS_INDEX)
+    PARTIAL,  # shape (K, B * C, d) fp32: the backward's per-program sums, C consecutive programs per image
     OUT0,  # shape (B, d): the sum of kind 0 over each image's programs
     OUT1,  # shape (B, d): kind 1 (K > 1)
     OUT2,  # shape (B, d): kind 2 (K > 2)
     d,
-    chunks_per_image,  # programs per image (without HAS_INDEX)
+    chunks_per_image,  # C
     stride_partial_kind,
     stride_partial_program,
     stride_out,
-    HAS_INDEX: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -271,18 +264,14 @@ def _reduce_partials_kernel(
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     kind = tl.program_id(2)
     col_ok = cols < d
-    if HAS_INDEX:
-        first = tl.load(CHUNK_START + img)
-        count = tl.load(CHUNK_COUNT + img)
-    else:
-        first = img * chunks_per_image
-        count = img * 0 + chunks_per_image
+    first = img * chunks_per_image
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     base = PARTIAL + kind.to(tl.int64) * stride_partial_kind
-    for p0 in range(first, first + count, BLOCK_P):
+    # The image's partials in program order, the same order on every run: deterministic.
+    for p0 in range(0, chunks_per_image, BLOCK_P):
         progs = p0 + tl.arange(0, BLOCK_P)
-        mask = (progs < first + count)[:, None] & col_ok[None, :]
-        tile = tl.load(base + progs[:, None] * stride_partial_program + cols[None, :], mask=mask, other=0.0)
+        mask = (progs < chunks_per_image)[:, None] & col_ok[None, :]
+        tile = tl.load(base + (first + progs)[:, None] * stride_partial_program + cols[None, :], mask=mask, other=0.0)
         acc += tl.sum(tile, axis=0)
     offs = img * stride_out + cols
     if kind == 0:
@@ -295,16 +284,21 @@ def _reduce_partials_kernel(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Launchers. Same signatures and return conventions as lego_kernels._cuda, so the custom ops can call either.
-# Launch sizes come from plain heuristics (autotuning does not run under the interpreter); the tests shrink these two
+# Launch sizes come from plain heuristics (autotuning does not run under the interpreter); the tests shrink these
 # numbers to make small shapes use several tiles per program and several programs per image.
 
 _TILE_ELEMENTS = 4096  # one [BLOCK_R, BLOCK_D] tile: 16 fp32 per thread and tensor at 8 warps
-# Rows per backward program: enough programs to fill a GPU several times over (1024: ~8 per SM on 132 SMs), within
-# [32, 64] rows. The floor bounds what the fp32 partial sums add to the bytes moved (K * d * 4 written and read again
-# per program against ~6 * rows * d * 2 for the gated bf16 backward: 6% at 32 rows); the ceiling keeps big batches
-# at 1024+ programs. The image-brick at B = 16 (4096 rows) gets 128 programs, at B = 256 1024; one per image before.
-_BWD_PROGRAMS = 1024
-_BWD_ROWS = (32, 64)
+
+# The backward's grid. dshift/dscale/dgate are sums over the rows of ONE image, and the LayerNorm backward reduces each
+# row over all of d: a program owns whole rows of one image. C programs per image (C equal chunks of its rows) each
+# write an fp32 partial per sum, 2 * K * d * 4 bytes per program written and read back by _reduce_partials_kernel (K =
+# 2 or 3 sums); C = 1 needs none: one program per image writes the image's sums directly. C is the most programs per
+# image that keeps the partials within _PARTIAL_SHARE of the op's minimum bytes (the 1.1x bound of
+# benchmarks/static.py), up to _BWD_PROGRAMS in all; where that is under 2, C = 1. An image of 16 rows at d 1152
+# (LEGO-XL-U-32's 16 x 16 brick) gets one program (two programs' partials would add 31% to its bytes, 24% gated); one
+# of 64 rows, 2 (modulate) or 3 (gated); one of 256 rows, 9 or 12 at B 64.
+_BWD_PROGRAMS = 1056  # two waves of 4 resident 8-warp programs on 132 SMs (H100/H200)
+_PARTIAL_SHARE = 0.1
 
 
 # The forward's rows per program shrink (down to 1) until there are this many programs: LEGO-S's 16 x 16 brick at B 64
@@ -313,8 +307,9 @@ _FWD_PROGRAMS = 2048
 
 
 def _tile(d: int, num_rows: int, backward: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_R, num_warps) for rows of width d. The backward's tiles are half as big at the same warps: it
-    holds four input tiles (dh, x, dx_out, y) and three running sums, 8 fp32 each per thread at 8 warps."""
+    """(BLOCK_D, BLOCK_R, num_warps) for rows of width d (backward: num_rows = the rows of one program). The backward's
+    tiles are half as big at the same warps: it holds four input tiles (dh, x, dx_out, y) and three running sums, 8 fp32
+    each per thread at 8 warps."""
     elements = _TILE_ELEMENTS // 2 if backward else _TILE_ELEMENTS
     block_d = triton.next_power_of_2(d)
     rows = num_rows if backward or interpreting() else triton.cdiv(num_rows, _FWD_PROGRAMS)
@@ -322,14 +317,16 @@ def _tile(d: int, num_rows: int, backward: bool = False) -> tuple[int, int, int]
     return block_d, block_r, 8 if block_r * block_d >= elements else 4
 
 
-def _bwd_rows_per_program(num_rows: int, block_r: int, block_d: int) -> int:
-    """Rows one backward program walks (a multiple of BLOCK_R; see _BWD_PROGRAMS). Under the interpreter, where each
-    program costs milliseconds, up to 2^17 elements' worth."""
-    lo, hi = _BWD_ROWS
-    if interpreting():
-        lo = max(lo, (1 << 17) // block_d)
-    rows = min(max(triton.cdiv(num_rows, _BWD_PROGRAMS), lo), max(hi, lo))
-    return triton.cdiv(rows, block_r) * block_r
+def _bwd_chunks(num_images: int, num_rows: int, partial_bytes: int, op_bytes: int) -> int:
+    """C, the backward's programs per image (see _BWD_PROGRAMS): the most that keep num_images * C partials of
+    partial_bytes within _PARTIAL_SHARE * op_bytes, at most _BWD_PROGRAMS programs and one row each; 1 under 2."""
+    by_bytes = int(_PARTIAL_SHARE * op_bytes) // (num_images * partial_bytes)
+    chunks = min(by_bytes, triton.cdiv(_BWD_PROGRAMS, num_images), triton.cdiv(num_rows, num_images))
+    return chunks if chunks >= 2 else 1
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _fwd(x, y, gate, shift, scale, image_index):
@@ -373,8 +370,9 @@ def _fwd(x, y, gate, shift, scale, image_index):
     return x_out, h, mean, rstd
 
 
-def _bwd(dh, dx_out, x, y, gate, scale, image_index, mean, rstd, vec_dtype):
-    """Shared launcher: returns (dx, dy, [dshift, dscale] (HAS_NORM) + [dgate] (HAS_RESIDUAL))."""
+def _bwd(dh, dx_out, x, y, gate, scale, image_index, mean, rstd, vec_dtype, shift=None):
+    """Shared launcher: returns (dx, dy, [dshift, dscale] (HAS_NORM) + [dgate] (HAS_RESIDUAL)). ``shift`` (an input of
+    adaln_modulate_bwd that the kernels do not read) only counts toward the op's minimum bytes."""
     n, s, d = x.shape if x is not None else y.shape
     ref = x if x is not None else y
     num_rows = n * s
@@ -387,28 +385,28 @@ def _bwd(dh, dx_out, x, y, gate, scale, image_index, mean, rstd, vec_dtype):
     dy = new_output(ref.shape, y.dtype, device) if has_residual else None
     if num_rows == 0:
         return dx, dy, [torch.zeros(num_images, d, dtype=vec_dtype, device=device) for _ in range(kinds)]
+    sums = [new_output((num_images, d), vec_dtype, device) for _ in range(kinds)]
 
-    block_d, block_r, num_warps = _tile(d, num_rows, backward=True)
-    rows_per_program = _bwd_rows_per_program(num_rows, block_r, block_d)
+    # The op's minimum bytes (inputs read once, outputs written once) bound what the fp32 partials may add.
+    op_bytes = _nbytes(dh, dx_out, x, y, gate, scale, shift, image_index, mean, rstd, dx, dy, *sums)
+    chunks = _bwd_chunks(num_images, num_rows, 2 * kinds * d * 4, op_bytes)
+    num_programs = num_images * chunks
+    block_d, block_r, num_warps = _tile(d, triton.cdiv(num_rows, num_programs), backward=True)
     if image_index is None:
         seqs_per_image = n // num_images
-        chunks_per_image = max(1, triton.cdiv(seqs_per_image * s, rows_per_program))
-        num_programs = num_images * chunks_per_image
-        order = program_image = chunk_start = seq_start = seq_count = chunk_count = ref
+        order = seq_start = seq_count = ref
     else:
-        # Sequences sorted by image; each image's rows split into chunks of rows_per_program, one per program. All on
-        # the device without a host sync: the grid is the bound cdiv(N * S, C) + B, extra programs do nothing.
-        seqs_per_image, chunks_per_image = 1, 1
+        # Sequences sorted by image, on the device without a host sync (a stable sort: a fixed order, so deterministic
+        # sums); each image's run of rows is cut into the same C chunks, an image without sequences into empty ones.
+        seqs_per_image = 1
         sorted_image, order = torch.sort(image_index.long(), stable=True)
         images = torch.arange(num_images, device=device)
         seq_start = torch.searchsorted(sorted_image, images)
         seq_count = torch.searchsorted(sorted_image, images, right=True) - seq_start
-        chunk_count = (seq_count * s + rows_per_program - 1) // rows_per_program
-        chunk_end = torch.cumsum(chunk_count, 0)
-        chunk_start = chunk_end - chunk_count
-        num_programs = triton.cdiv(num_rows, rows_per_program) + num_images
-        program_image = torch.searchsorted(chunk_end, torch.arange(num_programs, device=device), right=True)
-    partial = new_output((kinds, num_programs, d), torch.float32, device)
+    # C = 1: the kernel writes the sums themselves; C > 1: fp32 partials, row p for program p, added up below.
+    partial = new_output((kinds, num_programs, d), torch.float32, device) if chunks > 1 else None
+    out = list(partial.unbind(0)) if chunks > 1 else sums
+    out = out + [out[-1]] * (3 - kinds)  # the kernel takes three sum pointers
     _adaln_bwd_kernel[(num_programs,)](
         dh if has_norm else dx_out,
         dx_out if has_residual else dh,
@@ -416,26 +414,21 @@ def _bwd(dh, dx_out, x, y, gate, scale, image_index, mean, rstd, vec_dtype):
         y if has_residual else x,
         gate if has_residual else scale,
         scale if has_norm else gate,
-        mean if has_norm else partial,
-        rstd if has_norm else partial,
+        mean if has_norm else ref,
+        rstd if has_norm else ref,
         order,
-        program_image,
-        chunk_start,
         seq_start,
         seq_count,
         dx,
         dy if has_residual else dx,
-        partial,
-        num_images,
+        *out,
         d,
         s,
         seqs_per_image,
-        rows_per_program,
-        chunks_per_image,
+        chunks,
         d,
         vec_stride,
-        partial.stride(0),
-        partial.stride(1),
+        out[0].stride(0),
         HAS_RESIDUAL=has_residual,
         HAS_NORM=has_norm,
         HAS_INDEX=image_index is not None,
@@ -443,25 +436,22 @@ def _bwd(dh, dx_out, x, y, gate, scale, image_index, mean, rstd, vec_dtype):
         BLOCK_D=block_d,
         num_warps=num_warps,
     )
-    sums = [new_output((num_images, d), vec_dtype, device) for _ in range(kinds)]
-    block_dc = min(block_d, 256)
-    _reduce_partials_kernel[(num_images, triton.cdiv(d, block_dc), kinds)](
-        partial,
-        chunk_start,
-        chunk_count,
-        sums[0],
-        sums[min(1, kinds - 1)],
-        sums[min(2, kinds - 1)],
-        d,
-        chunks_per_image,
-        partial.stride(0),
-        partial.stride(1),
-        d,
-        HAS_INDEX=image_index is not None,
-        BLOCK_P=16,
-        BLOCK_D=block_dc,
-        num_warps=4,
-    )
+    if chunks > 1:
+        block_dc = min(block_d, 256)
+        _reduce_partials_kernel[(num_images, triton.cdiv(d, block_dc), kinds)](
+            partial,
+            sums[0],
+            sums[min(1, kinds - 1)],
+            sums[min(2, kinds - 1)],
+            d,
+            chunks,
+            partial.stride(0),
+            partial.stride(1),
+            d,
+            BLOCK_P=min(triton.next_power_of_2(chunks), 16),
+            BLOCK_D=block_dc,
+            num_warps=4,
+        )
     return dx, dy, sums
 
 
@@ -473,7 +463,7 @@ def adaln_modulate_fwd(x, shift, scale, image_index):
 
 def adaln_modulate_bwd(dy, x, shift, scale, image_index, mean, rstd):
     """Triton: -> (dx, dshift, dscale); dshift/dscale in shift's dtype."""
-    dx, _, (dshift, dscale) = _bwd(dy, None, x, None, None, scale, image_index, mean, rstd, shift.dtype)
+    dx, _, (dshift, dscale) = _bwd(dy, None, x, None, None, scale, image_index, mean, rstd, shift.dtype, shift)
     return dx, dshift, dscale
 
 
