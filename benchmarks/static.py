@@ -855,6 +855,16 @@ def markdown(profile: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _kept_cuda_section(path: Path):
+    """--no-cuda: the csrc/ figures of the profile already at ``path`` (they do not depend on the Triton capture), so
+    regenerating the Triton part on a machine without nvcc keeps them; else a note that they were skipped."""
+    try:
+        kept = json.loads(path.read_text()).get("cuda")
+    except (OSError, ValueError):
+        kept = None
+    return kept if isinstance(kept, list) else "skipped (--no-cuda)"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to profile")
@@ -862,7 +872,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", nargs="+", type=int, default=list(ARCHS), choices=list(SM_LIMITS),
                    help="compute capabilities to compile for (the first one drives the byte count)")
     p.add_argument("--out", default=str(_RESULTS), help="folder for static-profile.json and static-profile.md")
-    p.add_argument("--no-cuda", action="store_true", help="skip the nvcc -Xptxas -v pass over csrc/")
+    p.add_argument("--no-cuda", action="store_true", help="skip the nvcc -Xptxas -v pass over csrc/ (keeps the csrc figures of a profile in --out)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: every core)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
@@ -874,8 +884,8 @@ def main(argv=None) -> int:
         return 2
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     profile = build_profile(tuple(args.model), tuple(args.batch), tuple(args.arch), args.jobs, log)
-    profile["cuda"] = "skipped (--no-cuda)" if args.no_cuda else cuda_resources()
     out = Path(args.out)
+    profile["cuda"] = _kept_cuda_section(out / "static-profile.json") if args.no_cuda else cuda_resources()
     out.mkdir(parents=True, exist_ok=True)
     (out / "static-profile.json").write_text(json.dumps(profile, indent=1) + "\n")
     (out / "static-profile.md").write_text(markdown(profile))
