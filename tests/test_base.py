@@ -10,6 +10,7 @@ from safetensors import safe_open
 from lego.base import DiffusersDenoiser, stack_on_base
 from lego.checkpoint import load_checkpoint, load_model
 from lego.errors import LegoError
+from lego.models import LegoModel, model_config
 from lego.precond import VPPrecond
 from lego.sampling import edm_sampler, skip_schedule
 from lego.train import main as train_main
@@ -60,6 +61,57 @@ def test_a_module_base_gives_the_stacks_bottom_prediction():
     assert not any(p.requires_grad for p in model.bricks[0].parameters())
     with pytest.raises(LegoError, match="not a PR stack"):
         stack_on_base("LEGO-T-PG-16", base, in_channels=1, resolution=16)
+
+
+class ConvBase(torch.nn.Module):
+    """A small trainable denoiser D(x, sigma, labels) whose prediction is far from the bricks' zero start."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x, sigma, class_labels=None):
+        return torch.tanh(self.conv(x))
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_an_untrained_stack_on_a_base_is_the_base(freeze):
+    """The bricks on a base add their output to the one below and start at zero: the stack's D is the base's D, at
+    every noise level, with any bricks skipped, and on the patches a brick processes in training."""
+    base = ConvBase()
+    model = stack_on_base("LEGO-T-PR-16", base, freeze=freeze, in_channels=1, resolution=16, backend="torch")
+    assert model.config.base["refine"]
+    x = torch.randn(4, 1, 32, 16)  # a canvas larger than the training one, too
+    sigma = torch.tensor([0.002, 0.3, 2.0, 80.0])
+    with torch.no_grad():
+        want = base(x, sigma)  # (4, 1, 32, 16)
+        for skip in ((), (-1,), (1,), (1, 2)):
+            torch.testing.assert_close(model(x, sigma, skip=skip), want, rtol=0, atol=1e-5)
+        # Training processes half the patches of the 4 x 4 brick: those carry the base's output, the rest the fill.
+        fill = torch.randn_like(x)
+        outs = model.run_bricks(x, sigma, patch_fraction=0.5, fill=fill, generator=torch.Generator().manual_seed(0))
+        top, below = outs[-1], outs[-2].output
+        assert top.mask is not None and 0 < top.mask.mean() < 1
+        torch.testing.assert_close(torch.where(top.mask.bool(), below, fill), top.output, rtol=0, atol=0)
+        # A trained top brick changes the prediction; skipping it gives the base's again.
+        torch.nn.init.normal_(model.bricks[-1].final_layer.linear.weight, std=0.1)
+        assert (model(x, sigma) - want).abs().max() > 1e-2
+        torch.testing.assert_close(model(x, sigma, skip=(-1,)), want, rtol=0, atol=1e-5)
+
+
+def test_stacks_saved_before_refining_keep_their_plain_bricks():
+    """A base record without "refine" (a checkpoint from before it) builds the old stack: bricks that replace the
+    base's output, so an untrained one predicts c_skip x rather than the base's D."""
+    base = ConvBase()
+    record = {"kind": "module", "class": "ConvBase", "frozen": True}
+    model = LegoModel(model_config("LEGO-T-PR-16", in_channels=1, resolution=16, base=record), base=base)
+    assert not model.refine
+    x, sigma = torch.randn(2, 1, 16, 16), torch.tensor([0.5, 2.0])
+    c_skip = model.precond.coefficients(sigma)[0].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, sigma), c_skip * x)
+        torch.testing.assert_close(model(x, sigma, skip=(1, 2)), base(x, sigma), rtol=0, atol=1e-5)
+    assert not stack_on_base("LEGO-T-PR-16", base, refine=False, in_channels=1, resolution=16).refine
 
 
 @pytest.fixture(scope="module")
