@@ -2,7 +2,18 @@
 
 Any denoiser D(x; sigma, labels) can be brick 0: LegoModel runs it on the noisy canvas and hands the bricks above
 the raw output F_0 = (D - c_skip x) / c_out that reproduces its prediction, so the patch-bricks refine it exactly as
-they refine an image-brick, and skipping rules, samplers and the joint loss work unchanged. Three sources:
+they refine an image-brick, and skipping rules, samplers and the joint loss work unchanged.
+
+The bricks above a base refine it from the start: brick k outputs F_k = F_{k-1} + f_k, its own output f_k added to the
+one below (on the patches it processed; the others keep the training fill, x0, as before). A new brick's f_k is zero
+(adaLN-Zero), so the untrained stack is exactly the base and training starts from the base's loss instead of first
+learning to pass the base's prediction on (the README's table measures both). Every brick's own prediction is then a
+refinement of the base, so the joint loss over bricks and skipping work unchanged; skipping every brick above the base
+gives the base. The add is one pass over the [B, C, H, W] canvas in PyTorch, not fused into patch_unembed: a few
+channels against the brick's [N, S, d] tokens. The config records the choice (``base["refine"]``); stacks on a base
+saved before it load and run as they were.
+
+Three sources:
 
 - a module computing ``D(x, sigma, class_labels)`` in EDM's view x = x0 + sigma n (Python only);
 - a diffusers ``DiTTransformer2DModel`` or ``UNet2DModel`` folder (``save_pretrained``), trained as DDPM
@@ -150,16 +161,18 @@ def build_base(record: dict) -> nn.Module:
     raise LegoError(f"unknown base kind {kind!r} in the model config")
 
 
-def stack_on_base(name: str, base, freeze: bool = False, **options):
+def stack_on_base(name: str, base, freeze: bool = False, refine: bool = True, **options):
     """The PR stack ``name`` with its bottom image-brick replaced by ``base``: a path (see load_base) or a module
-    computing D(x, sigma, class_labels). ``options`` are model options (in_channels, num_classes, resolution, ...)."""
+    computing D(x, sigma, class_labels). ``refine``: the bricks above add their output to the one below (see the module
+    docstring; False gives plain bricks, which start from a zero prediction). ``options`` are model options
+    (in_channels, num_classes, resolution, ...)."""
     from lego.models import LegoModel, model_config
 
     if isinstance(base, nn.Module):
         denoiser, record = base, {"kind": "module", "class": type(base).__name__}
     else:
         denoiser, record = load_base(base)
-    record["frozen"] = bool(freeze)
+    record["frozen"], record["refine"] = bool(freeze), bool(refine)
     config = model_config(name, base=record, **options)
     if len(config.bricks) < 2 or config.bricks[0].brick_size != max(b.brick_size for b in config.bricks):
         raise LegoError(f"{name} is not a PR stack; a base replaces the bottom image-brick of one (e.g. LEGO-T-PR-16)")

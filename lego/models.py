@@ -144,6 +144,9 @@ class LegoModel(nn.Module):
 
             self.bricks[0] = BaseBrick(base if base is not None else build_base(config.base))
             self.bricks[0].requires_grad_(not config.base.get("frozen"))
+        # Bricks on a base add their output to the one below, so the untrained stack is the base (see lego.base).
+        # Recorded in the config: bases stacked before it ("refine" absent) keep their plain bricks.
+        self.refine = bool(config.base and config.base.get("refine"))
         self.max_brick = max(b.brick_size for b in config.bricks)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
@@ -210,7 +213,10 @@ class LegoModel(nn.Module):
             if getattr(brick, "is_base", False):
                 prev = brick(x, sigma, class_labels, self.precond)  # F_0 that reproduces the base's D
             else:
+                below = prev
                 prev = brick(x_in, prev, cond, patch_index, fill if patch_index is not None else None).float()
+                if self.refine and below is not None:  # F_k = F_{k-1} + f_k on the patches it processed
+                    prev = below + prev if mask is None else torch.where(mask.bool(), below + prev, prev)
             outputs.append(BrickOutput(k, prev, patch_index, mask))
         return outputs
 

@@ -1,5 +1,6 @@
 """A pretrained denoiser as brick 0 of a PR stack (lego.base): adapters, frozen vs fine-tuned training, checkpoints."""
 
+import copy
 import types
 
 import numpy as np
@@ -10,6 +11,10 @@ from safetensors import safe_open
 from lego.base import DiffusersDenoiser, stack_on_base
 from lego.checkpoint import load_checkpoint, load_model
 from lego.errors import LegoError
+from lego.heldout import heldout_loss
+from lego.loader import open_dataset, prepare
+from lego.loss import LegoLoss
+from lego.models import LegoModel, model_config
 from lego.precond import VPPrecond
 from lego.sampling import edm_sampler, skip_schedule
 from lego.train import main as train_main
@@ -60,6 +65,57 @@ def test_a_module_base_gives_the_stacks_bottom_prediction():
     assert not any(p.requires_grad for p in model.bricks[0].parameters())
     with pytest.raises(LegoError, match="not a PR stack"):
         stack_on_base("LEGO-T-PG-16", base, in_channels=1, resolution=16)
+
+
+class ConvBase(torch.nn.Module):
+    """A small trainable denoiser D(x, sigma, labels) whose prediction is far from the bricks' zero start."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x, sigma, class_labels=None):
+        return torch.tanh(self.conv(x))
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_an_untrained_stack_on_a_base_is_the_base(freeze):
+    """The bricks on a base add their output to the one below and start at zero: the stack's D is the base's D, at
+    every noise level, with any bricks skipped, and on the patches a brick processes in training."""
+    base = ConvBase()
+    model = stack_on_base("LEGO-T-PR-16", base, freeze=freeze, in_channels=1, resolution=16, backend="torch")
+    assert model.config.base["refine"]
+    x = torch.randn(4, 1, 32, 16)  # a canvas larger than the training one, too
+    sigma = torch.tensor([0.002, 0.3, 2.0, 80.0])
+    with torch.no_grad():
+        want = base(x, sigma)  # (4, 1, 32, 16)
+        for skip in ((), (-1,), (1,), (1, 2)):
+            torch.testing.assert_close(model(x, sigma, skip=skip), want, rtol=0, atol=1e-5)
+        # Training processes half the patches of the 4 x 4 brick: those carry the base's output, the rest the fill.
+        fill = torch.randn_like(x)
+        outs = model.run_bricks(x, sigma, patch_fraction=0.5, fill=fill, generator=torch.Generator().manual_seed(0))
+        top, below = outs[-1], outs[-2].output
+        assert top.mask is not None and 0 < top.mask.mean() < 1
+        torch.testing.assert_close(torch.where(top.mask.bool(), below, fill), top.output, rtol=0, atol=0)
+        # A trained top brick changes the prediction; skipping it gives the base's again.
+        torch.nn.init.normal_(model.bricks[-1].final_layer.linear.weight, std=0.1)
+        assert (model(x, sigma) - want).abs().max() > 1e-2
+        torch.testing.assert_close(model(x, sigma, skip=(-1,)), want, rtol=0, atol=1e-5)
+
+
+def test_stacks_saved_before_refining_keep_their_plain_bricks():
+    """A base record without "refine" (a checkpoint from before it) builds the old stack: bricks that replace the
+    base's output, so an untrained one predicts c_skip x rather than the base's D."""
+    base = ConvBase()
+    record = {"kind": "module", "class": "ConvBase", "frozen": True}
+    model = LegoModel(model_config("LEGO-T-PR-16", in_channels=1, resolution=16, base=record), base=base)
+    assert not model.refine
+    x, sigma = torch.randn(2, 1, 16, 16), torch.tensor([0.5, 2.0])
+    c_skip = model.precond.coefficients(sigma)[0].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, sigma), c_skip * x)
+        torch.testing.assert_close(model(x, sigma, skip=(1, 2)), base(x, sigma), rtol=0, atol=1e-5)
+    assert not stack_on_base("LEGO-T-PR-16", base, refine=False, in_channels=1, resolution=16).refine
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +212,46 @@ def test_unet_base_runs_in_the_stack():
     unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        norm_num_groups=4)
-    model = stack_on_base("LEGO-T-PR-16", DiffusersDenoiser(unet, "v_prediction"), in_channels=1, resolution=16)
+    base = DiffusersDenoiser(unet, "v_prediction")
+    model = stack_on_base("LEGO-T-PR-16", base, in_channels=1, resolution=16)
     x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():  # the untrained bricks on top leave the UNet's prediction as it is
+        torch.testing.assert_close(model(x, torch.tensor([0.5, 2.0])), base(x, torch.tensor([0.5, 2.0])))
     model(x, torch.tensor([0.5, 2.0])).square().mean().backward()
     assert unet.conv_in.weight.grad is not None  # fine-tuned along with the bricks
+
+
+def _fit(model, data, steps, start, lr, opt=None, batch=16):
+    """``steps`` AdamW steps of the joint loss on the embedded digits but their last 500 (held out); step k's batch,
+    noise and sigmas come from seed k, so every model sees the same draws at the same step."""
+    opt = opt or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    loss_fn = LegoLoss(label_dropout=0.1)
+    model.train()
+    for step in range(start, start + steps):
+        g = torch.Generator().manual_seed(step)
+        x, y = data[torch.randint(0, len(data) - 500, (batch,), generator=g)]
+        loss, _ = loss_fn(model, prepare(x, 16, None), y, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval(), opt
+
+
+def test_bricks_on_a_trained_base_beat_the_base_alone():
+    """The issue's claim at CI scale: a small base (hidden 32) trained 100 steps, then 60 more steps of the same
+    batches for the base alone (its optimizer carried on, as --resume does) and for the base fine-tuned with 8 x 8 and
+    4 x 4 bricks (hidden 64) on top; the stack's final prediction has the lower denoising loss on 500 held-out digits
+    with fixed noise. (Frozen, they beat the base alone in 4 of 6 seeds only, so that is not asserted; see README.)"""
+    data = open_dataset("default", 16)
+    held_x, held_y = data[torch.arange(len(data) - 500, len(data))]
+    held_x = prepare(held_x, 16, None)
+    opts = {"in_channels": 1, "num_classes": 10, "resolution": 16, "num_heads": 4, "depths": (1, 1, 1), "backend": "torch"}
+    torch.manual_seed(0)
+    base, opt = _fit(LegoModel(model_config("LEGO-T-PR-16", hidden_size=32, **opts)), data, 100, 0, 2e-3)
+    torch.manual_seed(1)
+    stack = stack_on_base("LEGO-T-PR-16", copy.deepcopy(base), hidden_size=64, **opts)
+    _fit(stack, data, 60, 100, 2e-3)
+    alone, _ = _fit(base, data, 60, 100, 2e-3, opt)
+    loss_alone, loss_stack = heldout_loss(alone, held_x, held_y), heldout_loss(stack, held_x, held_y)
+    # Measured stack / alone over seeds 0-5 of this set-up: 0.89 to 0.95 (seed 0, this test: 0.93).
+    assert loss_stack < 0.97 * loss_alone, (loss_stack, loss_alone)
