@@ -11,6 +11,15 @@ Shapes: x, prev [B, C, H, W]; weight [d, C', l, l] with C' = C (+ C) + 2; bias [
 Output [N, S, d]: sequences image by image and patches row-major (N = B * H/r * W/r), or, with patch_index [B, P]
 (flat patch ids p * W/r + q), in that order with N = B * P. The fused kernels compute the coordinates from the pixel
 index and read x and prev in place: no unfold, cat or coordinate tensor goes through memory.
+
+Backward, with dtok [N, S, d] and field(n, s) [K] (K = C' * l * l): dfield = dtok . weight goes back to the canvas
+pixels of its field (x's and prev's channels; the coordinates have no gradient), dweight = sum over tokens of
+dtok^T field, dpos_embed[s] = sum over sequences of dtok[:, s], dbias = sum of dpos_embed. One Triton kernel
+(_patch_embed_bwd_kernel) reads each dtok tile once for all of them, over a grid of token tiles, and sums dweight,
+dpos_embed and dbias across tiles with fp32 atomics in L2 (tile size: _bwd_config). Atomics add in a different order
+from run to run, so under torch.use_deterministic_algorithms(True) the backward instead runs two kernels that read dtok
+twice (dweight and dpos_embed from fixed-order fp32 partials, then dfield); so it does, dweight in one piece, where the
+fused kernel's fp32 accumulator would cost more bytes than the second read (few tokens against K).
 """
 
 from __future__ import annotations
@@ -182,7 +191,7 @@ def _patch_embed_bwd_weight_kernel(
     X,  # shape (B, C, H, W)
     PREV,  # shape (B, C, H, W); not read without HAS_PREV
     INDEX,  # shape (B, P); not read without HAS_INDEX
-    DW_PART,  # shape (SEQ_SPLITS * TOKEN_SPLITS, d, K) fp32: this program's share of dweight
+    DW_PART,  # shape (SEQ_SPLITS * TOKEN_SPLITS, d, K) fp32: this program's share of dweight; dweight itself when 1
     DPOS_PART,  # shape (SEQ_SPLITS, S, d) fp32: each sequence split's share of dpos_embed
     N,
     P,
@@ -250,7 +259,8 @@ def _patch_embed_bwd_weight_kernel(
         if pid_k == 0:
             tl.store(DPOS_PART + (split * (T * T) + s) * d + cols, dpos, mask=col_ok)
     part = DW_PART + part_id.to(tl.int64) * d * K
-    tl.store(part + cols[None, :] * K + k[:, None], acc, mask=(k < K)[:, None] & col_ok[None, :])
+    w_ok = (k < K)[:, None] & col_ok[None, :]
+    tl.store(part + cols[None, :] * K + k[:, None], acc.to(DW_PART.dtype.element_ty), mask=w_ok)
 
 
 @triton.jit
@@ -448,6 +458,8 @@ def _bwd_input_config(d: int, k_img: int, dtype: torch.dtype) -> dict:
 # 128 rows, and where few rows exist (the image brick at B 64: 64 patches x 256 tokens) the grid is small.
 _ATOMIC_SHARE = 1.0
 _BWD_ROWS = (32, 64, 128)
+# Below this many tokens per field element K, the backward reads dtok twice instead (_patch_embed_bwd_triton).
+_TWO_PASS_TOKENS_PER_K = 4
 
 
 def _bwd_config(g: int, s: int, d: int, k: int, dtype: torch.dtype) -> dict:
@@ -527,12 +539,17 @@ def _patch_embed_fwd_triton(x, prev, weight, bias, pos_embed, patch_index, brick
 def _patch_embed_bwd_triton(dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad):
     """(dcanvas [1 or 2, B, C, H, W] or an empty tensor when not input_grad, dweight, dbias, dpos_embed).
 
-    One fused kernel that sums dweight with fp32 atomics, whose order varies from run to run; under
-    torch.use_deterministic_algorithms(True) the two kernels below instead, in a fixed order (as PyTorch does for
-    index_add_ and scatter_add_)."""
+    One fused kernel that reads dtok once and sums dweight with fp32 atomics, whose order varies from run to run.
+    Under torch.use_deterministic_algorithms(True), the two kernels below instead, in a fixed order (as PyTorch does
+    for index_add_ and scatter_add_). With few tokens against K (T < _TWO_PASS_TOKENS_PER_K * K: XL-U's 16 x 16 brick
+    of 8 x 8 fields at B 64, T 1024, K 640), the fp32 accumulator's zeroing and final read (8 d K bytes) cost more than
+    reading dtok twice (2 T d): the two kernels then, dweight in one piece, written in its own dtype."""
+    args = (dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad)
     if torch.are_deterministic_algorithms_enabled():
-        return _patch_embed_bwd_two_pass(dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad)
-    return _patch_embed_bwd_fused(dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad)
+        return _patch_embed_bwd_two_pass(*args)
+    if dtokens.shape[0] * dtokens.shape[1] < _TWO_PASS_TOKENS_PER_K * weight[0].numel():
+        return _patch_embed_bwd_two_pass(*args, weight_programs=1)
+    return _patch_embed_bwd_fused(*args)
 
 
 def _patch_embed_bwd_fused(dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad):
@@ -569,9 +586,11 @@ def _bwd_atomic_bytes(grid, args) -> dict[str, int]:
 _patch_embed_bwd_kernel.atomic_bytes = _bwd_atomic_bytes
 
 
-def _patch_embed_bwd_two_pass(dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad):
-    """The deterministic backward: dweight/dpos over sequence and token splits into fp32 partials summed in order, then
-    dx/dprev; dtok is read twice."""
+def _patch_embed_bwd_two_pass(
+    dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad, weight_programs=None
+):
+    """The deterministic backward: dweight/dpos over sequence and token splits (for about weight_programs programs,
+    default _BWD_WEIGHT_PROGRAMS) into fp32 partials summed in order, then dx/dprev; dtok is read twice."""
     b, c, h, w, nh, nw, p, d, k, t, (row_step, col_step) = _geometry(x, weight, brick_size, field_size, patch_index)
     n, s = b * p, t * t
     dtype, device = weight.dtype, x.device
@@ -579,13 +598,15 @@ def _patch_embed_bwd_two_pass(dtokens, x, prev, weight, patch_index, brick_size,
     cfg = _bwd_weight_config(d, k, dtype)
     tiles = triton.cdiv(d, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"])
     seq_blocks = max(1, triton.cdiv(n, cfg["BLOCK_M"]))
-    split = max(1, min(seq_blocks, triton.cdiv(_BWD_WEIGHT_PROGRAMS, tiles)))
+    weight_programs = weight_programs or _BWD_WEIGHT_PROGRAMS
+    split = max(1, min(seq_blocks, triton.cdiv(weight_programs, tiles)))
     seq_per_split = triton.cdiv(seq_blocks, split) * cfg["BLOCK_M"]
     split = max(1, triton.cdiv(n, seq_per_split))
-    token_splits = max(1, min(s, triton.cdiv(_BWD_WEIGHT_PROGRAMS, tiles * split)))
+    token_splits = max(1, min(s, triton.cdiv(weight_programs, tiles * split)))
     tokens_per_split = triton.cdiv(s, token_splits)
     token_splits = triton.cdiv(s, tokens_per_split)
-    dw_part = new_output((split * token_splits, d, k), torch.float32, device)
+    pieces = split * token_splits  # one piece is dweight itself, in its dtype: no fp32 buffer to write and read back
+    dw_part = new_output((pieces, d, k), torch.float32 if pieces > 1 else dtype, device)
     dpos_part = new_output((split, s, d), torch.float32, device)
     grid = (triton.cdiv(d, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]), split * token_splits)
     _patch_embed_bwd_weight_kernel[grid](
@@ -595,8 +616,8 @@ def _patch_embed_bwd_two_pass(dtokens, x, prev, weight, patch_index, brick_size,
         T=t, L=field_size, HAS_PREV=prev is not None, HAS_INDEX=patch_index is not None,
         DOT_PRECISION=_dot_precision(dtype), **cfg,
     )  # fmt: skip
-    dpos = dpos_part.sum(0)  # (S, d) fp32
-    dweight = dw_part.sum(0).to(dtype).view(weight.shape)
+    dpos = dpos_part.sum(0) if split > 1 else dpos_part[0]  # (S, d) fp32
+    dweight = (dw_part.sum(0).to(dtype) if pieces > 1 else dw_part[0]).view(weight.shape)
     dbias = dpos.sum(0).to(dtype)
 
     if not input_grad:

@@ -66,7 +66,9 @@ def _check(tensors, r, l, patch_index, atol, backend="triton"):
 @pytest.mark.parametrize("has_prev", [False, True], ids=["no-prev", "prev"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-C{}-{}x{}-r{}-l{}-d{}".format(*c))
 @pytest.mark.parametrize("device", DEVICES)
-def test_patch_embed_matches_reference(device, case, has_prev, indexed, dtype):
+def test_patch_embed_matches_reference(device, case, has_prev, indexed, dtype, monkeypatch):
+    """The forward and the fused backward (which these small shapes, few tokens against K, would mostly not take)."""
+    monkeypatch.setattr(pe, "_TWO_PASS_TOKENS_PER_K", 0)
     b, c, h, w, r, l, d = case
     tensors = _inputs(b, c, h, w, r, l, d, has_prev, dtype, device)
     # int32 ids with fp16 and int64 with fp32, so both index dtypes run.
@@ -104,8 +106,23 @@ def _spy_backward_paths(monkeypatch) -> list[str]:
     taken = []
     for name in ("fused", "two_pass"):
         fn = getattr(pe, f"_patch_embed_bwd_{name}")
-        monkeypatch.setattr(pe, f"_patch_embed_bwd_{name}", lambda *a, fn=fn, name=name: taken.append(name) or fn(*a))
+        monkeypatch.setattr(pe, f"_patch_embed_bwd_{name}", lambda *a, fn=fn, name=name, **kw: taken.append(name)
+                            or fn(*a, **kw))  # fmt: skip
     return taken
+
+
+def _spy_launches(monkeypatch) -> list[tuple]:
+    """(kernel name, grid) of every backward kernel launch."""
+    launched = []
+    for name in ("_patch_embed_bwd_kernel", "_patch_embed_bwd_weight_kernel", "_patch_embed_bwd_input_kernel"):
+        kernel = getattr(pe, name)
+
+        def run(*a, kernel=kernel, name=name, grid, **kw):
+            launched.append((name, tuple(grid)))
+            return type(kernel).run(kernel, *a, grid=grid, **kw)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return launched
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -125,15 +142,22 @@ def test_patch_embed_deterministic_path_matches_reference(device, case, dtype, d
 def test_patch_embed_default_backward_is_one_kernel(device, monkeypatch):
     """By default the backward is the fused kernel alone: one launch reads dtok once for dx, dprev, dweight, dbias and
     dpos_embed."""
-    taken = _spy_backward_paths(monkeypatch)
-    launched = []
-    for name in ("_patch_embed_bwd_kernel", "_patch_embed_bwd_weight_kernel", "_patch_embed_bwd_input_kernel"):
-        kernel = getattr(pe, name)
-        monkeypatch.setattr(kernel, "run", lambda *a, kernel=kernel, name=name, **kw: launched.append(name)
-                            or type(kernel).run(kernel, *a, **kw))  # fmt: skip
-    tensors = _inputs(2, 3, 8, 12, 4, 2, 24, True, torch.float32, device)
-    _check(tensors, 4, 2, _random_subset(2, 6, 0.5, torch.int64, device), ATOL[torch.float32])
-    assert taken == ["fused"] and launched == ["_patch_embed_bwd_kernel"]
+    taken, launched = _spy_backward_paths(monkeypatch), _spy_launches(monkeypatch)
+    tensors = _inputs(3, 4, 16, 36, 4, 2, 40, True, torch.float32, device)  # 324 tokens >= 4 x K = 160
+    _check(tensors, 4, 2, _random_subset(3, 36, 0.75, torch.int64, device), ATOL[torch.float32])
+    assert taken == ["fused"] and [name for name, _ in launched] == ["_patch_embed_bwd_kernel"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_embed_few_tokens_take_two_kernels(device, monkeypatch):
+    """With fewer tokens than 4 x K (here 24 against K = 4 x 64), reading dtok twice moves less than the fused kernel's
+    fp32 dweight accumulator: dweight in one piece from the first kernel (grid z = 1), then dx/dprev."""
+    taken, launched = _spy_backward_paths(monkeypatch), _spy_launches(monkeypatch)
+    tensors = _inputs(3, 1, 16, 32, 16, 8, 40, True, torch.float16, device)
+    _check(tensors, 16, 8, _random_subset(3, 2, 1, torch.int64, device), ATOL[torch.float16])
+    assert taken == ["two_pass"]
+    assert [name for name, _ in launched] == ["_patch_embed_bwd_weight_kernel", "_patch_embed_bwd_input_kernel"]
+    assert launched[0][1][2] == 1
 
 
 # (B, C, H, W, r, l, d): S = 16 tokens over 4 patches (tiles of 4 patches x 4 token positions, 4 token blocks), XL's
@@ -148,12 +172,15 @@ def test_patch_embed_fused_backward_small_tiles(device, case, monkeypatch):
     """Tiles of 16 rows, so that many programs add into the same dweight, dpos_embed and dbias entries with atomics
     (the CPU shapes otherwise fit a token position in one tile), and tiles span several token positions."""
     monkeypatch.setattr(pe, "_BWD_ROWS", (16,))
+    monkeypatch.setattr(pe, "_TWO_PASS_TOKENS_PER_K", 0)
+    taken = _spy_backward_paths(monkeypatch)
     b, c, h, w, r, l, d = case
     g, s = b * (h // r) * (w // r), (r // l) ** 2
     cfg = pe._bwd_config(g, s, d, (2 * c + 2) * l * l, torch.float32)
     assert triton_cdiv(g, cfg["BLOCK_P"]) * triton_cdiv(s, cfg["BLOCK_S"]) >= 2
     tensors = _inputs(b, c, h, w, r, l, d, True, torch.float32, device)
     _check(tensors, r, l, _random_subset(b, (h // r) * (w // r), 3 / 4, torch.int64, device), ATOL[torch.float32])
+    assert taken == ["fused"]
 
 
 def triton_cdiv(a: int, b: int) -> int:

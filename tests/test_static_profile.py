@@ -52,6 +52,11 @@ ITEM5_BYTES = (
     "issue 8 item 5: the fused patch_embed backward's fp32 dweight accumulator (zeroed, then read for the cast: "
     "8 x d x K bytes) is over 10% of the op's minimum where K is large against the tokens (fields of 4 x 4 and 8 x 8)"
 )
+ITEM5_FEW_TOKENS = (
+    "issue 8 item 5: XL-U-32's 16 x 16 brick has few tokens against K (1024 at B 64, K 640): at B 64 the patch_embed "
+    "backward reads dtok twice (2 T d bytes, less than the fused kernel's fp32 accumulator, 8 d K), dweight in one "
+    "piece on d/64 x K/64 = 180 programs; at B 256 the fused kernel's accumulator is still 29% of the minimum"
+)
 KNOWN_VIOLATIONS = {
     ("waves", "adaln_bwd_kernel@r16-l8-S4-d1152"): ITEM3_GRID,
     ("waves", "adaln_bwd_kernel@r16-l8-S4-d384"): ITEM3_GRID,
@@ -59,7 +64,6 @@ KNOWN_VIOLATIONS = {
     ("waves", "adaln_bwd_kernel@r4-l2-S4-d1152"): ITEM3_GRID,
     ("waves", "adaln_bwd_kernel@r4-l4-S1-d1152"): ITEM3_GRID,
     ("waves", "adaln_bwd_kernel@r8-l4-S4-d1152"): ITEM3_GRID,
-    ("waves", "patch_embed_bwd_kernel@r16-l8-S4-d1152"): ITEM5_BWD_GRID,
     ("waves", "patch_embed_bwd_kernel@r16-l8-S4-d384"): ITEM5_BWD_GRID,
     ("waves", "patch_embed_bwd_kernel@r32-l2-S256-d1152"): ITEM5_BWD_GRID,
     ("waves", "patch_embed_bwd_kernel@r4-l2-S4-d1152"): ITEM5_BWD_GRID,
@@ -67,9 +71,10 @@ KNOWN_VIOLATIONS = {
     ("waves", "patch_embed_bwd_kernel@r4-l4-S1-d1152"): ITEM5_BWD_GRID,
     ("waves", "patch_embed_bwd_kernel@r64-l2-S1024-d384"): ITEM5_BWD_GRID,
     ("waves", "patch_embed_bwd_kernel@r8-l4-S4-d1152"): ITEM5_BWD_GRID,
+    ("waves", "patch_embed_bwd_weight_kernel@r16-l8-S4-d1152"): ITEM5_FEW_TOKENS,
     ("bytes", "adaln_modulate_bwd@r16-l8-S4-d1152"): ITEM3_PARTIALS,
     ("bytes", "gated_residual_adaln_bwd@r16-l8-S4-d1152"): ITEM3_PARTIALS,
-    ("bytes", "patch_embed_bwd@r16-l8-S4-d1152"): ITEM5_BYTES,
+    ("bytes", "patch_embed_bwd@r16-l8-S4-d1152"): ITEM5_FEW_TOKENS,
     ("bytes", "patch_embed_bwd@r16-l8-S4-d384"): ITEM5_BYTES,
     ("bytes", "patch_embed_bwd@r8-l4-S4-d1152"): ITEM5_BYTES,
 }
