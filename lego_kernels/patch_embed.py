@@ -330,7 +330,7 @@ def _patch_embed_bwd_kernel(
     WEIGHT,  # shape (d, C', l, l), read as (d, K); not read without INPUT_GRAD
     INV,  # shape (B * P_all,) int32: sequence of each (image, patch), -1 when none; not read without HAS_INDEX
     DCANVAS,  # shape (1 or 2, B, C, H, W): dx, then dprev when there is prev; not written without INPUT_GRAD
-    DW_ACC,  # shape (d, K) fp32, zeroed: dweight, summed here with atomics
+    DW_ACC,  # shape (d, ACC_STRIDE) fp32, zeroed: dweight in its first K columns, summed here with atomics
     DPOS_ACC,  # shape (S, d) fp32, zeroed: dpos_embed, summed here with atomics
     DB_ACC,  # shape (d,) fp32, zeroed: dbias, summed here with atomics
     G,  # canvas patches, B * P_all
@@ -353,6 +353,7 @@ def _patch_embed_bwd_kernel(
     HAS_PREV: tl.constexpr,
     HAS_INDEX: tl.constexpr,
     INPUT_GRAD: tl.constexpr,
+    ACC_STRIDE: tl.constexpr,  # K rounded up to 4 (K itself where l > 1): known here, so its atomics go 16 bytes wide
     DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,  # canvas patches per program
     BLOCK_S: tl.constexpr,  # token positions per program: a tile of BLOCK_P * BLOCK_S token rows
@@ -395,8 +396,9 @@ def _patch_embed_bwd_kernel(
             w = tl.load(WEIGHT + cols[:, None] * K + k[None, :], mask=col_ok[:, None] & (k < K)[None, :], other=0.0)
             dfield = tl.dot(g, w, dfield, input_precision=DOT_PRECISION)  # (BLOCK_P * BLOCK_S, BLOCK_K)
         dw = tl.dot(tl.trans(g), a, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_K)
-        w_ok = col_ok[:, None] & (k < K)[None, :]
-        tl.atomic_add(DW_ACC + cols[:, None] * K + k[None, :], dw, mask=w_ok, sem="relaxed")
+        # dw is 0 in the padding columns K..ACC_STRIDE (the field tile is), so they take part: whole 16-byte atomics.
+        acc_ok = col_ok[:, None] & (k < ACC_STRIDE)[None, :]
+        tl.atomic_add(DW_ACC + cols[:, None] * ACC_STRIDE + k[None, :], dw, mask=acc_ok, sem="relaxed")
         if pid_k == 0:
             g3 = tl.reshape(g.to(tl.float32), (BLOCK_P, BLOCK_S, BLOCK_N))
             dpos = tl.sum(g3, axis=0)  # (BLOCK_S, BLOCK_N)
@@ -469,7 +471,7 @@ def _bwd_config(g: int, s: int, d: int, k: int, dtype: torch.dtype) -> dict:
         block_p = min(rows, _pow2(g, 1, rows))
         block_s = min(rows // block_p, _pow2(s, 1, rows))
         block_p = max(block_p, 16 // block_s)  # tl.dot needs 16 rows: pad with masked ones
-        if 2 * (k + block_s + 1) <= _ATOMIC_SHARE * block_p * block_s:
+        if 2 * (triton.cdiv(k, 4) * 4 + block_s + 1) <= _ATOMIC_SHARE * block_p * block_s:
             break
     return {
         "BLOCK_P": block_p,
@@ -556,7 +558,7 @@ def _patch_embed_bwd_fused(dtokens, x, prev, weight, patch_index, brick_size, fi
     b, c, h, w, nh, nw, _, d, k, t, (row_step, col_step) = _geometry(x, weight, brick_size, field_size, patch_index)
     s, g, parts = t * t, b * nh * nw, 2 if prev is not None else 1
     dtype, device = weight.dtype, x.device
-    dw_acc = torch.zeros((d, k), dtype=torch.float32, device=device)
+    dw_acc = torch.zeros((d, triton.cdiv(k, 4) * 4), dtype=torch.float32, device=device)
     dpos_acc = torch.zeros((s, d), dtype=torch.float32, device=device)
     db_acc = torch.zeros((d,), dtype=torch.float32, device=device)
     dcanvas = new_output((parts, b, c, h, w), x.dtype, device) if input_grad else dtokens.new_empty((0,))
@@ -570,17 +572,18 @@ def _patch_embed_bwd_fused(dtokens, x, prev, weight, patch_index, brick_size, fi
             g, nh * nw, nw, d, k, parts * c * field_size**2, c, h, w, x.stride(0), x.stride(1), x.stride(2),
             row_step, col_step, b * c * h * w,
             T=t, L=field_size, HAS_PREV=prev is not None, HAS_INDEX=patch_index is not None, INPUT_GRAD=input_grad,
-            DOT_PRECISION=_dot_precision(dtype), **cfg,
+            ACC_STRIDE=dw_acc.shape[1], DOT_PRECISION=_dot_precision(dtype), **cfg,
         )  # fmt: skip
-    return dcanvas, dw_acc.to(dtype).view(weight.shape), db_acc.to(dtype), dpos_acc.to(dtype)
+    return dcanvas, dw_acc[:, :k].to(dtype).reshape(weight.shape), db_acc.to(dtype), dpos_acc.to(dtype)
 
 
 def _bwd_atomic_bytes(grid, args) -> dict[str, int]:
     """L2 atomic traffic of one _patch_embed_bwd_kernel launch per accumulator (read by benchmarks/static.py): each of
-    the grid's (patch block, token block) tiles adds a [d, K] fp32 share of dweight over its K tiles, BLOCK_S rows of
-    dpos_embed and one of dbias."""
+    the grid's (patch block, token block) tiles adds a [d, K] fp32 share of dweight over its K tiles (K padded to
+    ACC_STRIDE), BLOCK_S rows of dpos_embed and one of dbias."""
     tiles, d = grid[0] * grid[1], args["d"]
-    return {"DW_ACC": tiles * d * args["K"] * 4, "DPOS_ACC": tiles * args["BLOCK_S"] * d * 4, "DB_ACC": tiles * d * 4}
+    dw = tiles * d * args["ACC_STRIDE"] * 4
+    return {"DW_ACC": dw, "DPOS_ACC": tiles * args["BLOCK_S"] * d * 4, "DB_ACC": tiles * d * 4}
 
 
 _patch_embed_bwd_kernel.atomic_bytes = _bwd_atomic_bytes

@@ -209,7 +209,7 @@ def test_patch_embed_backward_tiles_at_model_shapes():
     cfg = pe._bwd_config(256, 256, 1152, 40, torch.bfloat16)
     grid = (2, 256, 1)
     assert (cfg["BLOCK_P"], cfg["BLOCK_S"]) == (128, 1)
-    atomic = sum(pe._bwd_atomic_bytes(grid, {"d": 1152, "K": 40, "BLOCK_S": 1}).values())
+    atomic = sum(pe._bwd_atomic_bytes(grid, {"d": 1152, "K": 40, "ACC_STRIDE": 40, "BLOCK_S": 1}).values())
     assert atomic == 512 * 1152 * (40 + 2) * 4 and atomic <= pe._ATOMIC_SHARE * 256 * 256 * 1152 * 2
 
 
@@ -298,7 +298,7 @@ def test_patch_embed_bad_shapes_and_backends(monkeypatch):
 def _signature(kernel, pointers, floats=()):
     """Triton types in the kernel's argument order: the given pointers, fp32 floats, constexprs, i32 otherwise."""
     constexprs = {"T", "L", "HAS_PREV", "HAS_BIAS", "HAS_INDEX", "INPUT_GRAD", "DOT_PRECISION", "BLOCK_M", "BLOCK_N",
-                  "BLOCK_K", "BLOCK_P", "BLOCK_S"}  # fmt: skip
+                  "BLOCK_K", "BLOCK_P", "BLOCK_S", "ACC_STRIDE"}  # fmt: skip
     return {
         name: pointers.get(name) or ("fp32" if name in floats else "constexpr" if name in constexprs else "i32")
         for name in kernel.arg_names
@@ -333,7 +333,8 @@ def _compile_spec(kernel, dtype, shape):
                 "DPOS_ACC": "*fp32", "DB_ACC": "*fp32"}  # fmt: skip
         cfg = pe._bwd_config(256, 256, d, k, torch_dtype)
         options = {"num_warps": cfg.pop("num_warps")}
-        return fn, _signature(fn, ptrs, steps), {**flags, "INPUT_GRAD": True, **cfg}, options
+        constexprs = {**flags, "INPUT_GRAD": True, "ACC_STRIDE": -(-k // 4) * 4, **cfg}
+        return fn, _signature(fn, ptrs, steps), constexprs, options
     if kernel == "bwd_weight":
         fn = pe._patch_embed_bwd_weight_kernel
         ptrs = {"DTOK": t, "X": t, "PREV": t, "INDEX": "*i64", "DW_PART": "*fp32", "DPOS_PART": "*fp32"}
