@@ -360,10 +360,10 @@ def _patch_embed_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One read of each dtok tile gives all three gradients of its rows: dfield = dtok . weight (written to the canvas
-    pixels of each field, zero where no sequence covers the patch), and the tile's share of dweight = dtok^T . field
-    and of dpos_embed = sum of dtok per token position (and dbias, its sum), added to fp32 accumulators with atomics. The d columns are
-    walked in BLOCK_N chunks, so the field tile is gathered once and the dfield accumulator stays in registers."""
+    """One read of each dtok tile gives all the gradients of its rows: dfield = dtok . weight (written to the canvas
+    pixels of each field, zero where no sequence covers the patch), and the tile's share of dweight = dtok^T . field,
+    of dpos_embed = sum of dtok per token position and of dbias (its sum), added to fp32 accumulators with atomics.
+    The d columns are walked in BLOCK_N chunks, so the field tile is gathered once and dfield stays in registers."""
     pid_p = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_k = tl.program_id(2)

@@ -86,7 +86,8 @@ def test_patch_embed_without_bias(device):
 @pytest.fixture
 def deterministic():
     """torch.use_deterministic_algorithms(True) for one test: the backward takes its two-kernel path."""
-    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     yield
     torch.use_deterministic_algorithms(before, warn_only=warn_only)
