@@ -259,8 +259,12 @@ def test_patch_embed_torch_compile(device):
             torch.testing.assert_close(b.grad, a.grad)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["two-kernels", "fused"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_patch_embed_opcheck(device):
+def test_patch_embed_opcheck(device, fused, monkeypatch):
+    """Fake and real implementations agree, for both backward paths (24 tokens < 4 x K picks the two kernels)."""
+    if fused:
+        monkeypatch.setattr(pe, "_TWO_PASS_TOKENS_PER_K", 0)
     x, prev, weight, bias, pos_embed = _inputs(2, 3, 8, 12, 4, 2, 24, True, torch.float32, device)
     patch_index = _random_subset(2, 6, 0.5, torch.int64, device)
     weight.requires_grad_()
