@@ -28,6 +28,12 @@ What it does, step by step:
    the op's own PyTorch steps move (sorts, sums of partial buffers). The op's minimum is its inputs read once and its
    outputs written once. A ratio above 1 is traffic the op's math does not need (a gradient read by two kernels,
    fp32 partial buffers written and read back).
+   Atomics: a kernel that sums into fp32 accumulators with global atomics (RED / ATOM in its SASS) declares its L2
+   atomic traffic as an ``atomic_bytes(grid, args) -> {accumulator argument: bytes}`` attribute of its JITFunction
+   (programs x the accumulator bytes each one adds); a launch whose SASS has atomics and that declares nothing is an
+   error. That traffic goes to L2 and is reported in its own field (``atomic_bytes``, per launch and per op), not in
+   the bytes. The accumulators' DRAM bytes are in the op's bytes: their zeroing and their final read (the op's PyTorch
+   steps: zeros, then the cast or sum that reads them).
 6. CUDA kernels (csrc/): registers, spills and static shared memory from ``nvcc -O3 -arch=sm_90a -Xptxas -v``.
 
 It leans on a few private hooks, checked with torch 2.13 and Triton 3.9: ``CustomOpDef._abstract_fn`` / ``_init_fn``,
@@ -349,7 +355,9 @@ def capturing(calls: list):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
-            if stack and not func.is_view and name not in no_traffic:
+            # A view op moves nothing unless it had to copy: aten.to.dtype aliases in its schema but a cast copies.
+            copied = not func.is_view or not {_key(t)[0] for t in _tensors(out)} & {_key(t)[0] for t in _tensors(args)}
+            if stack and copied and name not in no_traffic:
                 moved = _nbytes(_tensors((args, kwargs, out)))
                 if moved:
                     stack[-1].torch_bytes += moved
@@ -526,6 +534,7 @@ def compile_kernel(fn, spec: tuple, options: dict, cc: int) -> dict:
     res = next(iter(parse_resource_usage(usage).values()))
     instructions = next(iter(parse_sass(sass).values()))
     loads, stores = access_widths(instructions)
+    atomics = sum(_base(_split(i)[0]) in ("RED", "REDG", "ATOM", "ATOMG") for i in instructions)
     # PTX parameters are the non-constexpr arguments in order; one the code never loads is unused at this launch.
     runtime = [n for n, (kind, _) in zip(names, spec) if kind != "constexpr"]
     used = {int(i) for i in re.findall(r"ld\.param\.[a-z0-9]+\s+%\w+,\s*\[\w+_param_(\d+)", compiled.asm["ptx"])}
@@ -536,6 +545,7 @@ def compile_kernel(fn, spec: tuple, options: dict, cc: int) -> dict:
         "num_warps": meta.num_warps,
         "loads": loads,
         "stores": stores,
+        "atomics": atomics,
         **load_rounds(instructions),
         "used_args": [runtime[i] for i in sorted(used) if i < len(runtime)],
     }
@@ -557,6 +567,18 @@ def _kernel_id(fn, spec) -> str:
     fn = _unwrap(fn)
     consts = [f"{p.name}={v}" for p, (kind, v) in zip(fn.params, spec) if kind == "constexpr" and p.is_constexpr]
     return f"{fn.__name__}[{', '.join(consts)}]"
+
+
+def _atomic_bytes(spec: tuple, grid: tuple, bound: dict, compiled: dict) -> dict[str, int]:
+    """{accumulator argument: L2 atomic bytes} of one launch, as its kernel declares it (module docstring, item 5)."""
+    module, name, _, _ = spec
+    declared = getattr(getattr(importlib.import_module(module), name), "atomic_bytes", None)
+    if declared is None:
+        if compiled["atomics"]:
+            raise RuntimeError(f"{name} has {compiled['atomics']} global atomics in its SASS but declares no "
+                               "atomic_bytes(grid, args): the profile cannot count its L2 atomic traffic")  # fmt: skip
+        return {}
+    return {arg: int(n) for arg, n in declared(grid, bound).items()}
 
 
 def _compile_job(job) -> dict:
@@ -633,14 +655,19 @@ def build_profile(models=tuple(MODELS), batches=BATCHES, archs=ARCHS, workers=1,
 
     # 3. Bytes: each launch moves the tensors its compiled code really uses (on the first architecture), once.
     for okey, launch_keys in pending:
-        total = 0
+        total = atomic = 0
         for lkey, bound in launch_keys:
-            used = [bound[n] for n in compiled[lkey[0]][archs[0]]["used_args"] if isinstance(bound.get(n), torch.Tensor)]
+            atomics = _atomic_bytes(specs[lkey[0]], lkey[1], bound, compiled[lkey[0]][archs[0]])
+            used = [bound[n] for n in compiled[lkey[0]][archs[0]]["used_args"] if isinstance(bound.get(n), torch.Tensor)
+                    and n not in atomics]  # fmt: skip
             launches[lkey]["bytes"] = _nbytes(used)
             launches[lkey]["op_min_bytes"] = min(launches[lkey].get("op_min_bytes", okey[3]), okey[3])
             total += launches[lkey]["bytes"]
+            launches[lkey]["atomic_bytes"] = sum(atomics.values())
+            atomic += launches[lkey]["atomic_bytes"]
         entry = ops[okey]
         entry["bytes"] = total + entry["torch_bytes"]
+        entry["atomic_bytes"] = atomic
         entry["ratio"] = round(entry["bytes"] / entry["min_bytes"], 3) if entry["min_bytes"] else None
 
     launch_rows = []
@@ -810,9 +837,10 @@ def markdown(profile: dict) -> str:
             "",
             (
                 "| op | brick | kernel | grid | programs | warps | regs | spill B | smem B | CTAs/SM (limit) | waves | "
-                "LDG bits | STG bits | load rounds before 1st store / total | bars before store | MB moved | scenarios |"
+                "LDG bits | STG bits | load rounds before 1st store / total | bars before store | MB moved | "
+                "atomic MB (L2) | scenarios |"
             ),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for e in profile["launches"]:
             a = e["arch"][arch]
@@ -821,19 +849,24 @@ def markdown(profile: dict) -> str:
                 f"{e['programs']} | {a['num_warps']} | {a['registers']} | {a['spill_bytes']} | {a['shared_bytes']} | "
                 f"{a['ctas_per_sm']} ({a['occupancy_limit']}) | {a['waves']:g} | {_widths(a['loads'])} | "
                 f"{_widths(a['stores'])} | {a['rounds_before_store']} / {a['rounds_total']} | "
-                f"{a['barriers_before_store']} | {_mb(e['bytes'])} | {len(e['scenarios'])} |"
+                f"{a['barriers_before_store']} | {_mb(e['bytes'])} | {_mb(e.get('atomic_bytes', 0))} | "
+                f"{len(e['scenarios'])} |"
             )
         lines.append("")
     lines += [
         "## Bytes per op call against the minimum",
         "",
-        "| op | brick | MB moved | of which PyTorch steps | minimum MB | ratio | PyTorch steps | scenarios |",
-        "|---|---|---|---|---|---|---|---|",
+        (
+            "| op | brick | MB moved | of which PyTorch steps | minimum MB | ratio | atomic MB (L2) | PyTorch steps | "
+            "scenarios |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in profile["ops"]:
         lines.append(
             f"| {e['op'].removeprefix('lego::')} | {e['brick']} | {_mb(e['bytes'])} | {_mb(e['torch_bytes'])} | "
-            f"{_mb(e['min_bytes'])} | {e['ratio']} | {', '.join(e['torch_ops']) or '-'} | "
+            f"{_mb(e['min_bytes'])} | {e['ratio']} | {_mb(e.get('atomic_bytes', 0))} | "
+            f"{', '.join(e['torch_ops']) or '-'} | "
             f"{'; '.join(e['scenarios'])} |"
         )
     cuda = profile.get("cuda")

@@ -11,6 +11,15 @@ Shapes: x, prev [B, C, H, W]; weight [d, C', l, l] with C' = C (+ C) + 2; bias [
 Output [N, S, d]: sequences image by image and patches row-major (N = B * H/r * W/r), or, with patch_index [B, P]
 (flat patch ids p * W/r + q), in that order with N = B * P. The fused kernels compute the coordinates from the pixel
 index and read x and prev in place: no unfold, cat or coordinate tensor goes through memory.
+
+Backward, with dtok [N, S, d] and field(n, s) [K] (K = C' * l * l): dfield = dtok . weight goes back to the canvas
+pixels of its field (x's and prev's channels; the coordinates have no gradient), dweight = sum over tokens of
+dtok^T field, dpos_embed[s] = sum over sequences of dtok[:, s], dbias = sum of dpos_embed. One Triton kernel
+(_patch_embed_bwd_kernel) reads each dtok tile once for all of them, over a grid of token tiles, and sums dweight,
+dpos_embed and dbias across tiles with fp32 atomics in L2 (tile size: _bwd_config). Atomics add in a different order
+from run to run, so under torch.use_deterministic_algorithms(True) the backward instead runs two kernels that read dtok
+twice (dweight and dpos_embed from fixed-order fp32 partials, then dfield); so it does, dweight in one piece, where the
+fused kernel's fp32 accumulator would cost more bytes than the second read (few tokens against K).
 """
 
 from __future__ import annotations
@@ -182,7 +191,7 @@ def _patch_embed_bwd_weight_kernel(
     X,  # shape (B, C, H, W)
     PREV,  # shape (B, C, H, W); not read without HAS_PREV
     INDEX,  # shape (B, P); not read without HAS_INDEX
-    DW_PART,  # shape (SEQ_SPLITS * TOKEN_SPLITS, d, K) fp32: this program's share of dweight
+    DW_PART,  # shape (SEQ_SPLITS * TOKEN_SPLITS, d, K) fp32: this program's share of dweight; dweight itself when 1
     DPOS_PART,  # shape (SEQ_SPLITS, S, d) fp32: each sequence split's share of dpos_embed
     N,
     P,
@@ -250,7 +259,8 @@ def _patch_embed_bwd_weight_kernel(
         if pid_k == 0:
             tl.store(DPOS_PART + (split * (T * T) + s) * d + cols, dpos, mask=col_ok)
     part = DW_PART + part_id.to(tl.int64) * d * K
-    tl.store(part + cols[None, :] * K + k[:, None], acc, mask=(k < K)[:, None] & col_ok[None, :])
+    w_ok = (k < K)[:, None] & col_ok[None, :]
+    tl.store(part + cols[None, :] * K + k[:, None], acc.to(DW_PART.dtype.element_ty), mask=w_ok)
 
 
 @triton.jit
@@ -312,6 +322,100 @@ def _patch_embed_bwd_input_kernel(
     tl.store(DCANVAS + offs, acc.to(DCANVAS.dtype.element_ty), mask=gp_ok[:, None] & (k < K_IMG)[None, :])
 
 
+@triton.jit
+def _patch_embed_bwd_kernel(
+    DTOK,  # shape (N, S, d)
+    X,  # shape (B, C, H, W)
+    PREV,  # shape (B, C, H, W); not read without HAS_PREV
+    WEIGHT,  # shape (d, C', l, l), read as (d, K); not read without INPUT_GRAD
+    INV,  # shape (B * P_all,) int32: sequence of each (image, patch), -1 when none; not read without HAS_INDEX
+    DCANVAS,  # shape (1 or 2, B, C, H, W): dx, then dprev when there is prev; not written without INPUT_GRAD
+    DW_ACC,  # shape (d, ACC_STRIDE) fp32, zeroed: dweight in its first K columns, summed here with atomics
+    DPOS_ACC,  # shape (S, d) fp32, zeroed: dpos_embed, summed here with atomics
+    DB_ACC,  # shape (d,) fp32, zeroed: dbias, summed here with atomics
+    G,  # canvas patches, B * P_all
+    P_ALL,
+    NW,
+    d,
+    K,
+    K_IMG,  # field elements with a gradient: (1 or 2) * C * l * l (the coordinates have none)
+    C,
+    H,
+    W,
+    stride_b,
+    stride_c,
+    stride_h,
+    row_step,
+    col_step,
+    canvas_numel,  # B * C * H * W: offset of dprev in DCANVAS
+    T: tl.constexpr,
+    L: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    INPUT_GRAD: tl.constexpr,
+    ACC_STRIDE: tl.constexpr,  # K rounded up to 4 (K itself where l > 1): known here, so its atomics go 16 bytes wide
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # canvas patches per program
+    BLOCK_S: tl.constexpr,  # token positions per program: a tile of BLOCK_P * BLOCK_S token rows
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One read of each dtok tile gives all the gradients of its rows: dfield = dtok . weight (written to the canvas
+    pixels of each field, zero where no sequence covers the patch), and the tile's share of dweight = dtok^T . field,
+    of dpos_embed = sum of dtok per token position and of dbias (its sum), added to fp32 accumulators with atomics.
+    The d columns are walked in BLOCK_N chunks, so the field tile is gathered once and dfield stays in registers."""
+    pid_p = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    r = tl.arange(0, BLOCK_P * BLOCK_S)  # row r is (patch r // BLOCK_S, token position r % BLOCK_S) of the tile
+    gp = pid_p * BLOCK_P + r // BLOCK_S
+    s_tile = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    s = pid_s * BLOCK_S + r % BLOCK_S
+    row_ok = (gp < G) & (s < T * T)
+    img = (gp // P_ALL).to(tl.int64)
+    patch = gp % P_ALL
+    if HAS_INDEX:
+        seq = tl.load(INV + gp, mask=row_ok, other=-1)
+    else:
+        seq = gp
+    covered = row_ok & (seq >= 0)
+    rows = (seq.to(tl.int64) * (T * T) + s) * d
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    y0, x0 = _field_origin(patch, s, NW, T, L)
+    a = _gather_fields(
+        X, PREV, img, y0, x0, covered, k, K, C, H, W, stride_b, stride_c, stride_h, row_step, col_step, L, HAS_PREV
+    )  # fmt: skip
+    a = a.to(DTOK.dtype.element_ty)  # (BLOCK_P * BLOCK_S, BLOCK_K)
+
+    dfield = tl.zeros((BLOCK_P * BLOCK_S, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, d, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < d
+        g = tl.load(DTOK + rows[:, None] + cols[None, :], mask=covered[:, None] & col_ok[None, :], other=0.0)
+        if INPUT_GRAD:
+            w = tl.load(WEIGHT + cols[:, None] * K + k[None, :], mask=col_ok[:, None] & (k < K)[None, :], other=0.0)
+            dfield = tl.dot(g, w, dfield, input_precision=DOT_PRECISION)  # (BLOCK_P * BLOCK_S, BLOCK_K)
+        dw = tl.dot(tl.trans(g), a, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_K)
+        # dw is 0 in the padding columns K..ACC_STRIDE (the field tile is), so they take part: whole 16-byte atomics.
+        acc_ok = col_ok[:, None] & (k < ACC_STRIDE)[None, :]
+        tl.atomic_add(DW_ACC + cols[:, None] * ACC_STRIDE + k[None, :], dw, mask=acc_ok, sem="relaxed")
+        if pid_k == 0:
+            g3 = tl.reshape(g.to(tl.float32), (BLOCK_P, BLOCK_S, BLOCK_N))
+            dpos = tl.sum(g3, axis=0)  # (BLOCK_S, BLOCK_N)
+            pos_ok = (s_tile < T * T)[:, None] & col_ok[None, :]
+            tl.atomic_add(DPOS_ACC + s_tile[:, None] * d + cols[None, :], dpos, mask=pos_ok, sem="relaxed")
+            tl.atomic_add(DB_ACC + cols, tl.sum(dpos, axis=0), mask=col_ok, sem="relaxed")
+
+    if INPUT_GRAD:
+        ch = k // (L * L)
+        yy = y0[:, None] + ((k // L) % L)[None, :]
+        xx = x0[:, None] + (k % L)[None, :]
+        # channel ch < C is x's channel ch, C <= ch < 2C is prev's channel ch - C, one canvas further on.
+        chan = (ch // C).to(tl.int64) * canvas_numel + (ch % C) * H * W
+        offs = img[:, None] * C * H * W + chan[None, :] + yy * W + xx
+        tl.store(DCANVAS + offs, dfield.to(DCANVAS.dtype.element_ty), mask=row_ok[:, None] & (k < K_IMG)[None, :])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Launchers. Block sizes come from plain heuristics (no autotune: it fails under the interpreter); the tests compile
 # the kernels with these same configurations.
@@ -344,6 +448,37 @@ def _bwd_input_config(d: int, k_img: int, dtype: torch.dtype) -> dict:
         "BLOCK_M": 64,
         "BLOCK_N": _pow2(d, 16, 64 if dtype != torch.float32 else 32),
         "BLOCK_K": _pow2(k_img, 16, 64),
+    }
+
+
+# The fused backward (_patch_embed_bwd_kernel) reads dtok once; its price is the dweight reduction across programs.
+# Each tile of M = BLOCK_P x BLOCK_S token rows adds a [d, K] fp32 share of dweight (over its K tiles), BLOCK_S rows of
+# dpos and one of dbias: d * (K + BLOCK_S + 1) * 4 bytes of L2 atomic traffic against the M * d * 2 bytes of dtok it
+# reads. A tile takes the fewest rows (the most programs) that keep this within _ATOMIC_SHARE of dtok's bytes, at most
+# 128 rows (the [128, 64] fp32 dfield accumulator, the field tile and a dtok chunk in registers). That is a rule, not a
+# measurement: where K is large against 128 rows (fields of 4 x 4 and 8 x 8 pixels, K 96 to 640) it is exceeded at
+# 128 rows, and where few rows exist (the image brick at B 64: 64 patches x 256 tokens) the grid is small.
+_ATOMIC_SHARE = 1.0
+_BWD_ROWS = (32, 64, 128)
+# Below this many tokens per field element K, the backward reads dtok twice instead (_patch_embed_bwd_triton).
+_TWO_PASS_TOKENS_PER_K = 4
+
+
+def _bwd_config(g: int, s: int, d: int, k: int, dtype: torch.dtype) -> dict:
+    """Tile of the fused backward for g canvas patches of s tokens: BLOCK_P patches x BLOCK_S token positions (patches
+    first, so that dpos's share stays small), d in BLOCK_N chunks, K in BLOCK_K tiles."""
+    for rows in _BWD_ROWS:
+        block_p = min(rows, _pow2(g, 1, rows))
+        block_s = min(rows // block_p, _pow2(s, 1, rows))
+        block_p = max(block_p, 16 // block_s)  # tl.dot needs 16 rows: pad with masked ones
+        if 2 * (triton.cdiv(k, 4) * 4 + block_s + 1) <= _ATOMIC_SHARE * block_p * block_s:
+            break
+    return {
+        "BLOCK_P": block_p,
+        "BLOCK_S": block_s,
+        "BLOCK_N": 64 if dtype != torch.float32 else 32,
+        "BLOCK_K": _pow2(k, 16, 64),
+        "num_warps": 8 if block_p * block_s >= 128 else 4,
     }
 
 
@@ -404,7 +539,61 @@ def _patch_embed_fwd_triton(x, prev, weight, bias, pos_embed, patch_index, brick
 
 
 def _patch_embed_bwd_triton(dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad):
-    """(dcanvas [1 or 2, B, C, H, W] or an empty tensor when not input_grad, dweight, dbias, dpos_embed)."""
+    """(dcanvas [1 or 2, B, C, H, W] or an empty tensor when not input_grad, dweight, dbias, dpos_embed).
+
+    One fused kernel that reads dtok once and sums dweight with fp32 atomics, whose order varies from run to run.
+    Under torch.use_deterministic_algorithms(True), the two kernels below instead, in a fixed order (as PyTorch does
+    for index_add_ and scatter_add_). With few tokens against K (T < _TWO_PASS_TOKENS_PER_K * K: XL-U's 16 x 16 brick
+    of 8 x 8 fields at B 64, T 1024, K 640), the fp32 accumulator's zeroing and final read (8 d K bytes) cost more than
+    reading dtok twice (2 T d): the two kernels then, dweight in one piece, written in its own dtype."""
+    args = (dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad)
+    if torch.are_deterministic_algorithms_enabled():
+        return _patch_embed_bwd_two_pass(*args)
+    if dtokens.shape[0] * dtokens.shape[1] < _TWO_PASS_TOKENS_PER_K * weight[0].numel():
+        return _patch_embed_bwd_two_pass(*args, weight_programs=1)
+    return _patch_embed_bwd_fused(*args)
+
+
+def _patch_embed_bwd_fused(dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad):
+    b, c, h, w, nh, nw, _, d, k, t, (row_step, col_step) = _geometry(x, weight, brick_size, field_size, patch_index)
+    s, g, parts = t * t, b * nh * nw, 2 if prev is not None else 1
+    dtype, device = weight.dtype, x.device
+    dw_acc = torch.zeros((d, triton.cdiv(k, 4) * 4), dtype=torch.float32, device=device)
+    dpos_acc = torch.zeros((s, d), dtype=torch.float32, device=device)
+    db_acc = torch.zeros((d,), dtype=torch.float32, device=device)
+    dcanvas = new_output((parts, b, c, h, w), x.dtype, device) if input_grad else dtokens.new_empty((0,))
+    if g:
+        cfg = _bwd_config(g, s, d, k, dtype)
+        inv = _inverse_patch_index(patch_index, nh * nw) if patch_index is not None else x
+        grid = (triton.cdiv(g, cfg["BLOCK_P"]), triton.cdiv(s, cfg["BLOCK_S"]), triton.cdiv(k, cfg["BLOCK_K"]))
+        _patch_embed_bwd_kernel[grid](
+            dtokens, x, prev if prev is not None else x, weight, inv, dcanvas if input_grad else x,
+            dw_acc, dpos_acc, db_acc,
+            g, nh * nw, nw, d, k, parts * c * field_size**2, c, h, w, x.stride(0), x.stride(1), x.stride(2),
+            row_step, col_step, b * c * h * w,
+            T=t, L=field_size, HAS_PREV=prev is not None, HAS_INDEX=patch_index is not None, INPUT_GRAD=input_grad,
+            ACC_STRIDE=dw_acc.shape[1], DOT_PRECISION=_dot_precision(dtype), **cfg,
+        )  # fmt: skip
+    return dcanvas, dw_acc[:, :k].to(dtype).reshape(weight.shape), db_acc.to(dtype), dpos_acc.to(dtype)
+
+
+def _bwd_atomic_bytes(grid, args) -> dict[str, int]:
+    """L2 atomic traffic of one _patch_embed_bwd_kernel launch per accumulator (read by benchmarks/static.py): each of
+    the grid's (patch block, token block) tiles adds a [d, K] fp32 share of dweight over its K tiles (K padded to
+    ACC_STRIDE), BLOCK_S rows of dpos_embed and one of dbias."""
+    tiles, d = grid[0] * grid[1], args["d"]
+    dw = tiles * d * args["ACC_STRIDE"] * 4
+    return {"DW_ACC": dw, "DPOS_ACC": tiles * args["BLOCK_S"] * d * 4, "DB_ACC": tiles * d * 4}
+
+
+_patch_embed_bwd_kernel.atomic_bytes = _bwd_atomic_bytes
+
+
+def _patch_embed_bwd_two_pass(
+    dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad, weight_programs=None
+):
+    """The deterministic backward: dweight/dpos over sequence and token splits (for about weight_programs programs,
+    default _BWD_WEIGHT_PROGRAMS) into fp32 partials summed in order, then dx/dprev; dtok is read twice."""
     b, c, h, w, nh, nw, p, d, k, t, (row_step, col_step) = _geometry(x, weight, brick_size, field_size, patch_index)
     n, s = b * p, t * t
     dtype, device = weight.dtype, x.device
@@ -412,13 +601,15 @@ def _patch_embed_bwd_triton(dtokens, x, prev, weight, patch_index, brick_size, f
     cfg = _bwd_weight_config(d, k, dtype)
     tiles = triton.cdiv(d, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"])
     seq_blocks = max(1, triton.cdiv(n, cfg["BLOCK_M"]))
-    split = max(1, min(seq_blocks, triton.cdiv(_BWD_WEIGHT_PROGRAMS, tiles)))
+    weight_programs = weight_programs or _BWD_WEIGHT_PROGRAMS
+    split = max(1, min(seq_blocks, triton.cdiv(weight_programs, tiles)))
     seq_per_split = triton.cdiv(seq_blocks, split) * cfg["BLOCK_M"]
     split = max(1, triton.cdiv(n, seq_per_split))
-    token_splits = max(1, min(s, triton.cdiv(_BWD_WEIGHT_PROGRAMS, tiles * split)))
+    token_splits = max(1, min(s, triton.cdiv(weight_programs, tiles * split)))
     tokens_per_split = triton.cdiv(s, token_splits)
     token_splits = triton.cdiv(s, tokens_per_split)
-    dw_part = new_output((split * token_splits, d, k), torch.float32, device)
+    pieces = split * token_splits  # one piece is dweight itself, in its dtype: no fp32 buffer to write and read back
+    dw_part = new_output((pieces, d, k), torch.float32 if pieces > 1 else dtype, device)
     dpos_part = new_output((split, s, d), torch.float32, device)
     grid = (triton.cdiv(d, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]), split * token_splits)
     _patch_embed_bwd_weight_kernel[grid](
@@ -428,8 +619,8 @@ def _patch_embed_bwd_triton(dtokens, x, prev, weight, patch_index, brick_size, f
         T=t, L=field_size, HAS_PREV=prev is not None, HAS_INDEX=patch_index is not None,
         DOT_PRECISION=_dot_precision(dtype), **cfg,
     )  # fmt: skip
-    dpos = dpos_part.sum(0)  # (S, d) fp32
-    dweight = dw_part.sum(0).to(dtype).view(weight.shape)
+    dpos = dpos_part.sum(0) if split > 1 else dpos_part[0]  # (S, d) fp32
+    dweight = (dw_part.sum(0).to(dtype) if pieces > 1 else dw_part[0]).view(weight.shape)
     dbias = dpos.sum(0).to(dtype)
 
     if not input_grad:

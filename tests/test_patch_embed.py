@@ -1,4 +1,5 @@
-"""patch_embed: the fused Triton kernels (forward, dweight/dbias/dpos, dx/dprev) against the fp64 reference."""
+"""patch_embed: the fused Triton kernels (forward; the backward's one-pass kernel with atomics and its deterministic
+two-kernel path) against the fp64 reference."""
 
 import importlib
 
@@ -65,7 +66,9 @@ def _check(tensors, r, l, patch_index, atol, backend="triton"):
 @pytest.mark.parametrize("has_prev", [False, True], ids=["no-prev", "prev"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-C{}-{}x{}-r{}-l{}-d{}".format(*c))
 @pytest.mark.parametrize("device", DEVICES)
-def test_patch_embed_matches_reference(device, case, has_prev, indexed, dtype):
+def test_patch_embed_matches_reference(device, case, has_prev, indexed, dtype, monkeypatch):
+    """The forward and the fused backward (which these small shapes, few tokens against K, would mostly not take)."""
+    monkeypatch.setattr(pe, "_TWO_PASS_TOKENS_PER_K", 0)
     b, c, h, w, r, l, d = case
     tensors = _inputs(b, c, h, w, r, l, d, has_prev, dtype, device)
     # int32 ids with fp16 and int64 with fp32, so both index dtypes run.
@@ -80,12 +83,135 @@ def test_patch_embed_without_bias(device):
     _check(tensors, 4, 2, _random_subset(2, 6, 0.5, torch.int64, device), ATOL[torch.float32])
 
 
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for one test: the backward takes its two-kernel path."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_patch_embed_one_weight_split(device, monkeypatch):
-    """dweight/dpos with a single split, so one program sums several row blocks (small CPU shapes get one per split)."""
+def test_patch_embed_one_weight_split(device, monkeypatch, deterministic):
+    """The two-kernel path's dweight/dpos with a single split, so one program sums several row blocks (small CPU
+    shapes get one per split)."""
     monkeypatch.setattr(pe, "_BWD_WEIGHT_PROGRAMS", 1)
     tensors = _inputs(3, 4, 16, 36, 4, 2, 40, True, torch.float32, device)
     _check(tensors, 4, 2, _random_subset(3, 36, 0.9, torch.int64, device), ATOL[torch.float32])
+
+
+def _spy_backward_paths(monkeypatch) -> list[str]:
+    """The backward paths taken, in call order ("fused" or "two_pass")."""
+    taken = []
+    for name in ("fused", "two_pass"):
+        fn = getattr(pe, f"_patch_embed_bwd_{name}")
+        monkeypatch.setattr(pe, f"_patch_embed_bwd_{name}", lambda *a, fn=fn, name=name, **kw: taken.append(name)
+                            or fn(*a, **kw))  # fmt: skip
+    return taken
+
+
+def _spy_launches(monkeypatch) -> list[tuple]:
+    """(kernel name, grid) of every backward kernel launch."""
+    launched = []
+    for name in ("_patch_embed_bwd_kernel", "_patch_embed_bwd_weight_kernel", "_patch_embed_bwd_input_kernel"):
+        kernel = getattr(pe, name)
+
+        def run(*a, kernel=kernel, name=name, grid, **kw):
+            launched.append((name, tuple(grid)))
+            return type(kernel).run(kernel, *a, grid=grid, **kw)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return launched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-C{}-{}x{}-r{}-l{}-d{}".format(*c))
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_embed_deterministic_path_matches_reference(device, case, dtype, deterministic, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the backward runs the two kernels without atomics; every
+    gradient still matches, with prev and a patch subset."""
+    taken = _spy_backward_paths(monkeypatch)
+    b, c, h, w, r, l, d = case
+    tensors = _inputs(b, c, h, w, r, l, d, True, dtype, device)
+    _check(tensors, r, l, _random_subset(b, (h // r) * (w // r), 2 / 3, torch.int64, device), ATOL[dtype])
+    assert taken == ["two_pass"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_embed_default_backward_is_one_kernel(device, monkeypatch):
+    """By default the backward is the fused kernel alone: one launch reads dtok once for dx, dprev, dweight, dbias and
+    dpos_embed."""
+    taken, launched = _spy_backward_paths(monkeypatch), _spy_launches(monkeypatch)
+    tensors = _inputs(3, 4, 16, 36, 4, 2, 40, True, torch.float32, device)  # 324 tokens >= 4 x K = 160
+    _check(tensors, 4, 2, _random_subset(3, 36, 0.75, torch.int64, device), ATOL[torch.float32])
+    assert taken == ["fused"] and [name for name, _ in launched] == ["_patch_embed_bwd_kernel"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_embed_few_tokens_take_two_kernels(device, monkeypatch):
+    """With fewer tokens than 4 x K (here 24 against K = 4 x 64), reading dtok twice moves less than the fused kernel's
+    fp32 dweight accumulator: dweight in one piece from the first kernel (grid z = 1), then dx/dprev."""
+    taken, launched = _spy_backward_paths(monkeypatch), _spy_launches(monkeypatch)
+    tensors = _inputs(3, 1, 16, 32, 16, 8, 40, True, torch.float16, device)
+    _check(tensors, 16, 8, _random_subset(3, 2, 1, torch.int64, device), ATOL[torch.float16])
+    assert taken == ["two_pass"]
+    assert [name for name, _ in launched] == ["_patch_embed_bwd_weight_kernel", "_patch_embed_bwd_input_kernel"]
+    assert launched[0][1][2] == 1
+
+
+# (B, C, H, W, r, l, d): S = 16 tokens over 4 patches (tiles of 4 patches x 4 token positions, 4 token blocks), XL's
+# latent brick (7 patch blocks of 16 at each of 4 token positions), and field 8 (2 tiles of 8 patches x 2 token
+# positions, 4 K tiles of 64).
+SMALL_TILE_CASES = [(2, 2, 8, 16, 8, 2, 24), (3, 4, 16, 36, 4, 2, 40), (3, 1, 16, 32, 16, 8, 40)]
+
+
+@pytest.mark.parametrize("case", SMALL_TILE_CASES, ids=lambda c: "B{}-C{}-{}x{}-r{}-l{}-d{}".format(*c))
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_embed_fused_backward_small_tiles(device, case, monkeypatch):
+    """Tiles of 16 rows, so that many programs add into the same dweight, dpos_embed and dbias entries with atomics
+    (the CPU shapes otherwise fit a token position in one tile), and tiles span several token positions."""
+    monkeypatch.setattr(pe, "_BWD_ROWS", (16,))
+    monkeypatch.setattr(pe, "_TWO_PASS_TOKENS_PER_K", 0)
+    taken = _spy_backward_paths(monkeypatch)
+    b, c, h, w, r, l, d = case
+    g, s = b * (h // r) * (w // r), (r // l) ** 2
+    cfg = pe._bwd_config(g, s, d, (2 * c + 2) * l * l, torch.float32)
+    assert triton_cdiv(g, cfg["BLOCK_P"]) * triton_cdiv(s, cfg["BLOCK_S"]) >= 2
+    tensors = _inputs(b, c, h, w, r, l, d, True, torch.float32, device)
+    _check(tensors, r, l, _random_subset(b, (h // r) * (w // r), 3 / 4, torch.int64, device), ATOL[torch.float32])
+    assert taken == ["fused"]
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def test_patch_embed_backward_tiles_at_model_shapes():
+    """The fused backward's tile at the model bricks (B 64 and 256): the most programs whose L2 atomic traffic stays
+    within _ATOMIC_SHARE of dtok's bytes; where K is too large for that at 128 rows (fields of 4 x 4 and 8 x 8), 128."""
+    # (canvas patches at B 64, tokens per patch, d, K): XL image brick (with prev), XL 4 x 4 brick (no prev, S = 1),
+    # XL 8 x 8 brick, XL-U 16 x 16 brick (field 8), S image brick, S 4 x 4 brick (no prev).
+    shapes = [(64, 256, 1152, 40), (4096, 1, 1152, 96), (1024, 4, 1152, 160), (256, 4, 1152, 640),
+              (64, 1024, 384, 32), (16384, 4, 384, 20)]  # fmt: skip
+    for batch_scale in (1, 4):
+        for g, s, d, k in shapes:
+            cfg = pe._bwd_config(g * batch_scale, s, d, k, torch.bfloat16)
+            rows = cfg["BLOCK_P"] * cfg["BLOCK_S"]
+            share = 2 * (k + cfg["BLOCK_S"] + 1) / rows  # atomic bytes over dtok bytes (pe._bwd_atomic_bytes)
+            assert rows in pe._BWD_ROWS and cfg["BLOCK_S"] <= s, (g, s, d, k, cfg)
+            if 2 * (k + 2) <= pe._ATOMIC_SHARE * pe._BWD_ROWS[-1]:
+                assert share <= pe._ATOMIC_SHARE, cfg
+                assert rows == pe._BWD_ROWS[0] or 2 * (k + 2) > pe._ATOMIC_SHARE * rows // 2, cfg  # the fewest rows
+            else:
+                assert rows == pe._BWD_ROWS[-1], cfg
+    # The share as the profile counts it: one tile of the XL image brick at B 256 (128 patches at one token position).
+    cfg = pe._bwd_config(256, 256, 1152, 40, torch.bfloat16)
+    grid = (2, 256, 1)
+    assert (cfg["BLOCK_P"], cfg["BLOCK_S"]) == (128, 1)
+    atomic = sum(pe._bwd_atomic_bytes(grid, {"d": 1152, "K": 40, "ACC_STRIDE": 40, "BLOCK_S": 1}).values())
+    assert atomic == 512 * 1152 * (40 + 2) * 4 and atomic <= pe._ATOMIC_SHARE * 256 * 256 * 1152 * 2
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -133,8 +259,12 @@ def test_patch_embed_torch_compile(device):
             torch.testing.assert_close(b.grad, a.grad)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["two-kernels", "fused"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_patch_embed_opcheck(device):
+def test_patch_embed_opcheck(device, fused, monkeypatch):
+    """Fake and real implementations agree, for both backward paths (24 tokens < 4 x K picks the two kernels)."""
+    if fused:
+        monkeypatch.setattr(pe, "_TWO_PASS_TOKENS_PER_K", 0)
     x, prev, weight, bias, pos_embed = _inputs(2, 3, 8, 12, 4, 2, 24, True, torch.float32, device)
     patch_index = _random_subset(2, 6, 0.5, torch.int64, device)
     weight.requires_grad_()
@@ -172,7 +302,8 @@ def test_patch_embed_bad_shapes_and_backends(monkeypatch):
 
 def _signature(kernel, pointers, floats=()):
     """Triton types in the kernel's argument order: the given pointers, fp32 floats, constexprs, i32 otherwise."""
-    constexprs = {"T", "L", "HAS_PREV", "HAS_BIAS", "HAS_INDEX", "DOT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K"}
+    constexprs = {"T", "L", "HAS_PREV", "HAS_BIAS", "HAS_INDEX", "INPUT_GRAD", "DOT_PRECISION", "BLOCK_M", "BLOCK_N",
+                  "BLOCK_K", "BLOCK_P", "BLOCK_S", "ACC_STRIDE"}  # fmt: skip
     return {
         name: pointers.get(name) or ("fp32" if name in floats else "constexpr" if name in constexprs else "i32")
         for name in kernel.arg_names
@@ -201,6 +332,14 @@ def _compile_spec(kernel, dtype, shape):
         ptrs = {"X": t, "PREV": t, "WEIGHT": t, "BIAS": t, "POS": t, "INDEX": "*i64", "OUT": t}
         constexprs = {**flags, "HAS_BIAS": True, **pe._fwd_config(d, k, torch_dtype)}
         return fn, _signature(fn, ptrs, steps), constexprs, {"num_warps": pe._FWD_WARPS}
+    if kernel == "bwd":  # the fused backward at the image brick's tile (B 256: 256 canvas patches of 256 tokens)
+        fn = pe._patch_embed_bwd_kernel
+        ptrs = {"DTOK": t, "X": t, "PREV": t, "WEIGHT": t, "INV": "*i32", "DCANVAS": t, "DW_ACC": "*fp32",
+                "DPOS_ACC": "*fp32", "DB_ACC": "*fp32"}  # fmt: skip
+        cfg = pe._bwd_config(256, 256, d, k, torch_dtype)
+        options = {"num_warps": cfg.pop("num_warps")}
+        constexprs = {**flags, "INPUT_GRAD": True, "ACC_STRIDE": -(-k // 4) * 4, **cfg}
+        return fn, _signature(fn, ptrs, steps), constexprs, options
     if kernel == "bwd_weight":
         fn = pe._patch_embed_bwd_weight_kernel
         ptrs = {"DTOK": t, "X": t, "PREV": t, "INDEX": "*i64", "DW_PART": "*fp32", "DPOS_PART": "*fp32"}
@@ -212,9 +351,9 @@ def _compile_spec(kernel, dtype, shape):
 
 
 def test_patch_embed_kernels_compile():
-    """The three kernels in every dtype for sm_90 (H100/H200), and in bf16, the training dtype, for sm_80 too."""
+    """The four kernels in every dtype for sm_90 (H100/H200), and in bf16, the training dtype, for sm_80 too."""
     pytest.importorskip("triton")
-    kernels = ["fwd", "bwd_weight", "bwd_input"]
+    kernels = ["fwd", "bwd", "bwd_weight", "bwd_input"]
     compile_for_gpu(*[_compile_spec(k, dt, shape) for dt, shape in COMPILE_CASES for k in kernels], capabilities=(90,))
     bf16 = [_compile_spec(k, dt, shape) for dt, shape in COMPILE_CASES if dt == "bf16" for k in kernels]
     compile_for_gpu(*bf16, capabilities=(80,))
@@ -232,3 +371,22 @@ def test_patch_embed_xl_on_gpu(indexed, dtype):
     tensors = _inputs(b, c, h, w, r, l, d, True, dtype, "cuda")
     patch_index = _random_subset(b, 64, 0.75, torch.int64, "cuda") if indexed else None
     _check(tensors, r, l, patch_index, ATOL[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("indexed", [False, True], ids=["all-patches", "patch-index"])
+def test_patch_embed_deterministic_backward_on_gpu(indexed, deterministic):
+    """Under torch.use_deterministic_algorithms(True), the backward at the XL image brick (B 64, 32 x 32 x 4 with prev,
+    field 2, S = 256) is bitwise the same run after run, and matches the reference."""
+    b, c, h, w, r, l, d = 64, 4, 32, 32, 32, 2, 1152
+    tensors = _inputs(b, c, h, w, r, l, d, True, torch.bfloat16, "cuda")
+    patch_index = torch.zeros(b, 1, dtype=torch.int64, device="cuda") if indexed else None
+    grad = torch.randn(b, (r // l) ** 2, d, dtype=torch.bfloat16, device="cuda")
+    runs = []
+    for _ in range(3):
+        leaves = _leaves(tensors)
+        patch_embed(*leaves, r, l, patch_index, backend="triton").backward(grad)
+        runs.append([t.grad for t in leaves])
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+    _check(tensors, r, l, patch_index, ATOL[torch.bfloat16])
