@@ -222,3 +222,13 @@ def test_a_trained_models_regions_are_their_own_class(classify):
     rates = (reads == torch.arange(10)).float().mean(0).tolist()
     assert class_control(reads), f"regions 0..9 read as their own class {rates}; chance is 0.1"
     assert not class_control(reads, torch.arange(10).roll(1)), "mislabelled regions pass: the check cannot fail"
+
+
+def test_the_fixture_is_an_ema_only_checkpoint():
+    from lego.checkpoint import load_checkpoint, load_model
+
+    ckpt = load_checkpoint(TINY_MNIST)
+    assert not ckpt.model and not ckpt.optimizer and {v.dtype for v in ckpt.ema.values()} == {torch.float16}
+    assert load_model(TINY_MNIST).t_embedder.mlp[0].weight.dtype == torch.float32  # cast back on loading
+    with pytest.raises(LegoError, match="no raw weights.*drop --raw"):
+        load_model(TINY_MNIST, use_ema=False)
