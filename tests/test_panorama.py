@@ -188,40 +188,44 @@ def test_each_region_is_classified_as_its_own_class(classify):
 
 
 # A tiny LEGO model trained on the embedded digits: `python tests/fixtures/make_tiny_mnist.py` made it (LEGO-T-PR-16's
-# bricks at width 64, 800 steps of 64, seed 0; EMA weights in fp16, 1.0 MB).
+# bricks at width 64, 1600 steps of 64, seed 0; EMA weights in fp16, 1.0 MB).
 TINY_MNIST = Path(__file__).parent / "fixtures" / "tiny_mnist.safetensors"
 
 
-def region_reads(net, classify, stride, n=8, steps=12, cfg_scale=3.0, conditional=True):
-    """n canvases of 16 x 160 whose ten 16-column regions ask for the digits 0..9 left to right (or, not conditional,
-    for nothing: the null class), sampled by the sliding window (window 16, Heun); -> [n, 10] the class the CNN reads
-    in each region."""
+def region_reads(net, classify, stride, conditional=True):
+    """Eight canvases of 16 x 160 whose ten 16-column regions ask for the digits 0..9 left to right (or, not
+    conditional, for nothing: the null class), sampled by the sliding window (window 16, Heun 12 steps, guidance 3)
+    -> [8, 10] the class the CNN reads in each region."""
     regions = [(0, 16 * c, 16, 16 * c + 16, c) for c in range(10)]
-    out = panorama(net, 16, 160, n=n, regions=regions if conditional else None, window=16, stride=stride,
-                   steps=steps, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(0))  # (n, 1, 16, 160)
-    return torch.stack([classify(out[..., 16 * c : 16 * c + 16]) for c in range(10)], 1)  # (n, 10)
+    out = panorama(net, 16, 160, n=8, regions=regions if conditional else None, window=16, stride=stride, steps=12,
+                   cfg_scale=3.0, generator=torch.Generator().manual_seed(0))  # (8, 1, 16, 160)
+    return torch.stack([classify(out[..., 16 * c : 16 * c + 16]) for c in range(10)], 1)  # (8, 10)
 
 
-def class_control(reads, classes=None) -> bool:
-    """[n, 10] reads -> whether the regions read as their classes (default: region c asked for digit c) far above
-    chance (10%): over all regions at least 30% of the time, and at least 8 of the 10 regions each in at least a
-    quarter of the canvases. Measured on the fixture, 8 canvases, Heun 12 steps, guidance 3: 42% (34 of 80), 9 regions
-    (the 5 read as a 5 once); the same noise with the null class: 12%, 3 regions; the same samples with each region
-    scored against its neighbour's class: 4%, none."""
-    rates = (reads == (torch.arange(10) if classes is None else classes)).float().mean(0)  # (10,)
-    return bool(rates.mean() >= 0.3 and (rates >= 0.25).sum() >= 8)
+def class_control(reads, stride, classes=tuple(range(10))) -> bool:
+    """Whether the regions read as ``classes`` (default: region c as digit c) far above chance (10%). Windows that
+    tile the canvas (stride 16): every region in at least half the canvases. Overlapping windows (stride 8), where
+    this model keeps class control on average but loses it in some regions: at least 35% over all regions."""
+    rates = (reads == torch.tensor(classes)).float().mean(0)  # (10,)
+    return bool(rates.min() >= 0.5) if stride == 16 else bool(rates.mean() >= 0.35)
 
 
-def test_a_trained_models_regions_are_their_own_class(classify):
-    """Mixed-class canvases from the trained tiny model, windows tiling the canvas (stride 16): the CNN reads each
-    region as its own class far above chance; scored against the wrong labels, the same check fails. (Overlapping
-    windows lose much of this model's class control: see the README's panorama section.)"""
+@pytest.mark.parametrize("stride", [16, 8])
+def test_a_trained_models_regions_are_their_own_class(classify, stride):
+    """Mixed-class canvases from the trained tiny model: the CNN reads the regions as their own classes. The same
+    check fails for the same noise sampled with the null class (no class control), and for the same samples scored
+    against the wrong labels (each region against its neighbour's class). Measured (README, panoramas): stride 16:
+    regions 0..9 read as their class 100, 100, 100, 100, 100, 88, 100, 88, 75, 100% (null class: at most 25%, 9%
+    overall; wrong labels: 0%); stride 8: 42 of 80 regions (null class 8, wrong labels 3)."""
     from lego.checkpoint import load_model
 
-    reads = region_reads(load_model(TINY_MNIST), classify, stride=16)
+    net = load_model(TINY_MNIST)
+    reads = region_reads(net, classify, stride)
     rates = (reads == torch.arange(10)).float().mean(0).tolist()
-    assert class_control(reads), f"regions 0..9 read as their own class {rates}; chance is 0.1"
-    assert not class_control(reads, torch.arange(10).roll(1)), "mislabelled regions pass: the check cannot fail"
+    assert class_control(reads, stride), f"stride {stride}: regions 0..9 read as their class {rates}"
+    assert not class_control(reads, stride, classes=(9, 0, 1, 2, 3, 4, 5, 6, 7, 8)), "mislabelled regions pass"
+    null = region_reads(net, classify, stride, conditional=False)
+    assert not class_control(null, stride), f"stride {stride}: the null class passes"
 
 
 def test_the_fixture_is_an_ema_only_checkpoint():
