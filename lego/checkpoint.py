@@ -202,6 +202,9 @@ def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel | DiTModel
     from lego.base import with_base_weights
 
     weights = ckpt.ema if use_ema else ckpt.model
+    if not weights:  # e.g. tests/fixtures' models, which keep the EMA only
+        raise LegoError(f"{path} holds no {'EMA' if use_ema else 'raw'} weights; "
+                        f"{'use its raw weights (--raw)' if use_ema else 'use its EMA weights (drop --raw)'}")
     bad = non_finite(weights)
     if bad:
         raise LegoError(
