@@ -264,6 +264,19 @@ def _patch_embed_bwd_weight_kernel(
 
 
 @triton.jit
+def _store_dfield(DCANVAS, dfield, img, y0, x0, k, row_ok, K_IMG, C, H, W, canvas_numel, L: tl.constexpr):
+    """Write dfield [rows, BLOCK_K] (field element k of each row's field, origin y0, x0 in image img) to the canvas
+    pixels it came from: elements k < K_IMG only (the coordinates have no gradient)."""
+    ch = k // (L * L)
+    yy = y0[:, None] + ((k // L) % L)[None, :]
+    xx = x0[:, None] + (k % L)[None, :]
+    # channel ch < C is x's channel ch, C <= ch < 2C is prev's channel ch - C, one canvas further on.
+    chan = (ch // C).to(tl.int64) * canvas_numel + (ch % C) * H * W
+    offs = img[:, None] * C * H * W + chan[None, :] + yy * W + xx
+    tl.store(DCANVAS + offs, dfield.to(DCANVAS.dtype.element_ty), mask=row_ok[:, None] & (k < K_IMG)[None, :])
+
+
+@triton.jit
 def _patch_embed_bwd_input_kernel(
     DTOK,  # shape (N, S, d)
     WEIGHT,  # shape (d, C', l, l), read as (d, K)
@@ -313,13 +326,7 @@ def _patch_embed_bwd_input_kernel(
         acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_K)
 
     y0, x0 = _field_origin(patch, s, NW, T, L)
-    ch = k // (L * L)
-    yy = y0[:, None] + ((k // L) % L)[None, :]
-    xx = x0[:, None] + (k % L)[None, :]
-    # channel ch < C is x's channel ch, C <= ch < 2C is prev's channel ch - C, one canvas further on.
-    chan = (ch // C).to(tl.int64) * canvas_numel + (ch % C) * H * W
-    offs = img[:, None] * C * H * W + chan[None, :] + yy * W + xx
-    tl.store(DCANVAS + offs, acc.to(DCANVAS.dtype.element_ty), mask=gp_ok[:, None] & (k < K_IMG)[None, :])
+    _store_dfield(DCANVAS, acc, img, y0, x0, k, gp_ok, K_IMG, C, H, W, canvas_numel, L)
 
 
 @triton.jit
@@ -407,13 +414,7 @@ def _patch_embed_bwd_kernel(
             tl.atomic_add(DB_ACC + cols, tl.sum(dpos, axis=0), mask=col_ok, sem="relaxed")
 
     if INPUT_GRAD:
-        ch = k // (L * L)
-        yy = y0[:, None] + ((k // L) % L)[None, :]
-        xx = x0[:, None] + (k % L)[None, :]
-        # channel ch < C is x's channel ch, C <= ch < 2C is prev's channel ch - C, one canvas further on.
-        chan = (ch // C).to(tl.int64) * canvas_numel + (ch % C) * H * W
-        offs = img[:, None] * C * H * W + chan[None, :] + yy * W + xx
-        tl.store(DCANVAS + offs, dfield.to(DCANVAS.dtype.element_ty), mask=row_ok[:, None] & (k < K_IMG)[None, :])
+        _store_dfield(DCANVAS, dfield, img, y0, x0, k, row_ok, K_IMG, C, H, W, canvas_numel, L)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
