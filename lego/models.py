@@ -234,17 +234,23 @@ class LegoModel(nn.Module):
         return torch.where(zero.view(-1, 1, 1, 1), x, d)
 
     def _check_inputs(self, sigma, class_labels, batch):
-        if not (torch.isfinite(sigma) & (sigma >= 0)).all():
-            raise ValueError(f"sigma must be finite and >= 0 (0 returns x), got {sigma.tolist()[:8]}")
+        labels = None
         if class_labels is not None and self.num_classes:
             labels = torch.as_tensor(class_labels).reshape(-1)
             if labels.numel() != batch:
                 raise ValueError(f"{labels.numel()} class labels for a batch of {batch}")
-            if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) <= self.num_classes):
-                raise ValueError(
-                    f"class labels must be in 0..{self.num_classes - 1} ({self.num_classes}: none, for guidance), "
-                    f"got {labels.min().item()}..{labels.max().item()}"
-                )
+        # One host sync for all the value checks (a sampler calls this every step); the messages below only on failure.
+        ok = (torch.isfinite(sigma) & (sigma >= 0)).all()
+        if labels is not None:
+            ok = ok & ((labels >= 0) & (labels <= self.num_classes)).all().to(ok.device)
+        if bool(ok):
+            return
+        if not (torch.isfinite(sigma) & (sigma >= 0)).all():
+            raise ValueError(f"sigma must be finite and >= 0 (0 returns x), got {sigma.tolist()[:8]}")
+        raise ValueError(
+            f"class labels must be in 0..{self.num_classes - 1} ({self.num_classes}: none, for guidance), "
+            f"got {labels.min().item()}..{labels.max().item()}"
+        )
 
 
 def check_batch_of_canvases(x: torch.Tensor, in_channels: int) -> tuple[int, int]:
