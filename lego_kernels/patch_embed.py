@@ -264,6 +264,22 @@ def _patch_embed_bwd_weight_kernel(
 
 
 @triton.jit
+def _canvas_rows(INV, gp, s, ok, P_ALL, d, T: tl.constexpr, HAS_INDEX: tl.constexpr):
+    """For canvas patches gp (flat over images) at token positions s: (image, patch id in the image, whether a
+    sequence covers it, offset of its dtok row). Without HAS_INDEX sequence gp is canvas patch gp; with it INV maps
+    each canvas patch to its sequence, -1 for none."""
+    img = (gp // P_ALL).to(tl.int64)
+    patch = gp % P_ALL
+    if HAS_INDEX:
+        seq = tl.load(INV + gp, mask=ok, other=-1)
+    else:
+        seq = gp
+    covered = ok & (seq >= 0)
+    rows = (seq.to(tl.int64) * (T * T) + s) * d
+    return img, patch, covered, rows
+
+
+@triton.jit
 def _store_dfield(DCANVAS, dfield, img, y0, x0, k, row_ok, K_IMG, C, H, W, canvas_numel, L: tl.constexpr):
     """Write dfield [rows, BLOCK_K] (field element k of each row's field, origin y0, x0 in image img) to the canvas
     pixels it came from: elements k < K_IMG only (the coordinates have no gradient)."""
@@ -307,14 +323,7 @@ def _patch_embed_bwd_input_kernel(
     pid_k = tl.program_id(2)
     gp = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     gp_ok = gp < G
-    img = (gp // P_ALL).to(tl.int64)
-    patch = gp % P_ALL
-    if HAS_INDEX:
-        seq = tl.load(INV + gp, mask=gp_ok, other=-1)
-    else:
-        seq = gp
-    covered = gp_ok & (seq >= 0)
-    rows = (seq.to(tl.int64) * (T * T) + s) * d
+    img, patch, covered, rows = _canvas_rows(INV, gp, s, gp_ok, P_ALL, d, T, HAS_INDEX)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -379,14 +388,7 @@ def _patch_embed_bwd_kernel(
     s_tile = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     s = pid_s * BLOCK_S + r % BLOCK_S
     row_ok = (gp < G) & (s < T * T)
-    img = (gp // P_ALL).to(tl.int64)
-    patch = gp % P_ALL
-    if HAS_INDEX:
-        seq = tl.load(INV + gp, mask=row_ok, other=-1)
-    else:
-        seq = gp
-    covered = row_ok & (seq >= 0)
-    rows = (seq.to(tl.int64) * (T * T) + s) * d
+    img, patch, covered, rows = _canvas_rows(INV, gp, s, row_ok, P_ALL, d, T, HAS_INDEX)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     y0, x0 = _field_origin(patch, s, NW, T, L)
     a = _gather_fields(
