@@ -6,6 +6,7 @@ module is imported, so it is set here, before anything imports lego_kernels.
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,3 +87,25 @@ def compile_for_gpu(*specs, capabilities=(80, 90)):
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(jobs)], check=False, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def assert_one_line_error(capsys, code, *needles):
+    """A command line's failure: exit code 2 and one ``prog: error: ...`` line on stderr (no traceback) that holds
+    every needle; returns the line."""
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and ": error: " in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def save_digits(path, n: int) -> str:
+    """The first n digits of the embedded default set as an .npz (uint8 images [n, H, W], labels [n]): a small real
+    dataset for runs of lego.train in tests."""
+    from lego.data import load_dataset
+
+    data = load_dataset("default")
+    images = ((data.images[:n, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
+    np.savez(path, images=images, labels=data.labels[:n].numpy())
+    return str(path)

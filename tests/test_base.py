@@ -6,6 +6,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import save_digits
 from safetensors import safe_open
 
 from lego.base import DiffusersDenoiser, stack_on_base
@@ -121,13 +122,8 @@ def test_stacks_saved_before_refining_keep_their_plain_bricks():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A base trained for one step, then bricks trained on top of it for two steps, frozen and fine-tuned."""
-    from lego.data import load_dataset
-
     tmp = tmp_path_factory.mktemp("base")
-    data = load_dataset("default")
-    np.savez(tmp / "d.npz", images=((data.images[:32, 0] + 1) * 127.5).round().to(torch.uint8).numpy(),
-             labels=data.labels[:32].numpy())
-    common = [*FAST, "--data", str(tmp / "d.npz")]
+    common = [*FAST, "--data", save_digits(tmp / "d.npz", 32)]
     assert train_main([*common, "--steps", "1", "--out", str(tmp / "base")]) == 0
     base = str(tmp / "base" / "checkpoint.safetensors")
     for name, extra in (("frozen", ["--freeze-base"]), ("tuned", [])):

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, save_digits
 
 from lego import checkpoint as ckpt_mod
 from lego.checkpoint import load_checkpoint, load_model
@@ -19,13 +20,7 @@ FAST = ["--model", "LEGO-T-PG-16", "--batch", "8", "--log-every", "1", "--sample
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """A small .npz of real digits (from the embedded default set) so the CLI tests stay fast."""
-    from lego.data import load_dataset
-
-    data = load_dataset("default")
-    path = tmp_path_factory.mktemp("data") / "digits.npz"
-    images = ((data.images[:48, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
-    np.savez(path, images=images, labels=data.labels[:48].numpy())
-    return str(path)
+    return save_digits(tmp_path_factory.mktemp("data") / "digits.npz", 48)
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +29,6 @@ def trained(tmp_path_factory, digits):
     assert train_main([*FAST, "--data", digits, "--steps", "4", "--out", str(out), "--sample-n", "10",
                        "--sample-steps", "2"]) == 0
     return out
-
-
-def _one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
 
 
 def test_train_writes_checkpoint_log_and_samples(trained):
@@ -101,26 +88,26 @@ def test_checkpoint_write_is_atomic(trained, monkeypatch, tmp_path):
 
 
 def test_missing_dataset(capsys, tmp_path):
-    _one_line_error(capsys, train_main([*FAST, "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]),
+    assert_one_line_error(capsys, train_main([*FAST, "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]),
                     "not found")
 
 
 def test_corrupt_dataset(capsys, tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip file at all")
-    _one_line_error(capsys, train_main([*FAST, "--data", str(bad), "--out", str(tmp_path)]), "corrupt")
+    assert_one_line_error(capsys, train_main([*FAST, "--data", str(bad), "--out", str(tmp_path)]), "corrupt")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _one_line_error(capsys, train_main([*FAST, "--data", str(empty), "--out", str(tmp_path)]), "no images")
+    assert_one_line_error(capsys, train_main([*FAST, "--data", str(empty), "--out", str(tmp_path)]), "no images")
 
 
 def test_missing_and_corrupt_checkpoint(capsys, tmp_path, trained):
-    _one_line_error(capsys, sample_main(["--ckpt", str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "a.png")]),
+    assert_one_line_error(capsys, sample_main(["--ckpt", str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "a.png")]),
                     "not found")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes((trained / "checkpoint.safetensors").read_bytes()[:1000])
-    _one_line_error(capsys, sample_main(["--ckpt", str(bad), "--out", str(tmp_path / "a.png")]), "corrupt")
-    _one_line_error(capsys, train_main(["--resume", "--out", str(tmp_path), "--no-progress"]), "not found")
+    assert_one_line_error(capsys, sample_main(["--ckpt", str(bad), "--out", str(tmp_path / "a.png")]), "corrupt")
+    assert_one_line_error(capsys, train_main(["--resume", "--out", str(tmp_path), "--no-progress"]), "not found")
 
 
 def test_unknown_model(capsys):
@@ -130,9 +117,9 @@ def test_unknown_model(capsys):
 
 
 def test_canvas_not_divisible(capsys, trained, tmp_path):
-    _one_line_error(capsys, sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out",
+    assert_one_line_error(capsys, sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out",
                                          str(tmp_path / "a.png"), "--height", "24"]), "not divisible", "16")
-    _one_line_error(capsys, train_main([*FAST, "--resolution", "20", "--out", str(tmp_path)]), "not divisible")
+    assert_one_line_error(capsys, train_main([*FAST, "--resolution", "20", "--out", str(tmp_path)]), "not divisible")
 
 
 def test_channels_do_not_match_the_checkpoint(capsys, trained, tmp_path):
@@ -141,16 +128,16 @@ def test_channels_do_not_match_the_checkpoint(capsys, trained, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint.safetensors").write_bytes((trained / "checkpoint.safetensors").read_bytes())
-    _one_line_error(capsys, train_main(["--resume", "--out", str(run), "--data", str(rgb), "--no-progress"]),
+    assert_one_line_error(capsys, train_main(["--resume", "--out", str(run), "--data", str(rgb), "--no-progress"]),
                     "3 channels", "takes 1")
 
 
 def test_bad_options(capsys, trained, tmp_path):
     ckpt = str(trained / "checkpoint.safetensors")
-    _one_line_error(capsys, sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "a.jpg")]), ".png")
-    _one_line_error(capsys, sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "a.png"), "--labels", "12"]),
+    assert_one_line_error(capsys, sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "a.jpg")]), ".png")
+    assert_one_line_error(capsys, sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "a.png"), "--labels", "12"]),
                     "out of range")
-    _one_line_error(capsys, train_main([*FAST, "--patch-fraction", "0", "--out", str(tmp_path)]), "--patch-fraction")
+    assert_one_line_error(capsys, train_main([*FAST, "--patch-fraction", "0", "--out", str(tmp_path)]), "--patch-fraction")
 
 
 def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error
 from PIL import Image
 
 from lego.checkpoint import load_checkpoint
@@ -39,13 +40,6 @@ def image_folder(tmp_path_factory):
         (root / f"class{i % 2}").mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(root / f"class{i % 2}" / f"{i}.png")
     return root
-
-
-def _one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
 
 
 def test_encode_train_sample_with_a_real_autoencoder(tmp_path, vae_dir, image_folder):
@@ -100,19 +94,19 @@ def test_encode_a_grey_npy_to_fp16(tmp_path, vae_dir):
 def test_encode_and_sample_bad_input(capsys, monkeypatch, tmp_path, vae_dir, image_folder):
     out = str(tmp_path / "z.npy")
     monkeypatch.setattr("lego.vae.hub_reachable", lambda: False)  # as on this project's machines, without waiting
-    _one_line_error(capsys, encode_main(["--vae", "nobody/no-such-vae", "--data", str(image_folder), "--out", out]),
+    assert_one_line_error(capsys, encode_main(["--vae", "nobody/no-such-vae", "--data", str(image_folder), "--out", out]),
                     "hub is not reachable", "save_pretrained")
-    _one_line_error(capsys, encode_main(["--vae", str(tmp_path / "no-vae"), "--data", str(image_folder), "--out",
+    assert_one_line_error(capsys, encode_main(["--vae", str(tmp_path / "no-vae"), "--data", str(image_folder), "--out",
                                          out]), "no such folder")
-    _one_line_error(capsys, encode_main(["--vae", str(vae_dir), "--data", str(image_folder), "--out",
+    assert_one_line_error(capsys, encode_main(["--vae", str(vae_dir), "--data", str(image_folder), "--out",
                                          str(tmp_path / "z.npz")]), ".npy")
-    _one_line_error(capsys, encode_main(["--vae", str(vae_dir), "--data", str(image_folder), "--out", out,
+    assert_one_line_error(capsys, encode_main(["--vae", str(vae_dir), "--data", str(image_folder), "--out", out,
                                          "--resolution", "33"]), "downsampling factor 2")
     np.save(tmp_path / "lat.npy", np.zeros((2, 4, 8, 8), np.float32))
-    _one_line_error(capsys, encode_main(["--vae", str(vae_dir), "--data", str(tmp_path / "lat.npy"), "--out", out]),
+    assert_one_line_error(capsys, encode_main(["--vae", str(vae_dir), "--data", str(tmp_path / "lat.npy"), "--out", out]),
                     "latents already")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{}")
-    _one_line_error(capsys, encode_main(["--vae", str(tmp_path / "broken"), "--data", str(image_folder), "--out",
+    assert_one_line_error(capsys, encode_main(["--vae", str(tmp_path / "broken"), "--data", str(image_folder), "--out",
                                          out]), "could not load the autoencoder")
     assert not (tmp_path / "z.npy").exists()

@@ -2,20 +2,12 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, save_digits
 
 from lego.eval import frechet_distance
 from lego.eval import main as eval_main
-
-
-def _one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
 
 
 def test_frechet_distance_closed_form():
@@ -61,13 +53,10 @@ def test_classifier_on_real_mnist(mnist_features):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from lego.data import load_dataset
     from lego.train import main as train_main
 
-    data = load_dataset("default")
     root = tmp_path_factory.mktemp("eval")
-    images = ((data.images[:200, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
-    np.savez(root / "digits.npz", images=images, labels=data.labels[:200].numpy())
+    save_digits(root / "digits.npz", 200)
     # the demo's model and options (lego.train's defaults), CI-sized: 2 steps of 8 on 200 digits
     assert train_main(["--data", str(root / "digits.npz"), "--batch", "8", "--steps", "2", "--sample-n", "0",
                        "--no-progress", "--out", str(root / "run")]) == 0  # fmt: skip
@@ -114,10 +103,10 @@ def test_inception_without_the_package_or_weights(checkpoint, capsys, tmp_path):
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
-        _one_line_error(capsys, code, "torch-fidelity", "pip install")
+        assert_one_line_error(capsys, code, "torch-fidelity", "pip install")
     else:
-        _one_line_error(capsys, code, "missing.pth", "--inception-weights")
+        assert_one_line_error(capsys, code, "missing.pth", "--inception-weights")
 
 
 def test_missing_checkpoint(capsys, tmp_path):
-    _one_line_error(capsys, eval_main(["--ckpt", str(tmp_path / "none"), "--n", "2"]), "not found")
+    assert_one_line_error(capsys, eval_main(["--ckpt", str(tmp_path / "none"), "--n", "2"]), "not found")

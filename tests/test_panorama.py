@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_digits
 
 from lego import LegoModel
 from lego.errors import LegoError
@@ -125,16 +126,10 @@ def test_panorama_function(model):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    import numpy as np
-
-    from lego.data import load_dataset
     from lego.train import main as train_main
 
     tmp = tmp_path_factory.mktemp("pano")
-    data = load_dataset("default")
-    np.savez(tmp / "d.npz", images=((data.images[:32, 0] + 1) * 127.5).round().to(torch.uint8).numpy(),
-             labels=data.labels[:32].numpy())
-    assert train_main(["--model", "LEGO-T-PR-16", "--data", str(tmp / "d.npz"), "--batch", "4", "--steps", "1",
+    assert train_main(["--model", "LEGO-T-PR-16", "--data", save_digits(tmp / "d.npz", 32), "--batch", "4", "--steps", "1",
                        "--sample-n", "0", "--no-progress", "--out", str(tmp / "run")]) == 0
     return str(tmp / "run" / "checkpoint.safetensors")
 

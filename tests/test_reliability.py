@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, save_digits
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import save_file
@@ -36,11 +37,7 @@ FAST = ["--model", "LEGO-T-PG-16", "--batch", "8", "--log-every", "1", "--sample
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    data = load_dataset("default")
-    path = tmp_path_factory.mktemp("data") / "digits.npz"
-    images = ((data.images[:32, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
-    np.savez(path, images=images, labels=data.labels[:32].numpy())
-    return str(path)
+    return save_digits(tmp_path_factory.mktemp("data") / "digits.npz", 32)
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +53,6 @@ def run(trained, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained, out)
     return out
-
-
-def one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1 and ": error: " in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def snapshot(folder: Path) -> dict:
@@ -105,14 +93,14 @@ def test_divergence_between_log_steps_keeps_the_last_good_checkpoint(run, capsys
     monkeypatch.setattr(LegoLoss, "__call__", nan_from(2))  # resumed at step 2: step 3 fine, step 4 on NaN
     code = train_main(["--resume", "--out", str(run), "--steps", "8", "--ckpt-every", "4", "--log-every", "100",
                        "--no-progress"])
-    one_line_error(capsys, code, "not finite at step 4", "step 2", "kept")
+    assert_one_line_error(capsys, code, "not finite at step 4", "step 2", "kept")
     assert (run / "checkpoint.safetensors").read_bytes() == before and all_finite(run / "checkpoint.safetensors")
 
 
 def test_a_fresh_run_that_diverges_writes_no_checkpoint(tmp_path, digits, capsys, monkeypatch):
     monkeypatch.setattr(LegoLoss, "__call__", nan_from(1))
     code = train_main([*FAST, "--data", digits, "--steps", "3", "--log-every", "100", "--out", str(tmp_path / "r")])
-    one_line_error(capsys, code, "not finite at step 1", "no checkpoint was written")
+    assert_one_line_error(capsys, code, "not finite at step 1", "no checkpoint was written")
     assert not (tmp_path / "r" / "checkpoint.safetensors").exists()
 
 
@@ -134,7 +122,7 @@ def test_sampling_a_checkpoint_with_nan_weights_fails(run, capsys, tmp_path):
         if k.startswith("ema/") and v.is_floating_point():
             tensors[k] = torch.full_like(v, float("nan"))
     save_file(tensors, str(path), metadata=meta)
-    one_line_error(capsys, sample_main(["--ckpt", str(path), "--out", str(tmp_path / "a.png"), "--steps", "2"]),
+    assert_one_line_error(capsys, sample_main(["--ckpt", str(path), "--out", str(tmp_path / "a.png"), "--steps", "2"]),
                    "NaN or inf")
     assert not (tmp_path / "a.png").exists()
 
@@ -142,7 +130,7 @@ def test_sampling_a_checkpoint_with_nan_weights_fails(run, capsys, tmp_path):
 # -- 2. a new run never overwrites a checkpoint; one run per folder ----------------------------------------------------
 def test_a_new_run_refuses_a_folder_with_a_checkpoint(run, digits, capsys):
     before = snapshot(run)
-    one_line_error(capsys, train_main([*FAST, "--data", digits, "--steps", "1", "--out", str(run)]),
+    assert_one_line_error(capsys, train_main([*FAST, "--data", digits, "--steps", "1", "--out", str(run)]),
                    "already holds a checkpoint (step 2)", "--resume", "--overwrite")
     assert snapshot(run) == before
     assert train_main([*FAST, "--data", digits, "--steps", "1", "--out", str(run), "--overwrite"]) == 0
@@ -160,7 +148,7 @@ def test_a_second_run_is_kept_out_of_a_folder_in_use(run, digits, capsys):
     before = (run / "checkpoint.safetensors").read_bytes()
     with RunDir(run, resume=True):  # another run holds the folder
         code = train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress"])
-        one_line_error(capsys, code, "in use by another lego.train", f"pid {os.getpid()}")
+        assert_one_line_error(capsys, code, "in use by another lego.train", f"pid {os.getpid()}")
     assert (run / "checkpoint.safetensors").read_bytes() == before
     assert not (run / ".lock").exists()  # its holder left cleanly
 
@@ -174,7 +162,7 @@ def test_a_second_run_is_kept_out_of_a_folder_in_use(run, digits, capsys):
 def test_resume_refuses_contradicting_options(run, capsys, option, needle):
     before = snapshot(run)
     code = train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress", *option])
-    one_line_error(capsys, code, needle)
+    assert_one_line_error(capsys, code, needle)
     assert snapshot(run) == before
 
 
@@ -182,7 +170,7 @@ def test_resume_refuses_data_with_other_classes(run, capsys, tmp_path):
     more = tmp_path / "more.npz"
     np.savez(more, images=np.zeros((8, 16, 16), np.uint8), labels=np.arange(8) + 5)  # 13 classes, checkpoint 10
     code = train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress", "--data", str(more)])
-    one_line_error(capsys, code, "13 classes", "has 10")
+    assert_one_line_error(capsys, code, "13 classes", "has 10")
 
 
 # -- 4. no orphans; config.json follows the checkpoint -----------------------------------------------------------------
@@ -232,7 +220,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_checkpoint(run, capsys, monkeypat
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(ckpt_mod, "save_file", full)
-    one_line_error(capsys, train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress"]),
+    assert_one_line_error(capsys, train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress"]),
                    "the disk is full", "step 2 is intact")
     assert (run / "checkpoint.safetensors").read_bytes() == before
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
@@ -241,7 +229,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_checkpoint(run, capsys, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt_mod, "save_file", full_os)
-    one_line_error(capsys, train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress"]),
+    assert_one_line_error(capsys, train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress"]),
                    "the disk is full")
 
 
@@ -300,14 +288,14 @@ def test_a_folder_mixing_classes_and_loose_images_is_refused(tmp_path, capsys):
     for name in ("cats/a.png", "dogs/b.png", "stray.png"):
         (data / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros((16, 16), np.uint8)).save(data / name)
-    one_line_error(capsys, train_main([*FAST, "--data", str(data), "--steps", "1", "--out", str(tmp_path / "o")]),
+    assert_one_line_error(capsys, train_main([*FAST, "--data", str(data), "--steps", "1", "--out", str(tmp_path / "o")]),
                    "cats, dogs", "stray.png")
 
 
 def test_a_huge_label_id_is_refused(tmp_path, capsys):
     path = tmp_path / "d.npz"
     np.savez(path, images=np.zeros((3, 16, 16), np.uint8), labels=np.array([0, 1, 1_000_000]))
-    one_line_error(capsys, train_main([*FAST, "--data", str(path), "--steps", "1", "--out", str(tmp_path / "o")]),
+    assert_one_line_error(capsys, train_main([*FAST, "--data", str(path), "--steps", "1", "--out", str(tmp_path / "o")]),
                    "label id 1000000", "renumber")
     assert not (tmp_path / "o").exists()
 
@@ -318,7 +306,7 @@ def test_non_finite_latents_name_the_file_and_index(tmp_path, capsys):
     latents[2, 0, 3, 5] = np.nan
     path = tmp_path / "lat.npz"
     np.savez(path, latents=latents)
-    err = one_line_error(capsys, train_main([*FAST, "--data", str(path), "--steps", "1", "--out", str(tmp_path / "o")]),
+    err = assert_one_line_error(capsys, train_main([*FAST, "--data", str(path), "--steps", "1", "--out", str(tmp_path / "o")]),
                          "lat.npz", "(2, 0, 3, 5)")
     assert "--lr" not in err
 
@@ -332,7 +320,7 @@ def test_non_finite_latents_name_the_file_and_index(tmp_path, capsys):
 ])
 def test_train_options_are_range_checked(run, capsys, bad):
     before = snapshot(run)
-    err = one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(run), *bad]), bad[0])
+    err = assert_one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(run), *bad]), bad[0])
     assert bad[1] in err
     assert snapshot(run) == before  # nothing in --out harmed
 
@@ -340,8 +328,8 @@ def test_train_options_are_range_checked(run, capsys, bad):
 def test_out_must_be_a_writable_folder(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("mine")
-    one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(afile)]), "is a file")
-    one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(afile / "sub")]), "cannot write there")
+    assert_one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(afile)]), "is a file")
+    assert_one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(afile / "sub")]), "cannot write there")
     assert afile.read_text() == "mine"
 
 
@@ -349,7 +337,7 @@ def test_out_must_be_a_writable_folder(tmp_path, capsys):
 def test_out_without_write_permission(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(locked / "run")]), "cannot write there")
+    assert_one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(locked / "run")]), "cannot write there")
 
 
 @pytest.mark.parametrize("bad", [
@@ -361,7 +349,7 @@ def test_out_without_write_permission(tmp_path, capsys):
 def test_sample_options_are_range_checked(trained, tmp_path, capsys, bad):
     out = tmp_path / "a.png"
     code = sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(out), *bad])
-    one_line_error(capsys, code, bad[-2])
+    assert_one_line_error(capsys, code, bad[-2])
     assert not out.exists()
 
 
@@ -370,7 +358,7 @@ def test_non_finite_samples_are_not_written(trained, tmp_path, capsys, monkeypat
 
     monkeypatch.setitem(sample_mod.SAMPLERS, "heun", lambda net, z, *a, **k: torch.full_like(z, float("nan")))
     out = tmp_path / "a.png"
-    one_line_error(capsys, sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(out)]),
+    assert_one_line_error(capsys, sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(out)]),
                    "NaN or inf values; nothing was written")
     assert not out.exists()
 
@@ -379,8 +367,8 @@ def test_non_finite_samples_are_not_written(trained, tmp_path, capsys, monkeypat
 def test_cuda_without_a_gpu(trained, tmp_path, capsys):
     code = sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(tmp_path / "a.png"),
                         "--device", "cuda"])
-    one_line_error(capsys, code, "torch sees none")
-    one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(tmp_path / "o"), "--device", "cuda"]),
+    assert_one_line_error(capsys, code, "torch sees none")
+    assert_one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(tmp_path / "o"), "--device", "cuda"]),
                    "torch sees none")
 
 
