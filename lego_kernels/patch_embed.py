@@ -191,8 +191,9 @@ def _patch_embed_bwd_weight_kernel(
     X,  # shape (B, C, H, W)
     PREV,  # shape (B, C, H, W); not read without HAS_PREV
     INDEX,  # shape (B, P); not read without HAS_INDEX
-    DW_PART,  # shape (SEQ_SPLITS * TOKEN_SPLITS, d, K) fp32: this program's share of dweight; dweight itself when 1
-    DPOS_PART,  # shape (SEQ_SPLITS, S, d) fp32: each sequence split's share of dpos_embed
+    DW_PART,  # shape (SEQ_SPLITS * TOKEN_SPLITS, d, K) fp32: each program's share of dweight; dweight itself when 1.
+    # With ATOMIC: (d, ACC_STRIDE) fp32, zeroed, every share added to it with atomics
+    DPOS_PART,  # shape (SEQ_SPLITS, S, d) fp32: each sequence split's share of dpos_embed; with ATOMIC: (S, d), summed
     N,
     P,
     NH,
@@ -214,6 +215,8 @@ def _patch_embed_bwd_weight_kernel(
     L: tl.constexpr,
     HAS_PREV: tl.constexpr,
     HAS_INDEX: tl.constexpr,
+    ATOMIC: tl.constexpr,  # add the shares into fp32 accumulators (any order) instead of writing them apart
+    ACC_STRIDE: tl.constexpr,  # row stride of DW_PART: K, or K rounded up to 4 for the accumulator (16-byte atomics)
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -221,7 +224,8 @@ def _patch_embed_bwd_weight_kernel(
 ):
     """dweight[:, k] = sum over rows of dtok[row, :] * field[row, k], over the rows of one (sequence split, token
     split); the programs of K-tile 0 also sum dtok per token position (dpos_embed; dbias is its sum over s). Splitting
-    the token positions too keeps the image-brick (few sequences of many tokens) spread over the GPU."""
+    the token positions too keeps the image-brick (few sequences of many tokens) spread over the GPU. The programs of
+    one split (every d and K tile) are neighbours in the grid, so their re-reads of dtok and the field come from L2."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     part_id = tl.program_id(2)
@@ -234,7 +238,7 @@ def _patch_embed_bwd_weight_kernel(
     seq_begin = split * seq_per_split
     seq_end = tl.minimum(seq_begin + seq_per_split, N)
 
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for s in range(s_begin, s_end):
         dpos = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for n0 in range(seq_begin, seq_end, BLOCK_M):
@@ -254,13 +258,21 @@ def _patch_embed_bwd_weight_kernel(
                 X, PREV, img, y0, x0, field_ok, k, K, C, H, W, stride_b, stride_c, stride_h, row_step, col_step, L,
                 HAS_PREV,
             )  # fmt: skip
-            acc = tl.dot(tl.trans(a.to(g.dtype)), g, acc, input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_N)
+            acc = tl.dot(tl.trans(g), a.to(g.dtype), acc, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_K)
             dpos += tl.sum(g.to(tl.float32), axis=0)
         if pid_k == 0:
-            tl.store(DPOS_PART + (split * (T * T) + s) * d + cols, dpos, mask=col_ok)
-    part = DW_PART + part_id.to(tl.int64) * d * K
-    w_ok = (k < K)[:, None] & col_ok[None, :]
-    tl.store(part + cols[None, :] * K + k[:, None], acc.to(DW_PART.dtype.element_ty), mask=w_ok)
+            if ATOMIC:
+                tl.atomic_add(DPOS_PART + s * d + cols, dpos, mask=col_ok, sem="relaxed")
+            else:
+                tl.store(DPOS_PART + (split * (T * T) + s) * d + cols, dpos, mask=col_ok)
+    if ATOMIC:
+        # acc is 0 in the padding columns K..ACC_STRIDE (the field tile is), so they take part: whole 16-byte atomics.
+        acc_ok = col_ok[:, None] & (k < ACC_STRIDE)[None, :]
+        tl.atomic_add(DW_PART + cols[:, None] * ACC_STRIDE + k[None, :], acc, mask=acc_ok, sem="relaxed")
+    else:
+        part = DW_PART + part_id.to(tl.int64) * d * ACC_STRIDE
+        w_ok = col_ok[:, None] & (k < K)[None, :]
+        tl.store(part + cols[:, None] * ACC_STRIDE + k[None, :], acc.to(DW_PART.dtype.element_ty), mask=w_ok)
 
 
 @triton.jit
@@ -379,10 +391,13 @@ def _patch_embed_bwd_kernel(
     """One read of each dtok tile gives all the gradients of its rows: dfield = dtok . weight (written to the canvas
     pixels of each field, zero where no sequence covers the patch), and the tile's share of dweight = dtok^T . field,
     of dpos_embed = sum of dtok per token position and of dbias (its sum), added to fp32 accumulators with atomics.
-    The d columns are walked in BLOCK_N chunks, so the field tile is gathered once and dfield stays in registers."""
-    pid_p = tl.program_id(0)
+    The d columns are walked in BLOCK_N chunks, so the field tile is gathered once and dfield stays in registers.
+    Grid: (patch blocks x K tiles, token blocks), K tiles first, so that the programs re-reading a dtok tile for the
+    other K tiles run next to each other and find it in L2."""
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    pid_p = tl.program_id(0) // k_tiles
+    pid_k = tl.program_id(0) % k_tiles
     pid_s = tl.program_id(1)
-    pid_k = tl.program_id(2)
     r = tl.arange(0, BLOCK_P * BLOCK_S)  # row r is (patch r // BLOCK_S, token position r % BLOCK_S) of the tile
     gp = pid_p * BLOCK_P + r // BLOCK_S
     s_tile = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -488,6 +503,9 @@ def _bwd_config(g: int, s: int, d: int, k: int, dtype: torch.dtype) -> dict:
 # dweight reduces over all N * S rows: split the sequences, then the token positions, so that about this many programs
 # run at once (the image-brick at B = 64 has 64 sequences of 256 tokens: 18 programs from sequences alone at d 1152).
 _BWD_WEIGHT_PROGRAMS = 512
+# Without input gradients the splits' shares go to fp32 atomics, which cost L2 traffic, not DRAM bytes: enough programs
+# for two waves on 132 SMs at up to 4 resident programs each.
+_BWD_ATOMIC_PROGRAMS = 2 * 132 * 4
 # The forward at 8 warps: at 4 its [64, 128] accumulator plus the gathered [64, 64] field tile (64-bit addresses) spilled
 # 576 bytes at the image-brick's shape (sm_90, bf16, K tiles of 64 then); at 8, 254 registers and no spill.
 _FWD_WARPS = 8
@@ -548,10 +566,13 @@ def _patch_embed_bwd_triton(dtokens, x, prev, weight, patch_index, brick_size, f
     Under torch.use_deterministic_algorithms(True), the two kernels below instead, in a fixed order (as PyTorch does
     for index_add_ and scatter_add_). With few tokens against K (T < _TWO_PASS_TOKENS_PER_K * K: XL-U's 16 x 16 brick
     of 8 x 8 fields at B 64, T 1024, K 640), the fp32 accumulator's zeroing and final read (8 d K bytes) cost more than
-    reading dtok twice (2 T d): the two kernels then, dweight in one piece, written in its own dtype."""
+    reading dtok twice (2 T d): the two kernels then, dweight in one piece, written in its own dtype. Without input
+    gradients (the bottom brick: x_t needs none) only dweight, dbias and dpos: _patch_embed_bwd_weight_only."""
     args = (dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad)
     if torch.are_deterministic_algorithms_enabled():
         return _patch_embed_bwd_two_pass(*args)
+    if not input_grad:
+        return _patch_embed_bwd_weight_only(*args[:-1])
     if dtokens.shape[0] * dtokens.shape[1] < _TWO_PASS_TOKENS_PER_K * weight[0].numel():
         return _patch_embed_bwd_two_pass(*args, weight_programs=1)
     return _patch_embed_bwd_fused(*args)
@@ -568,7 +589,7 @@ def _patch_embed_bwd_fused(dtokens, x, prev, weight, patch_index, brick_size, fi
     if g:
         cfg = _bwd_config(g, s, d, k, dtype)
         inv = _inverse_patch_index(patch_index, nh * nw) if patch_index is not None else x
-        grid = (triton.cdiv(g, cfg["BLOCK_P"]), triton.cdiv(s, cfg["BLOCK_S"]), triton.cdiv(k, cfg["BLOCK_K"]))
+        grid = (triton.cdiv(g, cfg["BLOCK_P"]) * triton.cdiv(k, cfg["BLOCK_K"]), triton.cdiv(s, cfg["BLOCK_S"]))
         _patch_embed_bwd_kernel[grid](
             dtokens, x, prev if prev is not None else x, weight, inv, dcanvas if input_grad else x,
             dw_acc, dpos_acc, db_acc,
@@ -584,7 +605,7 @@ def _bwd_atomic_bytes(grid, args) -> dict[str, int]:
     """L2 atomic traffic of one _patch_embed_bwd_kernel launch per accumulator (read by benchmarks/static.py): each of
     the grid's (patch block, token block) tiles adds a [d, K] fp32 share of dweight over its K tiles (K padded to
     ACC_STRIDE), BLOCK_S rows of dpos_embed and one of dbias."""
-    tiles, d = grid[0] * grid[1], args["d"]
+    tiles, d = grid[0] // triton.cdiv(args["K"], args["BLOCK_K"]) * grid[1], args["d"]
     dw = tiles * d * args["ACC_STRIDE"] * 4
     return {"DW_ACC": dw, "DPOS_ACC": tiles * args["BLOCK_S"] * d * 4, "DB_ACC": tiles * d * 4}
 
@@ -592,11 +613,10 @@ def _bwd_atomic_bytes(grid, args) -> dict[str, int]:
 _patch_embed_bwd_kernel.atomic_bytes = _bwd_atomic_bytes
 
 
-def _patch_embed_bwd_two_pass(
-    dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad, weight_programs=None
-):
-    """The deterministic backward: dweight/dpos over sequence and token splits (for about weight_programs programs,
-    default _BWD_WEIGHT_PROGRAMS) into fp32 partials summed in order, then dx/dprev; dtok is read twice."""
+def _bwd_weight(dtokens, x, prev, weight, patch_index, brick_size, field_size, programs, atomic):
+    """(dweight, dpos_embed [S, d] fp32) from _patch_embed_bwd_weight_kernel over about `programs` programs: the
+    sequences split first, then the token positions. The splits' shares are fp32 partials summed in a fixed order, or
+    with `atomic` added into one fp32 accumulator in L2; a single split writes dweight itself, in its dtype."""
     b, c, h, w, nh, nw, p, d, k, t, (row_step, col_step) = _geometry(x, weight, brick_size, field_size, patch_index)
     n, s = b * p, t * t
     dtype, device = weight.dtype, x.device
@@ -604,36 +624,75 @@ def _patch_embed_bwd_two_pass(
     cfg = _bwd_weight_config(d, k, dtype)
     tiles = triton.cdiv(d, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"])
     seq_blocks = max(1, triton.cdiv(n, cfg["BLOCK_M"]))
-    weight_programs = weight_programs or _BWD_WEIGHT_PROGRAMS
-    split = max(1, min(seq_blocks, triton.cdiv(weight_programs, tiles)))
+    split = max(1, min(seq_blocks, triton.cdiv(programs, tiles)))
     seq_per_split = triton.cdiv(seq_blocks, split) * cfg["BLOCK_M"]
     split = max(1, triton.cdiv(n, seq_per_split))
-    token_splits = max(1, min(s, triton.cdiv(weight_programs, tiles * split)))
+    token_splits = max(1, min(s, triton.cdiv(programs, tiles * split)))
     tokens_per_split = triton.cdiv(s, token_splits)
     token_splits = triton.cdiv(s, tokens_per_split)
-    pieces = split * token_splits  # one piece is dweight itself, in its dtype: no fp32 buffer to write and read back
-    dw_part = new_output((pieces, d, k), torch.float32 if pieces > 1 else dtype, device)
-    dpos_part = new_output((split, s, d), torch.float32, device)
-    grid = (triton.cdiv(d, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]), split * token_splits)
+    pieces = split * token_splits
+    atomic = atomic and pieces > 1  # one piece is dweight itself, in its dtype: no fp32 buffer to write and read back
+    if atomic:
+        dw_part = torch.zeros((d, triton.cdiv(k, 4) * 4), dtype=torch.float32, device=device)
+        dpos_part = torch.zeros((s, d), dtype=torch.float32, device=device)
+    else:
+        dw_part = new_output((pieces, d, k), torch.float32 if pieces > 1 else dtype, device)
+        dpos_part = new_output((split, s, d), torch.float32, device)
+    grid = (triton.cdiv(d, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]), pieces)
     _patch_embed_bwd_weight_kernel[grid](
         dtokens, x, prev if prev is not None else x, patch_index if patch_index is not None else x, dw_part, dpos_part,
         n, p, nh, nw, d, k, c, h, w, x.stride(0), x.stride(1), x.stride(2), row_step, col_step, seq_per_split,
         split, tokens_per_split,
-        T=t, L=field_size, HAS_PREV=prev is not None, HAS_INDEX=patch_index is not None,
-        DOT_PRECISION=_dot_precision(dtype), **cfg,
+        T=t, L=field_size, HAS_PREV=prev is not None, HAS_INDEX=patch_index is not None, ATOMIC=atomic,
+        ACC_STRIDE=dw_part.shape[-1], DOT_PRECISION=_dot_precision(dtype), **cfg,
     )  # fmt: skip
+    if atomic:
+        return dw_part[:, :k].to(dtype).reshape(weight.shape), dpos_part
     dpos = dpos_part.sum(0) if split > 1 else dpos_part[0]  # (S, d) fp32
-    dweight = (dw_part.sum(0).to(dtype) if pieces > 1 else dw_part[0]).view(weight.shape)
-    dbias = dpos.sum(0).to(dtype)
+    return (dw_part.sum(0).to(dtype) if pieces > 1 else dw_part[0]).view(weight.shape), dpos
 
+
+def _bwd_weight_atomic_bytes(grid, args) -> dict[str, int]:
+    """L2 atomic traffic of one _patch_embed_bwd_weight_kernel launch (read by benchmarks/static.py): with ATOMIC,
+    each of the grid's pieces adds a [d, K] fp32 share of dweight (K padded to ACC_STRIDE) and each sequence split its
+    dpos_embed rows [S, d]; without, none."""
+    if not args["ATOMIC"]:
+        return {}
+    d = args["d"]
+    return {"DW_PART": grid[2] * d * args["ACC_STRIDE"] * 4, "DPOS_PART": args["seq_splits"] * args["T"] ** 2 * d * 4}
+
+
+_patch_embed_bwd_weight_kernel.atomic_bytes = _bwd_weight_atomic_bytes
+
+
+def _patch_embed_bwd_weight_only(dtokens, x, prev, weight, patch_index, brick_size, field_size):
+    """dweight, dbias and dpos_embed alone (no input gradient): the weight kernel over every d and K tile, the tokens
+    split for about _BWD_ATOMIC_PROGRAMS programs, the shares summed with fp32 atomics. Each split adds d x K once,
+    whatever the d tiles, where the fused kernel's token tiles each add it: fewer atomics for more programs."""
+    dweight, dpos = _bwd_weight(
+        dtokens, x, prev, weight, patch_index, brick_size, field_size, _BWD_ATOMIC_PROGRAMS, atomic=True
+    )
+    return dtokens.new_empty((0,)), dweight, dpos.sum(0).to(weight.dtype), dpos.to(weight.dtype)
+
+
+def _patch_embed_bwd_two_pass(
+    dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad, weight_programs=None
+):
+    """The deterministic backward: dweight/dpos over sequence and token splits (for about weight_programs programs,
+    default _BWD_WEIGHT_PROGRAMS) into fp32 partials summed in order, then dx/dprev; dtok is read twice."""
+    programs = weight_programs or _BWD_WEIGHT_PROGRAMS
+    dweight, dpos = _bwd_weight(dtokens, x, prev, weight, patch_index, brick_size, field_size, programs, atomic=False)
+    dtype = weight.dtype
+    dbias = dpos.sum(0).to(dtype)
     if not input_grad:
         return dtokens.new_empty((0,)), dweight, dbias, dpos.to(dtype)
+    b, c, h, w, nh, nw, _, d, k, t, _ = _geometry(x, weight, brick_size, field_size, patch_index)
     parts = 2 if prev is not None else 1
-    dcanvas = new_output((parts, b, c, h, w), x.dtype, device)
+    dcanvas = new_output((parts, b, c, h, w), x.dtype, x.device)
     g, k_img = b * nh * nw, parts * c * field_size**2
     cfg = _bwd_input_config(d, k_img, dtype)
     inv = _inverse_patch_index(patch_index, nh * nw) if patch_index is not None else x
-    _patch_embed_bwd_input_kernel[(triton.cdiv(g, cfg["BLOCK_M"]), s, triton.cdiv(k_img, cfg["BLOCK_K"]))](
+    _patch_embed_bwd_input_kernel[(triton.cdiv(g, cfg["BLOCK_M"]), t * t, triton.cdiv(k_img, cfg["BLOCK_K"]))](
         dtokens, weight, inv, dcanvas,
         g, nh * nw, nw, d, k, k_img, c, h, w, b * c * h * w,
         T=t, L=field_size, HAS_INDEX=patch_index is not None, DOT_PRECISION=_dot_precision(dtype), **cfg,

@@ -161,6 +161,32 @@ def test_patch_embed_few_tokens_take_two_kernels(device, monkeypatch):
     assert launched[0][1][2] == 1
 
 
+@pytest.mark.parametrize("indexed", [False, True], ids=["all-patches", "patch-index"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-C{}-{}x{}-r{}-l{}-d{}".format(*c))
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_embed_weight_only_backward(device, case, indexed, monkeypatch):
+    """Where neither x nor prev needs a gradient (the bottom brick's noisy input), the backward is the weight kernel
+    alone, its token splits (down to one 16-sequence block and one token position each here) summed with fp32 atomics
+    (or written directly when there is one): dweight, dbias and dpos_embed still match."""
+    monkeypatch.setattr(pe, "_bwd_weight_config", lambda d, k, dtype: {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
+    taken, launched = _spy_backward_paths(monkeypatch), _spy_launches(monkeypatch)
+    b, c, h, w, r, l, d = case
+    x, prev, weight, bias, pos_embed = _inputs(b, c, h, w, r, l, d, True, torch.float32, device)
+    patch_index = _random_subset(b, (h // r) * (w // r), 2 / 3, torch.int64, device) if indexed else None
+    params = [t.detach().clone().requires_grad_() for t in (weight, bias, pos_embed)]
+    ref = [t.detach().double().requires_grad_() for t in (weight, bias, pos_embed)]
+    out = patch_embed(x, prev, *params, r, l, patch_index, backend="triton")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    patch_embed_ref(x.double(), prev.double(), *ref, r, l, patch_index).backward(grad.double())
+    for name, got, want in zip(("dweight", "dbias", "dpos_embed"), params, ref):
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-4, rtol=1e-5, msg=name)
+    assert taken == [] and [name for name, _ in launched] == ["_patch_embed_bwd_weight_kernel"]
+    n, s = out.shape[:2]
+    # A split per sequence block and token position (one split, H = 1: dweight written directly, no atomics).
+    assert launched[0][1][2] == triton_cdiv(n, 16) * s
+
+
 # (B, C, H, W, r, l, d): S = 16 tokens over 4 patches (tiles of 4 patches x 4 token positions, 4 token blocks), XL's
 # latent brick (7 patch blocks of 16 at each of 4 token positions), and field 8 (2 tiles of 8 patches x 2 token
 # positions, 4 K tiles of 64).
@@ -208,9 +234,10 @@ def test_patch_embed_backward_tiles_at_model_shapes():
                 assert rows == pe._BWD_ROWS[-1], cfg
     # The share as the profile counts it: one tile of the XL image brick at B 256 (128 patches at one token position).
     cfg = pe._bwd_config(256, 256, 1152, 40, torch.bfloat16)
-    grid = (2, 256, 1)
-    assert (cfg["BLOCK_P"], cfg["BLOCK_S"]) == (128, 1)
-    atomic = sum(pe._bwd_atomic_bytes(grid, {"d": 1152, "K": 40, "ACC_STRIDE": 40, "BLOCK_S": 1}).values())
+    grid = (2 * 1, 256)  # (patch blocks x K tiles, token blocks)
+    assert (cfg["BLOCK_P"], cfg["BLOCK_S"], cfg["BLOCK_K"]) == (128, 1, 64)
+    args = {"d": 1152, "K": 40, "ACC_STRIDE": 40, "BLOCK_S": 1, "BLOCK_K": 64}
+    atomic = sum(pe._bwd_atomic_bytes(grid, args).values())
     assert atomic == 512 * 1152 * (40 + 2) * 4 and atomic <= pe._ATOMIC_SHARE * 256 * 256 * 1152 * 2
 
 
@@ -303,7 +330,7 @@ def test_patch_embed_bad_shapes_and_backends(monkeypatch):
 def _signature(kernel, pointers, floats=()):
     """Triton types in the kernel's argument order: the given pointers, fp32 floats, constexprs, i32 otherwise."""
     constexprs = {"T", "L", "HAS_PREV", "HAS_BIAS", "HAS_INDEX", "INPUT_GRAD", "DOT_PRECISION", "BLOCK_M", "BLOCK_N",
-                  "BLOCK_K", "BLOCK_P", "BLOCK_S", "ACC_STRIDE"}  # fmt: skip
+                  "BLOCK_K", "BLOCK_P", "BLOCK_S", "ACC_STRIDE", "ATOMIC"}  # fmt: skip
     return {
         name: pointers.get(name) or ("fp32" if name in floats else "constexpr" if name in constexprs else "i32")
         for name in kernel.arg_names
@@ -340,10 +367,12 @@ def _compile_spec(kernel, dtype, shape):
         options = {"num_warps": cfg.pop("num_warps")}
         constexprs = {**flags, "INPUT_GRAD": True, "ACC_STRIDE": -(-k // 4) * 4, **cfg}
         return fn, _signature(fn, ptrs, steps), constexprs, options
-    if kernel == "bwd_weight":
+    if kernel.startswith("bwd_weight"):  # fp32 partials (deterministic), or with atomics into one accumulator
         fn = pe._patch_embed_bwd_weight_kernel
         ptrs = {"DTOK": t, "X": t, "PREV": t, "INDEX": "*i64", "DW_PART": "*fp32", "DPOS_PART": "*fp32"}
-        return fn, _signature(fn, ptrs, steps), {**flags, **pe._bwd_weight_config(d, k, torch_dtype)}
+        atomic = kernel.endswith("atomic")
+        constexprs = {**flags, "ATOMIC": atomic, "ACC_STRIDE": -(-k // 4) * 4 if atomic else k}
+        return fn, _signature(fn, ptrs, steps), {**constexprs, **pe._bwd_weight_config(d, k, torch_dtype)}
     fn = pe._patch_embed_bwd_input_kernel
     ptrs = {"DTOK": t, "WEIGHT": t, "INV": "*i32", "DCANVAS": t}
     del flags["HAS_PREV"]
@@ -351,9 +380,10 @@ def _compile_spec(kernel, dtype, shape):
 
 
 def test_patch_embed_kernels_compile():
-    """The four kernels in every dtype for sm_90 (H100/H200), and in bf16, the training dtype, for sm_80 too."""
+    """The four kernels (the weight kernel in both modes) in every dtype for sm_90 (H100/H200), and in bf16, the
+    training dtype, for sm_80 too."""
     pytest.importorskip("triton")
-    kernels = ["fwd", "bwd", "bwd_weight", "bwd_input"]
+    kernels = ["fwd", "bwd", "bwd_weight", "bwd_weight_atomic", "bwd_input"]
     compile_for_gpu(*[_compile_spec(k, dt, shape) for dt, shape in COMPILE_CASES for k in kernels], capabilities=(90,))
     bf16 = [_compile_spec(k, dt, shape) for dt, shape in COMPILE_CASES if dt == "bf16" for k in kernels]
     compile_for_gpu(*bf16, capabilities=(80,))
