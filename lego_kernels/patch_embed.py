@@ -19,7 +19,9 @@ dtok^T field, dpos_embed[s] = sum over sequences of dtok[:, s], dbias = sum of d
 dpos_embed and dbias across tiles with fp32 atomics in L2 (tile size: _bwd_config). Atomics add in a different order
 from run to run, so under torch.use_deterministic_algorithms(True) the backward instead runs two kernels that read dtok
 twice (dweight and dpos_embed from fixed-order fp32 partials, then dfield); so it does, dweight in one piece, where the
-fused kernel's fp32 accumulator would cost more bytes than the second read (few tokens against K).
+fused kernel's fp32 accumulator would cost more bytes than the second read (few tokens against K). Without input
+gradients (the bottom brick: x_t needs none) the first of those two kernels runs alone, its shares summed with fp32
+atomics: each token split adds d x K once over all its d tiles, where a fused token tile spans d in one program.
 """
 
 from __future__ import annotations
@@ -504,8 +506,8 @@ def _bwd_config(g: int, s: int, d: int, k: int, dtype: torch.dtype) -> dict:
 # run at once (the image-brick at B = 64 has 64 sequences of 256 tokens: 18 programs from sequences alone at d 1152).
 _BWD_WEIGHT_PROGRAMS = 512
 # Without input gradients the splits' shares go to fp32 atomics, which cost L2 traffic, not DRAM bytes: enough programs
-# for two waves on 132 SMs at up to 4 resident programs each.
-_BWD_ATOMIC_PROGRAMS = 2 * 132 * 4
+# for two waves on 132 SMs at up to 6 resident programs each (its registers leave 3 to 5 on sm_90 at the model shapes).
+_BWD_ATOMIC_PROGRAMS = 2 * 132 * 6
 # The forward at 8 warps: at 4 its [64, 128] accumulator plus the gathered [64, 64] field tile (64-bit addresses) spilled
 # 576 bytes at the image-brick's shape (sm_90, bf16, K tiles of 64 then); at 8, 254 registers and no spill.
 _FWD_WARPS = 8
