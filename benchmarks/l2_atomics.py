@@ -1,7 +1,7 @@
 """L2 atomic throughput probe: how fast fp32 atomic adds of 16-byte vectors go into a buffer that stays in L2.
 
 The fused patch_embed backward (lego_kernels/patch_embed.py, _patch_embed_bwd_kernel) sums dweight across its token
-tiles with ``tl.atomic_add(..., sem="relaxed")`` into an fp32 [d, K] accumulator of 0.1-2.9 MB: every program adds the
+tiles with ``tl.atomic_add(..., sem="relaxed")`` into an fp32 [d, K] accumulator of 30 KB to 2.9 MB: every program adds the
 whole accumulator (its K tiles), so more programs cost more L2 atomic traffic. What one atomic byte costs against one
 DRAM byte decides how many programs that kernel should run; this measures it.
 
@@ -11,7 +11,8 @@ from the tile's contiguity; tests/test_patch_embed_bwd_bench.py checks the PTX).
 
     "same-order"  STRIDE 0: every program walks the same tiles in the same order, as every program of the patch_embed
                   backward adds its [BLOCK_N, BLOCK_K] chunks of dweight from column 0 up (contended addresses)
-    "spread"      STRIDE ITERS: program p starts where program p - 1 ended (few programs on one address at a time)
+    "spread"      STRIDE 1: program p starts one tile after program p - 1, so programs that keep pace never add to the
+                  same tile at the same moment
 
 Beside it, ATOMIC=False stores the same vectors to the same buffer (plain L2 writes of the same bytes). The value a
 program adds is (p % 8 + 1) + (lane % 4) / 4: small multiples of 1/4, so every sum is exact in fp32 whatever the order
@@ -41,7 +42,7 @@ def _l2_probe_kernel(
     BUF,  # shape (TILES, BLOCK) fp32
     TILES,
     ITERS,  # adds (or stores) per program
-    STRIDE,  # tile offset between consecutive programs: 0 (same order) or ITERS (spread)
+    STRIDE,  # tile offset between consecutive programs: 0 (same order) or 1 (spread)
     ATOMIC: tl.constexpr,  # atomic adds, else plain stores of the same vectors
     BLOCK: tl.constexpr,  # fp32 per tile: a multiple of 4 * 32 * num_warps, so each thread owns whole 16-byte vectors
 ):
@@ -60,7 +61,7 @@ def _l2_probe_kernel(
 def stride(pattern: str, iters: int) -> int:
     if pattern not in PATTERNS:
         raise ValueError(f"unknown pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
-    return 0 if pattern == "same-order" else iters
+    return 0 if pattern == "same-order" else 1
 
 
 def traffic_bytes(programs: int, iters: int, block: int) -> int:

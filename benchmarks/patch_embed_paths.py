@@ -256,6 +256,8 @@ def _best_atomic_share(rows: list[dict], measured: bool) -> dict:
         return result
     fused = [r for r in rows if r["path"] == "fused" or r["path"] in FORCED_ROWS]
     keys = list(dict.fromkeys((r["shape_name"], r["batch"]) for r in fused))
+    if not keys:
+        return result | {"note": "no fused rows in this run"}
     totals = {}
     for share in sorted({*SHARE_GRID, current}):
         total = 0.0
@@ -274,7 +276,7 @@ def _best_atomic_share(rows: list[dict], measured: bool) -> dict:
     if not totals:
         return result | {"note": "no share value picks only measured tiles"}
     least = min(totals.values())
-    tied = sorted(s for s, t in totals.items() if t <= least * 1.0 + 1e-9)
+    tied = sorted(s for s, t in totals.items() if math.isclose(t, least, rel_tol=1e-9))  # the same tiles everywhere
     best = current if current in tied else tied[0]
     return result | {"best": best, "tied": tied, "total_us": {str(k): v for k, v in totals.items()}, "note": ""}
 
@@ -357,14 +359,17 @@ def summary(res: dict | None) -> list[str]:
         return [("patch_embed backward trade-offs: not measured (no GPU rows): _ATOMIC_SHARE, _TWO_PASS_TOKENS_PER_K "
                 "and the L2-atomic / DRAM ratio stay open")]  # fmt: skip
     p, share, tpk = res["probe"], res["atomic_share"], res["two_pass_tokens_per_k"]
-    ratio = "not measured" if p["atomic_to_dram"] is None else f"{p['atomic_to_dram']:.3f}"
+    ratio = NOT_MEASURED if p["atomic_to_dram"] is None else f"{p['atomic_to_dram']:.3f}"
     return [
         f"patch_embed backward: L2 atomic ({CONTENDED}) / DRAM copy bandwidth = {ratio}",
-        f"patch_embed backward: set _ATOMIC_SHARE = {share['best']} (now {share['current']}; "
-        f"tied: {share['tied']}) {share['note']}".rstrip(),
-        f"patch_embed backward: set _TWO_PASS_TOKENS_PER_K = {tpk['best']} (now {tpk['current']}; "
-        f"any c in {tpk['interval']}) {tpk['note']}".rstrip(),
+        f"patch_embed backward: _ATOMIC_SHARE (now {share['current']}): " + _verdict(share, f"tied: {share['tied']}"),
+        f"patch_embed backward: _TWO_PASS_TOKENS_PER_K (now {tpk['current']}): "
+        + _verdict(tpk, f"any c with {_interval(tpk['interval'])}"),
     ]
+
+
+def _verdict(x: dict, why: str) -> str:
+    return f"set {x['best']} ({why})" if x["best"] is not None else f"not derived ({x['note']})"
 
 
 def markdown(res: dict | None) -> list[str]:
@@ -436,7 +441,7 @@ def _pct(v) -> str:
 
 
 def _interval(iv) -> str:
-    return NOT_MEASURED if iv is None else f"{iv[0]:.3g} < c <= {iv[1]:.3g}"
+    return NOT_MEASURED if iv is None else f"{iv[0]:.4g} < c <= {iv[1]:.4g}"
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
