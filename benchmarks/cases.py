@@ -77,9 +77,9 @@ else:
     }
 
 # The L2 atomic probe (benchmarks/l2_atomics.py): fp32 adds of 16-byte vectors into a buffer that stays in L2 (50 MB on
-# an H100/H200; the backward's dweight accumulators are 30 KB to 2.9 MB), many programs adding many times: 1024 programs,
-# each adding 1024 tiles of 4 KB (the whole 4 MB buffer once, as a fused program adds its whole share of dweight):
-# 4.3 GB of atomic traffic per call.
+# an H100/H200; the backward's dweight accumulators are 30 KB to 2.9 MB), many programs adding many times: 1024
+# programs, each adding 1024 tiles of 4 KB (the whole 4 MB buffer once, as a fused program adds its whole share of
+# dweight): 4.3 GB of atomic traffic per call.
 if SMOKE:
     L2_PROBE = {"buffer_bytes": 2 * 64 * 4, "block": 64, "programs": 4, "iters": 3}
 else:

@@ -1,9 +1,9 @@
 """L2 atomic throughput probe: how fast fp32 atomic adds of 16-byte vectors go into a buffer that stays in L2.
 
 The fused patch_embed backward (lego_kernels/patch_embed.py, _patch_embed_bwd_kernel) sums dweight across its token
-tiles with ``tl.atomic_add(..., sem="relaxed")`` into an fp32 [d, K] accumulator of 30 KB to 2.9 MB: every program adds the
-whole accumulator (its K tiles), so more programs cost more L2 atomic traffic. What one atomic byte costs against one
-DRAM byte decides how many programs that kernel should run; this measures it.
+tiles with ``tl.atomic_add(..., sem="relaxed")`` into an fp32 [d, K] accumulator of 30 KB to 2.9 MB: every program
+adds the whole accumulator (its K tiles), so more programs cost more L2 atomic traffic. What one atomic byte costs
+against one DRAM byte decides how many programs that kernel should run; this measures it.
 
 The kernel: program p adds, ITERS times, a BLOCK-wide fp32 vector into tile (p * STRIDE + i) % TILES of the buffer
 [TILES, BLOCK]. Each thread's 4 consecutive fp32 form one 16-byte ``red.global.add.v4.f32`` (Triton emits that width
