@@ -230,7 +230,7 @@ def analyze(records: list[dict], peaks: dict | None, measured: bool) -> dict:
         shapes.append(entry)
     out["shapes"] = shapes
     out["atomic_share"] = _best_atomic_share(rows, out["measured"])
-    out["two_pass_tokens_per_k"] = _best_tokens_per_k(shapes, out["atomic_share"], out["measured"])
+    out["two_pass_tokens_per_k"] = _best_tokens_per_k(shapes, out["measured"])
     out["static_rule"] = _static_rule(shapes, out["probe"])
     return out
 
@@ -288,7 +288,7 @@ def _meta_inputs(r: dict) -> tuple:
     return make_inputs(shape, torch.device("meta"))
 
 
-def _best_tokens_per_k(shapes: list[dict], share: dict, measured: bool) -> dict:
+def _best_tokens_per_k(shapes: list[dict], measured: bool) -> dict:
     """The threshold c of ``tokens < c K -> two kernels, dweight in one piece``: the interval of c whose choices sum to
     the least measured time (fused at the configured tile against two-pass-1; a shape without a two-pass-1 row uses
     the two-pass row it duplicates)."""
@@ -316,13 +316,15 @@ def _best_tokens_per_k(shapes: list[dict], share: dict, measured: bool) -> dict:
             best_j, best_total = j, total
     lo = bounds[best_j]
     hi = cuts[best_j] if best_j < len(cuts) else math.inf
-    # c must exceed the ratios that go two-pass (q < c) and not exceed the first that stays fused: lo < c <= hi
-    if current is not None and lo < current <= hi:
+    # Shapes with q < c go two-pass: c must exceed every q that does (lo) and not exceed the first that stays fused
+    # (hi). Keep the current value where it already lies there; else the smallest whole number, else the middle.
+    if current is not None and (lo < current or best_j == 0) and current <= hi:
         best = current
     elif best_j == 0:
-        best = 0
+        best = 0  # no shape is faster on two kernels: never take them
     else:
-        best = math.floor(lo) + 1 if math.floor(lo) + 1 <= hi else round((lo + min(hi, 2 * lo + 1)) / 2, 2)
+        whole = math.floor(lo) + 1
+        best = whole if whole <= hi else round((lo + hi) / 2, 3)
     return result | {"interval": [lo, hi], "best": best, "total_us": best_total, "note": ""}
 
 
@@ -441,7 +443,9 @@ def _pct(v) -> str:
 
 
 def _interval(iv) -> str:
-    return NOT_MEASURED if iv is None else f"{iv[0]:.4g} < c <= {iv[1]:.4g}"
+    if iv is None:
+        return NOT_MEASURED
+    return f"c <= {iv[1]:.4g}" if iv[0] == 0 else f"{iv[0]:.4g} < c <= {iv[1]:.4g}"
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:

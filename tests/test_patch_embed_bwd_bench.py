@@ -231,3 +231,22 @@ def test_rows_run_tiny_through_the_report(tmp_path):
 def _shape(d: dict, batch: int) -> counts.OpShape:
     keys = ("channels", "height", "width", "brick", "field", "hidden", "heads", "has_prev")
     return counts.OpShape(batch=batch, dtype=getattr(torch, d["dtype"]), **{k: d[k] for k in keys})
+
+
+@needs_triton
+def test_analysis_when_the_largest_tile_and_one_kernel_win():
+    """The other way round: the 128-row tile fastest and two kernels slower everywhere: the suggested _ATOMIC_SHARE
+    makes the library pick 128 rows at every shape, and _TWO_PASS_TOKENS_PER_K sends no measured shape to two kernels."""
+    rows = _rows(lambda r: 10.0 * 128 / r["tile"]["rows"] if r["tile"] else 500.0)
+    res = paths.analyze(rows, {"hbm_gbps": 1.0}, measured=True)
+    assert res["probe"]["atomic_to_dram"] is None  # no probe rows: the ratio and the static rule stay open
+    assert all(x["programs_allowed"] is None for x in res["static_rule"]["shapes"])
+    for e in res["shapes"]:
+        assert next(p for p in e["paths"] if p["path"] == e["fastest"])["tile"]["rows"] == 128, e
+    for s in (IMAGE_BRICK, FEW_TOKENS):
+        for batch in (64, 256):
+            with paths.atomic_share(res["atomic_share"]["best"]):
+                assert paths.tile(paths.plan("fused", paths.make_inputs(s.with_batch(batch), "meta")))["rows"] == 128
+    tpk = res["two_pass_tokens_per_k"]
+    assert tpk["interval"] == [0.0, pytest.approx(1.6)]  # c <= the fewest tokens per K measured (1024 / 640)
+    assert tpk["best"] == (tpk["current"] if tpk["current"] <= 1.6 else 0)
