@@ -13,8 +13,9 @@ lego_kernels/patch_embed.py's backward (``_patch_embed_bwd_triton``) picks betwe
 Which side wins, and at which tile, is a GPU measurement; the rows here are that measurement (PATHS, one row each):
 the fused kernel as configured, with its tile forced to 32, 64 and 128 rows (``_BWD_ROWS`` patched for the duration
 of the row, never in the library), and the two-kernel path with its default split and with ``weight_programs=1``. A
-row whose launches (kernels and grids) equal an earlier row's is skipped as a duplicate. ``plan`` finds the launches
-without running them: the path runs on ``meta`` tensors with its kernels replaced by recorders.
+path whose launches (kernels, grids, constexprs) equal an earlier path's at a shape is not a row there
+(``distinct_paths``). ``plan`` finds the launches without running them: the path runs on ``meta`` tensors with its
+kernels replaced by recorders.
 
 ``analyze`` turns the rows (and the L2 atomic probe's, benchmarks/l2_atomics.py) into: the fastest path per shape and
 batch, the L2-atomic / DRAM cost ratio, the values of ``_ATOMIC_SHARE`` and ``_TWO_PASS_TOKENS_PER_K`` that the
