@@ -219,7 +219,7 @@ def analyze(records: list[dict], peaks: dict | None, measured: bool) -> dict:
         first = same[0]
         entry = {
             "shape": key[0], "batch": key[1], "tokens": first["tokens"], "K": first["K"],
-            "library_picks": first["library_picks"], "min_bytes": first["bytes"],
+            "library_picks": first["library_picks"], "min_bytes": first["bytes"], "d": first["shape"]["hidden"],
             "paths": [{"path": r["path"], "same_as": r.get("same_as", []), "tile": r.get("tile"),
                        "programs": sum(x["programs"] for x in r["launches"]),
                        "atomic_bytes": sum(x["atomic_bytes"] for x in r["launches"]),
@@ -330,28 +330,46 @@ def _best_tokens_per_k(shapes: list[dict], measured: bool) -> dict:
 
 
 def _static_rule(shapes: list[dict], probe: dict) -> dict:
-    """The static profile's rule for an atomic kernel if one atomic byte costs ``atomic_cost`` DRAM bytes: charge a
-    launch's atomic bytes at that weight in the bytes check, so the programs an atomic kernel may run are those whose
-    atomic traffic stays within (MAX_BYTES_RATIO - 1) x the op's minimum bytes."""
+    """The static profile's rule for an atomic kernel, from the measured ratio r = L2 atomic bytes/s over DRAM bytes/s,
+    under the two models of what atomic traffic costs, and which one the fused rows' times fit:
+
+        additive   the atomics' time adds to the DRAM time: an atomic byte is 1/r DRAM bytes, charged in the bytes
+                   check, so the programs an atomic kernel may run are those whose atomic traffic stays within
+                   (MAX_BYTES_RATIO - 1) x the op's minimum bytes: programs <= 0.1 x minimum / (atomic bytes per
+                   program / r)
+        overlap    the atomics run in L2 beside the DRAM traffic: free while their time stays within the DRAM time,
+                   programs <= r x minimum / atomic bytes per program (the rule _ATOMIC_SHARE = r states per tile)
+
+    A fused row's DRAM bytes: the backward's minimum plus its fp32 accumulator (zeroed, read back: 8 d K). Both models
+    leave out latency (grids under a wave), so the fit says which is closer, not that either is exact."""
     from benchmarks.static import MAX_BYTES_RATIO
 
-    cost = probe.get("atomic_cost")
-    rule = (f"bytes: op bytes + {cost:.3g} x atomic bytes <= {MAX_BYTES_RATIO:g} x minimum; waves: an atomic kernel "
-            f"needs min(two waves, programs allowed = {MAX_BYTES_RATIO - 1:g} x minimum / ({cost:.3g} x atomic bytes "
-            "per program))") if cost else (
-            "bytes: op bytes + c x atomic bytes <= 1.1 x minimum, waves: min(two waves, 0.1 x minimum / (c x atomic "
-            "bytes per program)), with c = DRAM bytes/s over L2 atomic bytes/s: not measured")  # fmt: skip
-    per_shape = []
+    ratio, dram = probe.get("atomic_to_dram"), probe.get("dram_gbps")
+    slack = MAX_BYTES_RATIO - 1
+    per_shape, errors = [], {"additive": [], "overlap": []}
     for e in shapes:
         fused = next((p for p in e["paths"] if p["path"] == "fused"), None)
         if not fused or not fused["atomic_bytes"]:
             continue
         per_program = fused["atomic_bytes"] / fused["programs"]
-        allowed = (MAX_BYTES_RATIO - 1) * e["min_bytes"] / (cost * per_program) if cost else None
-        per_shape.append({"shape": e["shape"], "batch": e["batch"], "programs": fused["programs"],
-                          "atomic_bytes_per_program": per_program,
-                          "programs_allowed": None if allowed is None else int(allowed)})  # fmt: skip
-    return {"rule": rule, "atomic_cost": cost, "shapes": per_shape}
+        per_shape.append({
+            "shape": e["shape"], "batch": e["batch"], "programs": fused["programs"],
+            "atomic_bytes_per_program": per_program,
+            "allowed_additive": int(slack * e["min_bytes"] * ratio / per_program) if ratio else None,
+            "allowed_overlap": int(ratio * e["min_bytes"] / per_program) if ratio else None,
+        })  # fmt: skip
+        if not (ratio and dram):
+            continue
+        accumulator = 8 * e["d"] * e["K"]
+        for q in e["paths"]:
+            if q["tile"] and q["median_us"]:
+                t_dram = (e["min_bytes"] + accumulator) / (dram * 1e3)  # us
+                t_atomic = q["atomic_bytes"] / (ratio * dram * 1e3)
+                errors["additive"].append(abs(math.log(q["median_us"] / (t_dram + t_atomic))))
+                errors["overlap"].append(abs(math.log(q["median_us"] / max(t_dram, t_atomic))))
+    fit = {k: sum(v) / len(v) for k, v in errors.items() if v}  # mean |log(measured / predicted)|
+    return {"ratio": ratio, "shapes": per_shape, "fit": fit, "closer": min(fit, key=fit.get) if fit else None,
+            "slack": slack}  # fmt: skip
 
 
 def summary(res: dict | None) -> list[str]:
@@ -364,7 +382,10 @@ def summary(res: dict | None) -> list[str]:
     p, share, tpk = res["probe"], res["atomic_share"], res["two_pass_tokens_per_k"]
     ratio = NOT_MEASURED if p["atomic_to_dram"] is None else f"{p['atomic_to_dram']:.3f}"
     return [
-        f"patch_embed backward: L2 atomic ({CONTENDED}) / DRAM copy bandwidth = {ratio}",
+        (
+            f"patch_embed backward: L2 atomic ({CONTENDED}) / DRAM copy bandwidth = {ratio}; atomic cost model closer "
+            f"to the fused rows: {res['static_rule']['closer'] or NOT_MEASURED}"
+        ),
         f"patch_embed backward: _ATOMIC_SHARE (now {share['current']}): " + _verdict(share, f"tied: {share['tied']}"),
         f"patch_embed backward: _TWO_PASS_TOKENS_PER_K (now {tpk['current']}): "
         + _verdict(tpk, f"any c with {_interval(tpk['interval'])}"),
@@ -381,9 +402,9 @@ def markdown(res: dict | None) -> list[str]:
     lines = ["## patch_embed backward: paths, tiles and L2 atomics", "",
              ("The backward alone (fixed dtok, x, prev, weight) on each path of lego_kernels/patch_embed.py: `fused` "
              "as configured, `fused-rowsN` with its token tile forced to N rows, `two-pass` (dtok read twice, fp32 "
-             "partials) and `two-pass-1` (weight_programs=1: dweight in one piece). A row with the same launches as "
-             "another is skipped. GB/s and HBM: the backward's minimum bytes over the time. "
-             "benchmarks/patch_embed_paths.py says what each figure decides."), ""]  # fmt: skip
+             "partials) and `two-pass-1` (weight_programs=1: dweight in one piece). A path with the same launches as "
+             "another at that shape is not a row (`=` names them). GB/s and HBM: the backward's minimum bytes over the "
+             "time. benchmarks/patch_embed_paths.py says what each figure decides."), ""]  # fmt: skip
     if not res["measured"]:
         lines += [("**Not measured**: no GPU rows in this run (CPU timings are not results). Every figure below is "
                   "not measured."), ""]  # fmt: skip
@@ -421,13 +442,26 @@ def markdown(res: dict | None) -> list[str]:
             if tpk["best"] is not None
             else _note(tpk)
         ),
-        f"- Static profile rule for atomic kernels (benchmarks/static.py): {rule['rule']}",
+        "- Static profile rule for atomic kernels (benchmarks/static.py), r = the ratio above: *additive* (atomic time "
+        f"adds to DRAM time): charge an atomic byte as 1/r DRAM bytes in the bytes check, so programs <= "
+        f"{rule['slack']:g} x minimum bytes x r / atomic bytes per program; *overlap* (atomics run in L2 beside the "
+        "DRAM traffic): programs <= r x minimum bytes / atomic bytes per program, which `_ATOMIC_SHARE = r` states per "
+        "tile. Either way the waves check asks an atomic kernel for min(two waves, those programs). The fused rows fit "
+        + (
+            ", ".join(f"{k} {v:.2f}" for k, v in rule["fit"].items()) + f" (mean |log(measured / model)|): "
+            f"**{rule['closer']}** is closer"
+            if rule["closer"]
+            else NOT_MEASURED
+        )
+        + ".",
         "",
     ]
     if rule["shapes"]:
-        lines += _table(["brick", "batch", "fused programs", "atomic KB per program", "programs allowed"],
+        lines += _table(["brick", "batch", "fused programs", "atomic KB per program", "allowed (additive)",
+                         "allowed (overlap)"],
                         [[x["shape"], x["batch"], x["programs"], f"{x['atomic_bytes_per_program'] / 1e3:.1f}",
-                          _fmt(x["programs_allowed"])] for x in rule["shapes"]])  # fmt: skip
+                          _fmt(x["allowed_additive"]), _fmt(x["allowed_overlap"])]
+                         for x in rule["shapes"]])  # fmt: skip
     return lines
 
 

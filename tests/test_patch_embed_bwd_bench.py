@@ -162,7 +162,7 @@ def test_analysis_without_gpu_rows_says_not_measured():
     assert all(e["fastest"] is None and all(p["median_us"] is None for p in e["paths"]) for e in res["shapes"])
     assert res["probe"]["atomic_to_dram"] is None and res["atomic_share"]["best"] is None
     assert res["two_pass_tokens_per_k"]["best"] is None
-    assert all(x["programs_allowed"] is None for x in res["static_rule"]["shapes"])
+    assert all(x["allowed_additive"] is None and x["allowed_overlap"] is None for x in res["static_rule"]["shapes"])
     text = "\n".join(paths.markdown(res) + paths.summary(res))
     assert "not measured" in text and "**fastest**" not in text
     assert paths.summary(res) and all("not measured" in line and "set " not in line for line in paths.summary(res))
@@ -192,11 +192,18 @@ def test_analysis_of_gpu_rows():
     want_c = current if 6.4 < current <= 409.6 else 7
     assert tpk["interval"] == [pytest.approx(6.4), pytest.approx(409.6)] and tpk["best"] == want_c
     # the static rule: programs whose atomic bytes, at 4 DRAM bytes each, stay within 0.1x the op's minimum bytes
+    # (additive), or whose atomic time stays within the DRAM time (overlap: a quarter of the minimum bytes)
     for x in res["static_rule"]["shapes"]:
         e = next(e for e in res["shapes"] if (e["shape"], e["batch"]) == (x["shape"], x["batch"]))
-        assert x["programs_allowed"] == int(0.1 * e["min_bytes"] / (4 * x["atomic_bytes_per_program"]))
+        assert x["allowed_additive"] == int(0.1 * e["min_bytes"] * 0.25 / x["atomic_bytes_per_program"])
+        assert x["allowed_overlap"] == int(0.25 * e["min_bytes"] / x["atomic_bytes_per_program"])
+        assert (
+            0
+            < x["atomic_bytes_per_program"] * x["programs"]
+            == next(p["atomic_bytes"] for p in e["paths"] if p["path"] == "fused")
+        )
     md = "\n".join(paths.markdown(res))
-    assert md.count("**fastest**") == 4 and "_ATOMIC_SHARE" in md and "4 DRAM bytes" in md
+    assert md.count("**fastest**") == 4 and "_ATOMIC_SHARE" in md and "4 DRAM bytes" in md and "is closer" in md
     want = f"_TWO_PASS_TOKENS_PER_K (now {current}): set {want_c} (any c with 6.4 < c <= 409.6)"
     assert any(want in line for line in paths.summary(res)), paths.summary(res)
     assert math.isfinite(res["atomic_share"]["total_us"][str(best)])
@@ -236,11 +243,12 @@ def _shape(d: dict, batch: int) -> counts.OpShape:
 @needs_triton
 def test_analysis_when_the_largest_tile_and_one_kernel_win():
     """The other way round: the 128-row tile fastest and two kernels slower everywhere: the suggested _ATOMIC_SHARE
-    makes the library pick 128 rows at every shape, and _TWO_PASS_TOKENS_PER_K sends no measured shape to two kernels."""
+    makes the library pick 128 rows at every shape, and _TWO_PASS_TOKENS_PER_K sends no measured shape to two
+    kernels."""
     rows = _rows(lambda r: 10.0 * 128 / r["tile"]["rows"] if r["tile"] else 500.0)
     res = paths.analyze(rows, {"hbm_gbps": 1.0}, measured=True)
     assert res["probe"]["atomic_to_dram"] is None  # no probe rows: the ratio and the static rule stay open
-    assert all(x["programs_allowed"] is None for x in res["static_rule"]["shapes"])
+    assert all(x["allowed_additive"] is None and x["allowed_overlap"] is None for x in res["static_rule"]["shapes"])
     for e in res["shapes"]:
         assert next(p for p in e["paths"] if p["path"] == e["fastest"])["tile"]["rows"] == 128, e
     for s in (IMAGE_BRICK, FEW_TOKENS):
@@ -250,3 +258,22 @@ def test_analysis_when_the_largest_tile_and_one_kernel_win():
     tpk = res["two_pass_tokens_per_k"]
     assert tpk["interval"] == [0.0, pytest.approx(1.6)]  # c <= the fewest tokens per K measured (1024 / 640)
     assert tpk["best"] == (tpk["current"] if tpk["current"] <= 1.6 else 0)
+
+
+@needs_triton
+@pytest.mark.parametrize("model", ["additive", "overlap"])
+def test_static_rule_fit_names_the_model_the_times_follow(model):
+    """Fused times made from one cost model (DRAM time of the minimum bytes plus the fp32 accumulator, and L2 atomic
+    time at a quarter of the DRAM bandwidth, summed or overlapped): the analysis finds that model, exactly."""
+    dram, ratio = 4000.0, 0.25  # GB/s
+
+    def times(r):
+        if not r["tile"]:
+            return 500.0
+        t_dram = (r["bytes"] + 8 * r["shape"]["hidden"] * r["K"]) / (dram * 1e3)  # us
+        t_atomic = sum(x["atomic_bytes"] for x in r["launches"]) / (ratio * dram * 1e3)
+        return t_dram + t_atomic if model == "additive" else max(t_dram, t_atomic)
+
+    rule = paths.analyze(_rows(times) + _probes(ratio), {"hbm_gbps": dram}, measured=True)["static_rule"]
+    other = {"additive": "overlap", "overlap": "additive"}[model]
+    assert rule["closer"] == model and rule["fit"][model] == pytest.approx(0, abs=1e-9) and rule["fit"][other] > 0.01
