@@ -54,6 +54,37 @@ else:
         "LEGO-S-PG-64 r64 l2 (S=1024)": OpShape(brick=64, field=2, **_S),
     }
 
+# The patch_embed backward alone, path by path (bench_patch_embed_bwd.py): the brick shapes where the static profile
+# flags it (tests/test_static_profile.py KNOWN_VIOLATIONS), at batch 64 and 256. A brick with prev needs dprev (input
+# gradients); a bottom brick's input is x_t and the coordinates, which need none.
+if SMOKE:
+    PATCH_EMBED_BWD_BATCHES = (1, 2)
+    PATCH_EMBED_BWD_SHAPES = {
+        "smoke r4 l2 (S=4)": OpShape(2, 4, 16, 16, 4, 2, 32, 2, torch.float32),  # 32 patches at B 2: 3 tiles
+        "smoke r4 l4 (S=1)": OpShape(2, 4, 8, 8, 4, 4, 32, 2, torch.float32, has_prev=False),
+    }
+else:
+    PATCH_EMBED_BWD_BATCHES = (64, 256)
+    PATCH_EMBED_BWD_SHAPES = {
+        "LEGO-XL-U-32 r16 l8 (S=4)": OpShape(brick=16, field=8, **_XL),
+        "LEGO-S-PG-64 r16 l8 (S=4)": OpShape(brick=16, field=8, **_S),
+        "LEGO-XL-PG-32 r8 l4 (S=4)": OpShape(brick=8, field=4, **_XL),
+        "LEGO-XL-U-32 r4 l2 (S=4)": OpShape(brick=4, field=2, **_XL),
+        "LEGO-XL-PG-32 r4 l4 (S=1)": OpShape(brick=4, field=4, has_prev=False, **_XL),
+        "LEGO-XL-PG-32 r32 l2 (S=256)": OpShape(brick=32, field=2, **_XL),
+        "LEGO-S-PG-64 r64 l2 (S=1024)": OpShape(brick=64, field=2, **_S),
+        "LEGO-S-PG-64 r4 l2 (S=4)": OpShape(brick=4, field=2, has_prev=False, **_S),
+    }
+
+# The L2 atomic probe (benchmarks/l2_atomics.py): fp32 adds of 16-byte vectors into a buffer that stays in L2 (50 MB on
+# an H100/H200; the backward's dweight accumulators are 30 KB to 2.9 MB), many programs adding many times: 1024
+# programs, each adding 1024 tiles of 4 KB (the whole 4 MB buffer once, as a fused program adds its whole share of
+# dweight): 4.3 GB of atomic traffic per call.
+if SMOKE:
+    L2_PROBE = {"buffer_bytes": 2 * 64 * 4, "block": 64, "programs": 4, "iters": 3}
+else:
+    L2_PROBE = {"buffer_bytes": 4 << 20, "block": 1024, "programs": 1024, "iters": 1024}
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
 
@@ -244,6 +275,9 @@ def describe() -> dict:
     return {
         "op_shape": OP_SHAPE.as_dict(),
         "brick_shapes": {name: shape.as_dict() for name, shape in BRICK_SHAPES.items()},
+        "patch_embed_bwd_shapes": {name: shape.as_dict() for name, shape in PATCH_EMBED_BWD_SHAPES.items()},
+        "patch_embed_bwd_batches": list(PATCH_EMBED_BWD_BATCHES),
+        "l2_probe": dict(L2_PROBE),
         "train_large_batch": TRAIN_LARGE_BATCH,
         "op_sweep_batches": list(OP_SWEEP_BATCHES),
         "brick_depth": BRICK_DEPTH,

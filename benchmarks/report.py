@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import patch_embed_paths
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "benchmarks"
 RESULTS = BENCH_DIR / "results"
@@ -38,6 +40,9 @@ DEFAULT_BUDGET_S = 400  # the suite skips what is left after this; start-up and 
 QUICK_BUDGET_S = 300  # --quick: build + GPU tests + the quick rows + the report
 
 FUSED = ("cuda", "triton")
+# Records whose bytes are counted: GB/s and the share of the measured bandwidth (the op rows, the patch_embed backward's
+# path rows and the L2 atomic probe, benchmarks/patch_embed_paths.py).
+BANDWIDTH_KINDS = ("op", "patch_embed_bwd", "l2_probe")
 TARGETS = {
     "hbm_share": 0.80,  # memory-bound fused ops: share of the measured copy bandwidth
     "short_attention_vs_sdpa": 5.0,
@@ -115,11 +120,11 @@ def derive(r: dict, peaks: dict | None) -> dict:
     mm = peaks["bf16_tflops"] if peaks else None
     if r.get("flops"):
         r["tflops"] = r["flops"] / t / 1e12
-        if mm and r["kind"] != "op":
+        if mm and r["kind"] not in BANDWIDTH_KINDS:
             r["mfu"] = r["tflops"] / mm
     if r.get("images"):
         r["images_per_s"] = r["images"] / t
-    if r["kind"] == "op":
+    if r["kind"] in BANDWIDTH_KINDS:
         r["gbps"] = r["bytes"] / t / 1e9
         r["intensity"] = r["flops"] / r["bytes"]  # FLOP per byte
         if bw and mm:
@@ -231,6 +236,8 @@ def analyze(raw: dict | None, side: dict) -> dict:
         "sweeps": sweeps, "outcomes": outcomes,
     }  # fmt: skip
     result["targets"] = _targets(result, side.get("cases", {}))
+    measured = side.get("device", {}).get("device_type") == "cuda"
+    result["patch_embed_bwd"] = patch_embed_paths.analyze(records, peaks, measured)
     return result
 
 
@@ -428,6 +435,7 @@ def markdown(report: dict) -> str:
                        and x["op"] == r["op"] and x["mode"] == r["mode"]), None)) if r["provider"] == "auto" else ""]
              for r in shape_rows],
         )  # fmt: skip
+    lines += patch_embed_paths.markdown(res.get("patch_embed_bwd"))
     lines += ["## Brick", "", f"One brick of the op shape with {report['cases'].get('brick_depth')} blocks.", ""]
     lines += _table(
         ["provider", "mode", "median ms", "TFLOP/s", "MFU", "vs torch eager", "vs torch.compile"],
@@ -659,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
             return status or 1
         report = write_report(raw, sidecar, out, None, command)
     print("\n".join(f"report: wrote {p}" for p in report["files"].values()))
+    for line in patch_embed_paths.summary(report["results"].get("patch_embed_bwd")):
+        print("report:", line)
     if args.quick:
         elapsed = time.monotonic() - start
         print(f"report: --quick took {elapsed:.0f} s of its {QUICK_BUDGET_S} s budget"

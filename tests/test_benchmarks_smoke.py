@@ -249,8 +249,8 @@ def test_smoke_report(tmp_path):
 @pytest.mark.slow
 def test_quick_selects_the_quick_rows():
     """`benchmarks.report --quick` runs only rows marked quick: the fused ops and eager (no torch.compile), every op at
-    every brick shape, and LEGO-XL-PG-32 against DiT-XL/2 (training at the group's batch and the large batch, Heun
-    sampling without guidance); nothing else."""
+    every brick shape, the patch_embed backward's paths and the L2 atomic probe, and LEGO-XL-PG-32 against DiT-XL/2
+    (training at the group's batch and the large batch, Heun sampling without guidance); nothing else."""
     pytest.importorskip("pytest_benchmark")
     env = dict(os.environ, LEGO_BENCH_SMOKE="1", LEGO_BENCH_QUICK="1")
     proc = subprocess.run(
@@ -267,6 +267,12 @@ def test_quick_selects_the_quick_rows():
     sampling = [i for i in ids if "bench_sampling" in i]
     assert sampling and all("heun-cfg1-" in i and ("LEGO-XL-PG-32" in i or "DiT-XL_2" in i) for i in sampling)
     assert not [i for i in ids if "compile" in i or "sweep" in i or "bench_brick.py" in i]
+    # the patch_embed backward's paths at every shape and batch, and the L2 atomic probe (bench_patch_embed_bwd.py)
+    bwd = [i.split("::")[1] for i in ids if "bench_patch_embed_bwd" in i]
+    probes = {i for i in bwd if i.startswith("test_l2_atomic_probe")}
+    assert probes == {f"test_l2_atomic_probe[{p}-{op}]" for p in ("same-order", "spread") for op in ("atomic", "store")}
+    for path in ("fused", "fused-rows32", "two-pass", "two-pass-1"):
+        assert any(i.endswith(f"-{path}]") for i in bwd), path
 
 
 def test_auto_prefers_cuda_only_where_a_gpu_measurement_says_so(monkeypatch):
