@@ -14,7 +14,8 @@ from benchmarks import cases, harness, l2_atomics
 from benchmarks import patch_embed_paths as paths
 from lego_kernels._dispatch import resolve_backend
 
-PRIORITY = 0
+# After the training (1) and sampling (2) rows, the report's headline: where --quick's budget runs out, these go.
+PRIORITY = 3
 # Short measurements: 84 rows (full size) in well under a minute of a GPU session. Their cost there is mostly Triton's
 # JIT: they launch 52 distinct specializations, which took 31 s to compile for sm_90 on a 2-core CPU (not on the GPU
 # machine; some are shared with the op rows before them); the timing itself is ~0.1 s a row.

@@ -1,6 +1,6 @@
 """The patch_embed backward, path by path: what bench_patch_embed_bwd.py times, and the analysis report.py prints.
 
-lego_kernels/patch_embed.py's backward (``_patch_embed_bwd_triton``) picks between two paths:
+lego_kernels/patch_embed.py's backward (``_patch_embed_bwd_triton``) picks between three paths:
 
     fused       ``_patch_embed_bwd_fused``: one kernel reads dtok once and sums dweight across token tiles with fp32
                 atomics in L2 (programs x d x K x 4 B of atomic traffic) into an fp32 accumulator (8 d K DRAM bytes:
@@ -9,11 +9,13 @@ lego_kernels/patch_embed.py's backward (``_patch_embed_bwd_triton``) picks betwe
     two-pass    ``_patch_embed_bwd_two_pass``: dweight/dpos from fixed-order fp32 partials, then dx/dprev: dtok is read
                 twice. The library takes it, with ``weight_programs=1`` (dweight in one piece, no fp32 buffer), where
                 tokens < ``_TWO_PASS_TOKENS_PER_K`` x K.
+    weight-only ``_patch_embed_bwd_weight_only``: where no input needs a gradient (a bottom brick), the first of the two
+                kernels alone over about ``_BWD_ATOMIC_PROGRAMS`` programs, its splits summed with fp32 atomics.
 
 Which side wins, and at which tile, is a GPU measurement; the rows here are that measurement (PATHS, one row each):
 the fused kernel as configured, with its tile forced to 32, 64 and 128 rows (``_BWD_ROWS`` patched for the duration
-of the row, never in the library), and the two-kernel path with its default split and with ``weight_programs=1``. A
-path whose launches (kernels, grids, constexprs) equal an earlier path's at a shape is not a row there
+of the row, never in the library), the two-kernel path with its default split and with ``weight_programs=1``, and
+where no input needs a gradient the weight kernel alone (the fused rows there show what it replaced). A path whose launches (kernels, grids, constexprs) equal an earlier path's at a shape is not a row there
 (``distinct_paths``). ``plan`` finds the launches without running them: the path runs on ``meta`` tensors with its
 kernels replaced by recorders.
 
@@ -33,7 +35,7 @@ import torch
 
 from benchmarks import counts
 
-PATHS = ("fused", "fused-rows32", "fused-rows64", "fused-rows128", "two-pass", "two-pass-1")
+PATHS = ("fused", "fused-rows32", "fused-rows64", "fused-rows128", "two-pass", "two-pass-1", "weight-only")
 FORCED_ROWS = {"fused-rows32": 32, "fused-rows64": 64, "fused-rows128": 128}
 KIND = "patch_embed_bwd"  # record kinds of the rows (report.py)
 PROBE_KIND = "l2_probe"
@@ -102,6 +104,8 @@ def path_fn(path: str):
         return pe._patch_embed_bwd_two_pass
     if path == "two-pass-1":
         return lambda *args: pe._patch_embed_bwd_two_pass(*args, weight_programs=1)
+    if path == "weight-only":  # no input gradients: its signature has no input_grad
+        return lambda *args: pe._patch_embed_bwd_weight_only(*args[:-1])
     raise ValueError(f"unknown path {path!r}; choose one of auto, {', '.join(PATHS)}")
 
 
@@ -166,7 +170,8 @@ def row_fields(s: counts.OpShape, shape_name: str, path: str) -> dict:
     (``_patch_embed_bwd_triton``), the later paths it duplicates, and the backward's FLOPs and minimum bytes."""
     inputs = make_inputs(s, torch.device("meta"))
     plans = {p: plan(p, inputs) for p in ("auto", *PATHS)}
-    picks = next((p for p in ("fused", "two-pass-1", "two-pass") if same_launches(plans["auto"], plans[p])), "other")
+    picks = next((p for p in ("fused", "two-pass-1", "two-pass", "weight-only") if same_launches(plans["auto"], plans[p])),
+                 "other")
     later = PATHS[PATHS.index(path) + 1 :]
     cost = counts.patch_embed_cost(s, backward=True)
     return {
@@ -178,14 +183,16 @@ def row_fields(s: counts.OpShape, shape_name: str, path: str) -> dict:
 
 
 def distinct_paths(s: counts.OpShape) -> tuple[str, ...]:
-    """The PATHS whose launches at shape ``s`` differ from every earlier path's (all of them without triton)."""
+    """The PATHS whose launches at shape ``s`` differ from every earlier path's (all of them without triton);
+    weight-only only where no input needs a gradient (it computes none)."""
     from lego_kernels._dispatch import triton_importable
 
+    paths = tuple(p for p in PATHS if p != "weight-only" or not s.has_prev)
     if not triton_importable():
-        return PATHS
+        return paths
     inputs = make_inputs(s, torch.device("meta"))
-    plans = {p: plan(p, inputs) for p in PATHS}
-    return tuple(p for i, p in enumerate(PATHS) if not any(same_launches(plans[q], plans[p]) for q in PATHS[:i]))
+    plans = {p: plan(p, inputs) for p in paths}
+    return tuple(p for i, p in enumerate(paths) if not any(same_launches(plans[q], plans[p]) for q in paths[:i]))
 
 
 def tile(launches: list[dict]) -> dict | None:
@@ -255,7 +262,8 @@ def _best_atomic_share(rows: list[dict], measured: bool) -> dict:
     result = {"current": current, "best": None, "tied": [], "total_us": {}, "note": NOT_MEASURED}
     if not measured:
         return result
-    fused = [r for r in rows if r["path"] == "fused" or r["path"] in FORCED_ROWS]
+    # The shapes where the library runs the fused kernel (not those it sends to the weight kernel alone).
+    fused = [r for r in rows if (r["path"] == "fused" or r["path"] in FORCED_ROWS) and r["library_picks"] != "weight-only"]
     keys = list(dict.fromkeys((r["shape_name"], r["batch"]) for r in fused))
     if not keys:
         return result | {"note": "no fused rows in this run"}

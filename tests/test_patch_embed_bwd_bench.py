@@ -9,6 +9,7 @@
 - the rows themselves, tiny on the CPU through the interpreter, end to end through `benchmarks.report --smoke`.
 """
 
+import dataclasses
 import importlib
 import json
 import math
@@ -116,14 +117,22 @@ def test_forced_rows_change_the_grid_only_inside():
 
 @needs_interpreter
 def test_every_path_computes_the_same_gradients():
-    inputs = paths.make_inputs(SMALL, torch.device("cpu"))
+    """Every path at a brick with prev (input gradients), and without (no input gradients, where weight-only is a
+    path: its empty dcanvas matches the others' without input_grad)."""
     assert set(paths.distinct_paths(SMALL)) >= {"fused", "fused-rows32", "two-pass", "two-pass-1"}
-    ref = paths.call("fused", inputs)
-    for path in paths.PATHS[1:]:
-        with paths.forced_rows(paths.FORCED_ROWS.get(path)):
-            got = paths.call(path, inputs)
-        for name, a, b in zip(("dcanvas", "dweight", "dbias", "dpos"), got, ref):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"{path}: {name}")
+    assert "weight-only" not in paths.distinct_paths(SMALL)
+    bottom = dataclasses.replace(SMALL, has_prev=False)
+    assert "weight-only" in paths.distinct_paths(bottom)
+    for shape in (SMALL, bottom):
+        inputs = paths.make_inputs(shape, torch.device("cpu"))
+        ref = paths.call("fused", inputs)
+        for path in paths.PATHS[1:]:
+            if path == "weight-only" and shape.has_prev:
+                continue
+            with paths.forced_rows(paths.FORCED_ROWS.get(path)):
+                got = paths.call(path, inputs)
+            for name, a, b in zip(("dcanvas", "dweight", "dbias", "dpos"), got, ref):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"{path}: {name}")
 
 
 def _rows(times) -> list[dict]:
