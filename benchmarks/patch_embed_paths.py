@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+from unittest import mock
 
 import torch
 
@@ -63,34 +64,20 @@ def make_inputs(s: counts.OpShape, dev: torch.device) -> tuple:
     return dtok, x, prev, weight, s.brick, s.field, s.has_prev
 
 
-@contextlib.contextmanager
 def forced_rows(rows: int | None):
     """The fused kernel's token tile forced to ``rows`` rows (``_BWD_ROWS`` = (rows,)) inside the block; None: as
     configured. Restored on exit."""
     pe = module()
     if rows is None:
-        yield
-        return
+        return contextlib.nullcontext()
     if not hasattr(pe, "_BWD_ROWS"):
         raise LookupError("lego_kernels.patch_embed has no _BWD_ROWS: the fused backward's tile cannot be forced")
-    saved = pe._BWD_ROWS
-    pe._BWD_ROWS = (rows,)
-    try:
-        yield
-    finally:
-        pe._BWD_ROWS = saved
+    return mock.patch.object(pe, "_BWD_ROWS", (rows,))
 
 
-@contextlib.contextmanager
 def atomic_share(value: float):
     """``_ATOMIC_SHARE`` set to ``value`` inside the block (the analysis replays the tile choice with it)."""
-    pe = module()
-    saved = pe._ATOMIC_SHARE
-    pe._ATOMIC_SHARE = value
-    try:
-        yield
-    finally:
-        pe._ATOMIC_SHARE = saved
+    return mock.patch.object(module(), "_ATOMIC_SHARE", value)
 
 
 def path_fn(path: str):
@@ -144,20 +131,10 @@ def plan(path: str, inputs: tuple, rows: int | None = None) -> list[dict]:
     meta = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs)
     with contextlib.ExitStack() as stack:
         for name, kernel in kernels.items():
-            stack.enter_context(_patched(pe, name, _Recorder(name.lstrip("_"), kernel, launches)))
+            stack.enter_context(mock.patch.object(pe, name, _Recorder(name.lstrip("_"), kernel, launches)))
         stack.enter_context(forced_rows(rows if rows is not None else FORCED_ROWS.get(path)))
         call(path, meta)
     return launches
-
-
-@contextlib.contextmanager
-def _patched(obj, name, value):
-    saved = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, saved)
 
 
 def same_launches(a: list[dict], b: list[dict]) -> bool:
@@ -170,8 +147,10 @@ def row_fields(s: counts.OpShape, shape_name: str, path: str) -> dict:
     (``_patch_embed_bwd_triton``), the later paths it duplicates, and the backward's FLOPs and minimum bytes."""
     inputs = make_inputs(s, torch.device("meta"))
     plans = {p: plan(p, inputs) for p in ("auto", *PATHS)}
-    picks = next((p for p in ("fused", "two-pass-1", "two-pass", "weight-only") if same_launches(plans["auto"], plans[p])),
-                 "other")
+    picks = next(
+        (p for p in ("fused", "two-pass-1", "two-pass", "weight-only") if same_launches(plans["auto"], plans[p])),
+        "other",
+    )
     later = PATHS[PATHS.index(path) + 1 :]
     cost = counts.patch_embed_cost(s, backward=True)
     return {
@@ -263,7 +242,9 @@ def _best_atomic_share(rows: list[dict], measured: bool) -> dict:
     if not measured:
         return result
     # The shapes where the library runs the fused kernel (not those it sends to the weight kernel alone).
-    fused = [r for r in rows if (r["path"] == "fused" or r["path"] in FORCED_ROWS) and r["library_picks"] != "weight-only"]
+    fused = [
+        r for r in rows if (r["path"] == "fused" or r["path"] in FORCED_ROWS) and r["library_picks"] != "weight-only"
+    ]
     keys = list(dict.fromkeys((r["shape_name"], r["batch"]) for r in fused))
     if not keys:
         return result | {"note": "no fused rows in this run"}

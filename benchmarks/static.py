@@ -61,6 +61,7 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 MODELS = {"LEGO-XL-PG-32": (4, 32), "LEGO-XL-U-32": (4, 32), "LEGO-S-PG-64": (3, 64)}  # name -> (channels, canvas)
 BATCHES = (64, 256)
@@ -408,9 +409,9 @@ def capturing(calls: list):
     env = {"LEGO_KERNELS_BACKEND": "triton", "LEGO_KERNELS_POISON": "0"}
     saved_env = {k: os.environ.get(k) for k in env}
     with contextlib.ExitStack() as stack_ctx:
-        stack_ctx.enter_context(_patch(JITFunction, "run", run))
-        stack_ctx.enter_context(_patch(dispatch, "available_backends", lambda device: ["triton", "torch"]))
-        stack_ctx.enter_context(_patch(LegoBrick, "forward", brick_forward(LegoBrick.forward)))
+        stack_ctx.enter_context(mock.patch.object(JITFunction, "run", run))
+        stack_ctx.enter_context(mock.patch.object(dispatch, "available_backends", lambda device: ["triton", "torch"]))
+        stack_ctx.enter_context(mock.patch.object(LegoBrick, "forward", brick_forward(LegoBrick.forward)))
         os.environ.update(env)
         try:
             for op in ops:
@@ -424,16 +425,6 @@ def capturing(calls: list):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-
-
-@contextlib.contextmanager
-def _patch(obj, name, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
 
 
 def capture(model_name: str, batch: int, step: str) -> list[OpCall]:
