@@ -196,6 +196,7 @@ def _patch_embed_bwd_weight_kernel(
     DW_PART,  # shape (SEQ_SPLITS * TOKEN_SPLITS, d, K) fp32: each program's share of dweight; dweight itself when 1.
     # With ATOMIC: (d, ACC_STRIDE) fp32, zeroed, every share added to it with atomics
     DPOS_PART,  # shape (SEQ_SPLITS, S, d) fp32: each sequence split's share of dpos_embed; with ATOMIC: (S, d), summed
+    DB_ACC,  # shape (d,) fp32, zeroed: dbias, summed with ATOMIC; not written without
     N,
     P,
     NH,
@@ -241,6 +242,7 @@ def _patch_embed_bwd_weight_kernel(
     seq_end = tl.minimum(seq_begin + seq_per_split, N)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for s in range(s_begin, s_end):
         dpos = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for n0 in range(seq_begin, seq_end, BLOCK_M):
@@ -265,9 +267,12 @@ def _patch_embed_bwd_weight_kernel(
         if pid_k == 0:
             if ATOMIC:
                 tl.atomic_add(DPOS_PART + s * d + cols, dpos, mask=col_ok, sem="relaxed")
+                db += dpos
             else:
                 tl.store(DPOS_PART + (split * (T * T) + s) * d + cols, dpos, mask=col_ok)
     if ATOMIC:
+        if pid_k == 0:
+            tl.atomic_add(DB_ACC + cols, db, mask=col_ok, sem="relaxed")
         # acc is 0 in the padding columns K..ACC_STRIDE (the field tile is), so they take part: whole 16-byte atomics.
         acc_ok = col_ok[:, None] & (k < ACC_STRIDE)[None, :]
         tl.atomic_add(DW_PART + cols[:, None] * ACC_STRIDE + k[None, :], acc, mask=acc_ok, sem="relaxed")
@@ -616,9 +621,9 @@ _patch_embed_bwd_kernel.atomic_bytes = _bwd_atomic_bytes
 
 
 def _bwd_weight(dtokens, x, prev, weight, patch_index, brick_size, field_size, programs, atomic):
-    """(dweight, dpos_embed [S, d] fp32) from _patch_embed_bwd_weight_kernel over about `programs` programs: the
+    """(dweight, dbias, dpos_embed) from _patch_embed_bwd_weight_kernel over about `programs` programs: the
     sequences split first, then the token positions. The splits' shares are fp32 partials summed in a fixed order, or
-    with `atomic` added into one fp32 accumulator in L2; a single split writes dweight itself, in its dtype."""
+    with `atomic` added into fp32 accumulators in L2; a single split writes dweight itself, in its dtype."""
     b, c, h, w, nh, nw, p, d, k, t, (row_step, col_step) = _geometry(x, weight, brick_size, field_size, patch_index)
     n, s = b * p, t * t
     dtype, device = weight.dtype, x.device
@@ -637,31 +642,36 @@ def _bwd_weight(dtokens, x, prev, weight, patch_index, brick_size, field_size, p
     if atomic:
         dw_part = torch.zeros((d, triton.cdiv(k, 4) * 4), dtype=torch.float32, device=device)
         dpos_part = torch.zeros((s, d), dtype=torch.float32, device=device)
+        db_acc = torch.zeros((d,), dtype=torch.float32, device=device)
     else:
         dw_part = new_output((pieces, d, k), torch.float32 if pieces > 1 else dtype, device)
         dpos_part = new_output((split, s, d), torch.float32, device)
+        db_acc = None
     grid = (triton.cdiv(d, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]), pieces)
     _patch_embed_bwd_weight_kernel[grid](
         dtokens, x, prev if prev is not None else x, patch_index if patch_index is not None else x, dw_part, dpos_part,
+        db_acc if atomic else dpos_part,
         n, p, nh, nw, d, k, c, h, w, x.stride(0), x.stride(1), x.stride(2), row_step, col_step, seq_per_split,
         split, tokens_per_split,
         T=t, L=field_size, HAS_PREV=prev is not None, HAS_INDEX=patch_index is not None, ATOMIC=atomic,
         ACC_STRIDE=dw_part.shape[-1], DOT_PRECISION=_dot_precision(dtype), **cfg,
     )  # fmt: skip
     if atomic:
-        return dw_part[:, :k].to(dtype).reshape(weight.shape), dpos_part
+        return dw_part[:, :k].to(dtype).reshape(weight.shape), db_acc.to(dtype), dpos_part.to(dtype)
     dpos = dpos_part.sum(0) if split > 1 else dpos_part[0]  # (S, d) fp32
-    return (dw_part.sum(0).to(dtype) if pieces > 1 else dw_part[0]).view(weight.shape), dpos
+    dweight = (dw_part.sum(0).to(dtype) if pieces > 1 else dw_part[0]).view(weight.shape)
+    return dweight, dpos.sum(0).to(dtype), dpos.to(dtype)
 
 
 def _bwd_weight_atomic_bytes(grid, args) -> dict[str, int]:
     """L2 atomic traffic of one _patch_embed_bwd_weight_kernel launch (read by benchmarks/static.py): with ATOMIC,
-    each of the grid's pieces adds a [d, K] fp32 share of dweight (K padded to ACC_STRIDE) and each sequence split its
-    dpos_embed rows [S, d]; without, none."""
+    each of the grid's pieces adds a [d, K] fp32 share of dweight (K padded to ACC_STRIDE) and of dbias [d], and each
+    sequence split its dpos_embed rows [S, d]; without, none."""
     if not args["ATOMIC"]:
         return {}
-    d = args["d"]
-    return {"DW_PART": grid[2] * d * args["ACC_STRIDE"] * 4, "DPOS_PART": args["seq_splits"] * args["T"] ** 2 * d * 4}
+    d, pieces = args["d"], grid[2]
+    return {"DW_PART": pieces * d * args["ACC_STRIDE"] * 4, "DPOS_PART": args["seq_splits"] * args["T"] ** 2 * d * 4,
+            "DB_ACC": pieces * d * 4}  # fmt: skip
 
 
 _patch_embed_bwd_weight_kernel.atomic_bytes = _bwd_weight_atomic_bytes
@@ -671,10 +681,10 @@ def _patch_embed_bwd_weight_only(dtokens, x, prev, weight, patch_index, brick_si
     """dweight, dbias and dpos_embed alone (no input gradient): the weight kernel over every d and K tile, the tokens
     split for about _BWD_ATOMIC_PROGRAMS programs, the shares summed with fp32 atomics. Each split adds d x K once,
     whatever the d tiles, where the fused kernel's token tiles each add it: fewer atomics for more programs."""
-    dweight, dpos = _bwd_weight(
+    grads = _bwd_weight(
         dtokens, x, prev, weight, patch_index, brick_size, field_size, _BWD_ATOMIC_PROGRAMS, atomic=True
     )
-    return dtokens.new_empty((0,)), dweight, dpos.sum(0).to(weight.dtype), dpos.to(weight.dtype)
+    return dtokens.new_empty((0,)), *grads
 
 
 def _patch_embed_bwd_two_pass(
@@ -683,11 +693,10 @@ def _patch_embed_bwd_two_pass(
     """The deterministic backward: dweight/dpos over sequence and token splits (for about weight_programs programs,
     default _BWD_WEIGHT_PROGRAMS) into fp32 partials summed in order, then dx/dprev; dtok is read twice."""
     programs = weight_programs or _BWD_WEIGHT_PROGRAMS
-    dweight, dpos = _bwd_weight(dtokens, x, prev, weight, patch_index, brick_size, field_size, programs, atomic=False)
-    dtype = weight.dtype
-    dbias = dpos.sum(0).to(dtype)
+    grads = _bwd_weight(dtokens, x, prev, weight, patch_index, brick_size, field_size, programs, atomic=False)
     if not input_grad:
-        return dtokens.new_empty((0,)), dweight, dbias, dpos.to(dtype)
+        return dtokens.new_empty((0,)), *grads
+    dtype = weight.dtype
     b, c, h, w, nh, nw, _, d, k, t, _ = _geometry(x, weight, brick_size, field_size, patch_index)
     parts = 2 if prev is not None else 1
     dcanvas = new_output((parts, b, c, h, w), x.dtype, x.device)
@@ -699,7 +708,7 @@ def _patch_embed_bwd_two_pass(
         g, nh * nw, nw, d, k, k_img, c, h, w, b * c * h * w,
         T=t, L=field_size, HAS_INDEX=patch_index is not None, DOT_PRECISION=_dot_precision(dtype), **cfg,
     )  # fmt: skip
-    return dcanvas, dweight, dbias, dpos.to(dtype)
+    return dcanvas, *grads
 
 
 # ----------------------------------------------------------------------------------------------------------------------

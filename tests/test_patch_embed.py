@@ -369,7 +369,8 @@ def _compile_spec(kernel, dtype, shape):
         return fn, _signature(fn, ptrs, steps), constexprs, options
     if kernel.startswith("bwd_weight"):  # fp32 partials (deterministic), or with atomics into one accumulator
         fn = pe._patch_embed_bwd_weight_kernel
-        ptrs = {"DTOK": t, "X": t, "PREV": t, "INDEX": "*i64", "DW_PART": "*fp32", "DPOS_PART": "*fp32"}
+        ptrs = {"DTOK": t, "X": t, "PREV": t, "INDEX": "*i64", "DW_PART": "*fp32", "DPOS_PART": "*fp32",
+                "DB_ACC": "*fp32"}  # fmt: skip
         atomic = kernel.endswith("atomic")
         constexprs = {**flags, "ATOMIC": atomic, "ACC_STRIDE": -(-k // 4) * 4 if atomic else k}
         return fn, _signature(fn, ptrs, steps), {**constexprs, **pe._bwd_weight_config(d, k, torch_dtype)}
