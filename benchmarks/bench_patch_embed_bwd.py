@@ -2,8 +2,9 @@
 settle the backward's last trade-offs (benchmarks/patch_embed_paths.py says what each row decides; report.py prints
 the verdict). All quick rows: `python -m benchmarks.report --quick` runs them.
 
-Rows: every brick shape of cases.PATCH_EMBED_BWD_SHAPES (where the static profile flags the backward) at batch 64 and
-256, on each path of patch_embed_paths.PATHS; the forward is not timed (fixed dtok, x, prev, weight). Then the probe:
+Rows: every brick shape of cases.PATCH_EMBED_BWD_SHAPES (the static profile's backward cases, the bottom bricks) at
+batch 64 and 256, on each path of patch_embed_paths.PATHS; the forward is not timed (fixed dtok, x, prev, weight). Then
+the probe:
 fp32 16-byte atomic adds into an L2-resident buffer and plain stores of the same bytes, in two address patterns.
 """
 

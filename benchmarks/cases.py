@@ -54,9 +54,10 @@ else:
         "LEGO-S-PG-64 r64 l2 (S=1024)": OpShape(brick=64, field=2, **_S),
     }
 
-# The patch_embed backward alone, path by path (bench_patch_embed_bwd.py): the brick shapes where the static profile
-# flags it (tests/test_static_profile.py KNOWN_VIOLATIONS), at batch 64 and 256. A brick with prev needs dprev (input
-# gradients); a bottom brick's input is x_t and the coordinates, which need none.
+# The patch_embed backward alone, path by path (bench_patch_embed_bwd.py), at batch 64 and 256: the brick shapes of the
+# static profile's patch_embed backward cases (tests/test_static_profile.py KNOWN_VIOLATIONS), and the two bottom bricks
+# (no prev), whose backward needs no input gradient (x_t and the coordinates need none) and runs the weight kernel
+# alone: their fused rows show what that replaced.
 if SMOKE:
     PATCH_EMBED_BWD_BATCHES = (1, 2)
     PATCH_EMBED_BWD_SHAPES = {

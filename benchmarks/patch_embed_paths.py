@@ -241,10 +241,8 @@ def _best_atomic_share(rows: list[dict], measured: bool) -> dict:
     result = {"current": current, "best": None, "tied": [], "total_us": {}, "note": NOT_MEASURED}
     if not measured:
         return result
-    # The shapes where the library runs the fused kernel (not those it sends to the weight kernel alone).
-    fused = [
-        r for r in rows if (r["path"] == "fused" or r["path"] in FORCED_ROWS) and r["library_picks"] != "weight-only"
-    ]
+    # Only the shapes where the library runs the fused kernel: elsewhere _ATOMIC_SHARE decides nothing.
+    fused = [r for r in rows if (r["path"] == "fused" or r["path"] in FORCED_ROWS) and r["library_picks"] == "fused"]
     keys = list(dict.fromkeys((r["shape_name"], r["batch"]) for r in fused))
     if not keys:
         return result | {"note": "no fused rows in this run"}
@@ -278,6 +276,12 @@ def _meta_inputs(r: dict) -> tuple:
     return make_inputs(shape, torch.device("meta"))
 
 
+def _with_input_grads(shapes: list[dict]) -> list[dict]:
+    """The shapes whose backward computes input gradients: where no input needs one the library runs the weight kernel
+    alone, and neither _TWO_PASS_TOKENS_PER_K nor the fused kernel's rule decides anything."""
+    return [e for e in shapes if e["library_picks"] != "weight-only"]
+
+
 def _best_tokens_per_k(shapes: list[dict], measured: bool) -> dict:
     """The threshold c of ``tokens < c K -> two kernels, dweight in one piece``: the interval of c whose choices sum to
     the least measured time (fused at the configured tile against two-pass-1; a shape without a two-pass-1 row uses
@@ -288,7 +292,7 @@ def _best_tokens_per_k(shapes: list[dict], measured: bool) -> dict:
     if not measured:
         return result
     points = []  # (tokens / K, fused us, two-pass-1 us)
-    for e in shapes:
+    for e in _with_input_grads(shapes):
         by = {p["path"]: p for p in e["paths"]}
         fused = next((p for p in e["paths"] if p["path"] == "fused"), None)
         two = by.get("two-pass-1") or next((p for p in e["paths"] if "two-pass-1" in p["same_as"]), None)
@@ -336,7 +340,7 @@ def _static_rule(shapes: list[dict], probe: dict) -> dict:
     ratio, dram = probe.get("atomic_to_dram"), probe.get("dram_gbps")
     slack = MAX_BYTES_RATIO - 1
     per_shape, errors = [], {"additive": [], "overlap": []}
-    for e in shapes:
+    for e in _with_input_grads(shapes):
         fused = next((p for p in e["paths"] if p["path"] == "fused"), None)
         if not fused or not fused["atomic_bytes"]:
             continue
@@ -391,7 +395,8 @@ def markdown(res: dict | None) -> list[str]:
     lines = ["## patch_embed backward: paths, tiles and L2 atomics", "",
              ("The backward alone (fixed dtok, x, prev, weight) on each path of lego_kernels/patch_embed.py: `fused` "
              "as configured, `fused-rowsN` with its token tile forced to N rows, `two-pass` (dtok read twice, fp32 "
-             "partials) and `two-pass-1` (weight_programs=1: dweight in one piece). A path with the same launches as "
+             "partials), `two-pass-1` (weight_programs=1: dweight in one piece) and, where no input needs a gradient, "
+             "`weight-only` (the weight kernel alone, fp32 atomics). A path with the same launches as "
              "another at that shape is not a row (`=` names them). GB/s and HBM: the backward's minimum bytes over the "
              "time. benchmarks/patch_embed_paths.py says what each figure decides."), ""]  # fmt: skip
     if not res["measured"]:
@@ -435,7 +440,8 @@ def markdown(res: dict | None) -> list[str]:
         f"adds to DRAM time): charge an atomic byte as 1/r DRAM bytes in the bytes check, so programs <= "
         f"{rule['slack']:g} x minimum bytes x r / atomic bytes per program; *overlap* (atomics run in L2 beside the "
         "DRAM traffic): programs <= r x minimum bytes / atomic bytes per program, which `_ATOMIC_SHARE = r` states per "
-        "tile. Either way the waves check asks an atomic kernel for min(two waves, those programs). The fused rows fit "
+        "tile. Either way the waves check would ask an atomic kernel for min(two waves, those programs) (today it asks "
+        "two waves). The fused rows fit "
         + (
             ", ".join(f"{k} {v:.2f}" for k, v in rule["fit"].items()) + f" (mean |log(measured / model)|): "
             f"**{rule['closer']}** is closer"

@@ -21,7 +21,8 @@ from run to run, so under torch.use_deterministic_algorithms(True) the backward 
 twice (dweight and dpos_embed from fixed-order fp32 partials, then dfield); so it does, dweight in one piece, where the
 fused kernel's fp32 accumulator would cost more bytes than the second read (few tokens against K). Without input
 gradients (the bottom brick: x_t needs none) the first of those two kernels runs alone, its shares summed with fp32
-atomics: each token split adds d x K once over all its d tiles, where a fused token tile spans d in one program.
+atomics outside deterministic mode: each token split adds d x K once over all its d tiles, where a fused token tile
+spans d in one program.
 """
 
 from __future__ import annotations
@@ -634,7 +635,7 @@ def _bwd_weight(dtokens, x, prev, weight, patch_index, brick_size, field_size, p
     split = max(1, min(seq_blocks, triton.cdiv(programs, tiles)))
     seq_per_split = triton.cdiv(seq_blocks, split) * cfg["BLOCK_M"]
     split = max(1, triton.cdiv(n, seq_per_split))
-    token_splits = max(1, min(s, triton.cdiv(programs, tiles * split)))
+    token_splits = max(1, min(s, programs // (tiles * split)))  # rounded down: the sequence splits rounded up
     tokens_per_split = triton.cdiv(s, token_splits)
     token_splits = triton.cdiv(s, tokens_per_split)
     pieces = split * token_splits

@@ -161,6 +161,22 @@ def test_patch_embed_few_tokens_take_two_kernels(device, monkeypatch):
     assert launched[0][1][2] == 1
 
 
+def _check_weight_gradients(tensors, r, l, patch_index, atol):
+    """With x and prev needing no gradient (a bottom brick's noisy input): dweight, dbias and dpos_embed against the
+    fp64 reference, with plain PyTorch in the same dtype as the yardstick; returns the tokens."""
+    x, prev, *params = tensors
+    kernel, torch_same, fp64 = _leaves(params), _leaves(params), _leaves(params, torch.float64)
+    out = patch_embed(x, prev, *kernel, r, l, patch_index, backend="triton")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    patch_embed_ref(x, prev, *torch_same, r, l, patch_index).backward(grad)
+    wide = [None if t is None else t.double() for t in (x, prev)]
+    patch_embed_ref(*wide, *fp64, r, l, patch_index).backward(grad.double())
+    for name, a, b, c in zip(("dweight", "dbias", "dpos_embed"), kernel, torch_same, fp64):
+        assert_close_to_reference(a.grad, b.grad, c.grad, atol, name)
+    return out
+
+
 @pytest.mark.parametrize("indexed", [False, True], ids=["all-patches", "patch-index"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-C{}-{}x{}-r{}-l{}-d{}".format(*c))
 @pytest.mark.parametrize("device", DEVICES)
@@ -171,20 +187,23 @@ def test_patch_embed_weight_only_backward(device, case, indexed, monkeypatch):
     monkeypatch.setattr(pe, "_bwd_weight_config", lambda d, k, dtype: {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
     taken, launched = _spy_backward_paths(monkeypatch), _spy_launches(monkeypatch)
     b, c, h, w, r, l, d = case
-    x, prev, weight, bias, pos_embed = _inputs(b, c, h, w, r, l, d, True, torch.float32, device)
+    tensors = _inputs(b, c, h, w, r, l, d, True, torch.float32, device)
     patch_index = _random_subset(b, (h // r) * (w // r), 2 / 3, torch.int64, device) if indexed else None
-    params = [t.detach().clone().requires_grad_() for t in (weight, bias, pos_embed)]
-    ref = [t.detach().double().requires_grad_() for t in (weight, bias, pos_embed)]
-    out = patch_embed(x, prev, *params, r, l, patch_index, backend="triton")
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    patch_embed_ref(x.double(), prev.double(), *ref, r, l, patch_index).backward(grad.double())
-    for name, got, want in zip(("dweight", "dbias", "dpos_embed"), params, ref):
-        torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-4, rtol=1e-5, msg=name)
+    out = _check_weight_gradients(tensors, r, l, patch_index, ATOL[torch.float32])
     assert taken == [] and [name for name, _ in launched] == ["_patch_embed_bwd_weight_kernel"]
     n, s = out.shape[:2]
     # A split per sequence block and token position (one split, H = 1: dweight written directly, no atomics).
     assert launched[0][1][2] == triton_cdiv(n, 16) * s
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_embed_weight_only_backward_deterministic(device, monkeypatch, deterministic):
+    """Under torch.use_deterministic_algorithms(True), no input gradient still means fixed-order fp32 partials (the
+    two-kernel path's first kernel alone), not atomics."""
+    taken, launched = _spy_backward_paths(monkeypatch), _spy_launches(monkeypatch)
+    tensors = _inputs(3, 4, 16, 36, 4, 2, 40, False, torch.float32, device)
+    _check_weight_gradients(tensors, 4, 2, None, ATOL[torch.float32])
+    assert taken == ["two_pass"] and [name for name, _ in launched] == ["_patch_embed_bwd_weight_kernel"]
 
 
 # (B, C, H, W, r, l, d): S = 16 tokens over 4 patches (tiles of 4 patches x 4 token positions, 4 token blocks), XL's
@@ -402,6 +421,16 @@ def test_patch_embed_xl_on_gpu(indexed, dtype):
     tensors = _inputs(b, c, h, w, r, l, d, True, dtype, "cuda")
     patch_index = _random_subset(b, 64, 0.75, torch.int64, "cuda") if indexed else None
     _check(tensors, r, l, patch_index, ATOL[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("batch", "brick", "field"), [(256, 4, 4), (64, 32, 2)], ids=["XL-PG-r4-l4", "XL-U-r32-l2"])
+def test_patch_embed_weight_only_backward_on_gpu(batch, brick, field, dtype):
+    """The bottom bricks' backward (no input gradient: the weight kernel alone, fp32 atomics) at model shapes: LEGO-XL-PG
+    -32's 4 x 4 brick of 4 x 4 fields (S = 1) at B 256 and LEGO-XL-U-32's 32 x 32 brick (S = 256) at B 64."""
+    tensors = _inputs(batch, 4, 32, 32, brick, field, 1152, False, dtype, "cuda")
+    _check_weight_gradients(tensors, brick, field, None, ATOL[dtype])
 
 
 @pytest.mark.cuda

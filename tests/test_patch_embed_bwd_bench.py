@@ -137,10 +137,10 @@ def test_every_path_computes_the_same_gradients():
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"{path}: {name}")
 
 
-def _rows(times) -> list[dict]:
-    """GPU-like records: real fields of each row at two full shapes and batches, made-up median times."""
+def _rows(times, shapes=(("image brick", IMAGE_BRICK), ("few tokens", FEW_TOKENS))) -> list[dict]:
+    """GPU-like records: real fields of each row at full shapes (two by default) and two batches, made-up times."""
     out = []
-    for name, shape in (("image brick", IMAGE_BRICK), ("few tokens", FEW_TOKENS)):
+    for name, shape in shapes:
         for batch in (64, 256):
             s = shape.with_batch(batch)
             for path in paths.distinct_paths(s):
@@ -218,6 +218,24 @@ def test_analysis_of_gpu_rows():
     want = f"_TWO_PASS_TOKENS_PER_K (now {current}): set {want_c} (any c with 6.4 < c <= 409.6)"
     assert any(want in line for line in paths.summary(res)), paths.summary(res)
     assert math.isfinite(res["atomic_share"]["total_us"][str(best)])
+
+
+@needs_triton
+def test_analysis_leaves_out_the_bricks_without_input_gradients():
+    """A bottom brick (no prev: the library runs the weight kernel alone there) decides neither _TWO_PASS_TOKENS_PER_K
+    nor _ATOMIC_SHARE nor the static rule, however its fused and two-kernel rows compare: here two-pass-1 is fastest at
+    42.7 and 170.7 tokens per K, which would move the threshold's interval to (170.7, 409.6] if it counted."""
+    bottom = dataclasses.replace(IMAGE_BRICK, brick=4, field=4, has_prev=False)  # XL-PG-32's 4 x 4 brick, K 96
+
+    def times(r):
+        return (1.0 if r["path"] == "two-pass-1" else 100.0) if r["shape_name"] == "bottom" else _made_up(r)
+
+    rows = _rows(times, (("image brick", IMAGE_BRICK), ("few tokens", FEW_TOKENS), ("bottom", bottom)))
+    assert {r["library_picks"] for r in rows if r["shape_name"] == "bottom"} == {"weight-only"}
+    res = paths.analyze(rows + _probes(0.25), {"hbm_gbps": 1.0}, measured=True)
+    assert res["two_pass_tokens_per_k"]["interval"] == [pytest.approx(6.4), pytest.approx(409.6)]
+    assert {x["shape"] for x in res["static_rule"]["shapes"]} == {"image brick", "few tokens"}
+    assert res["atomic_share"]["best"] is not None
 
 
 @pytest.mark.slow
