@@ -27,6 +27,8 @@ spans d in one program.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -590,9 +592,7 @@ def _patch_embed_bwd_fused(dtokens, x, prev, weight, patch_index, brick_size, fi
     b, c, h, w, nh, nw, _, d, k, t, (row_step, col_step) = _geometry(x, weight, brick_size, field_size, patch_index)
     s, g, parts = t * t, b * nh * nw, 2 if prev is not None else 1
     dtype, device = weight.dtype, x.device
-    dw_acc = torch.zeros((d, triton.cdiv(k, 4) * 4), dtype=torch.float32, device=device)
-    dpos_acc = torch.zeros((s, d), dtype=torch.float32, device=device)
-    db_acc = torch.zeros((d,), dtype=torch.float32, device=device)
+    dw_acc, dpos_acc, db_acc = _accumulators(d, k, s, device)
     dcanvas = new_output((parts, b, c, h, w), x.dtype, device) if input_grad else dtokens.new_empty((0,))
     if g:
         cfg = _bwd_config(g, s, d, k, dtype)
@@ -606,7 +606,20 @@ def _patch_embed_bwd_fused(dtokens, x, prev, weight, patch_index, brick_size, fi
             T=t, L=field_size, HAS_PREV=prev is not None, HAS_INDEX=patch_index is not None, INPUT_GRAD=input_grad,
             ACC_STRIDE=dw_acc.shape[1], DOT_PRECISION=_dot_precision(dtype), **cfg,
         )  # fmt: skip
-    return dcanvas, dw_acc[:, :k].to(dtype).reshape(weight.shape), db_acc.to(dtype), dpos_acc.to(dtype)
+    return dcanvas, *_from_accumulators(dw_acc, dpos_acc, db_acc, weight)
+
+
+def _accumulators(d: int, k: int, s: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The zeroed fp32 accumulators that atomics sum into: dweight [d, K rounded up to 4] (whole 16-byte atomics),
+    dpos_embed [S, d], dbias [d]."""
+    zeros = functools.partial(torch.zeros, dtype=torch.float32, device=device)
+    return zeros((d, triton.cdiv(k, 4) * 4)), zeros((s, d)), zeros((d,))
+
+
+def _from_accumulators(dw_acc, dpos_acc, db_acc, weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dweight, dbias, dpos_embed) in weight's dtype from the accumulators of _accumulators."""
+    k, dtype = weight[0].numel(), weight.dtype
+    return dw_acc[:, :k].to(dtype).reshape(weight.shape), db_acc.to(dtype), dpos_acc.to(dtype)
 
 
 def _bwd_atomic_bytes(grid, args) -> dict[str, int]:
@@ -641,9 +654,7 @@ def _bwd_weight(dtokens, x, prev, weight, patch_index, brick_size, field_size, p
     pieces = split * token_splits
     atomic = atomic and pieces > 1  # one piece is dweight itself, in its dtype: no fp32 buffer to write and read back
     if atomic:
-        dw_part = torch.zeros((d, triton.cdiv(k, 4) * 4), dtype=torch.float32, device=device)
-        dpos_part = torch.zeros((s, d), dtype=torch.float32, device=device)
-        db_acc = torch.zeros((d,), dtype=torch.float32, device=device)
+        dw_part, dpos_part, db_acc = _accumulators(d, k, s, device)
     else:
         dw_part = new_output((pieces, d, k), torch.float32 if pieces > 1 else dtype, device)
         dpos_part = new_output((split, s, d), torch.float32, device)
@@ -658,7 +669,7 @@ def _bwd_weight(dtokens, x, prev, weight, patch_index, brick_size, field_size, p
         ACC_STRIDE=dw_part.shape[-1], DOT_PRECISION=_dot_precision(dtype), **cfg,
     )  # fmt: skip
     if atomic:
-        return dw_part[:, :k].to(dtype).reshape(weight.shape), db_acc.to(dtype), dpos_part.to(dtype)
+        return _from_accumulators(dw_part, dpos_part, db_acc, weight)
     dpos = dpos_part.sum(0) if split > 1 else dpos_part[0]  # (S, d) fp32
     dweight = (dw_part.sum(0).to(dtype) if pieces > 1 else dw_part[0]).view(weight.shape)
     return dweight, dpos.sum(0).to(dtype), dpos.to(dtype)
