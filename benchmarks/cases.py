@@ -57,7 +57,7 @@ else:
 # The patch_embed backward alone, path by path (bench_patch_embed_bwd.py), at batch 64 and 256: the brick shapes of the
 # static profile's patch_embed backward cases (tests/test_static_profile.py KNOWN_VIOLATIONS), and the two bottom bricks
 # (no prev), whose backward needs no input gradient (x_t and the coordinates need none) and runs the weight kernel
-# alone: their fused rows show what that replaced.
+# alone.
 if SMOKE:
     PATCH_EMBED_BWD_BATCHES = (1, 2)
     PATCH_EMBED_BWD_SHAPES = {

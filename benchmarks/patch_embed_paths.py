@@ -2,7 +2,8 @@
 
 lego_kernels/patch_embed.py's backward (``_patch_embed_bwd_triton``) picks between three paths:
 
-    fused       ``_patch_embed_bwd_fused``: one kernel reads dtok once and sums dweight across token tiles with fp32
+    fused       ``_patch_embed_bwd_fused`` (with input gradients): one kernel reads dtok once for dx/dprev and sums
+                dweight across token tiles with fp32
                 atomics in L2 (programs x d x K x 4 B of atomic traffic) into an fp32 accumulator (8 d K DRAM bytes:
                 zeroed, then read for the cast). Its token tile (``_bwd_config``) takes the fewest of ``_BWD_ROWS`` =
                 32/64/128 rows whose atomic traffic stays within ``_ATOMIC_SHARE`` x the bytes of dtok it reads.
@@ -15,9 +16,10 @@ lego_kernels/patch_embed.py's backward (``_patch_embed_bwd_triton``) picks betwe
 Which side wins, and at which tile, is a GPU measurement; the rows here are that measurement (PATHS, one row each):
 the fused kernel as configured, with its tile forced to 32, 64 and 128 rows (``_BWD_ROWS`` patched for the duration
 of the row, never in the library), the two-kernel path with its default split and with ``weight_programs=1``, and
-where no input needs a gradient the weight kernel alone (the fused rows there show what it replaced). A path whose launches (kernels, grids, constexprs) equal an earlier path's at a shape is not a row there
-(``distinct_paths``). ``plan`` finds the launches without running them: the path runs on ``meta`` tensors with its
-kernels replaced by recorders.
+where no input needs a gradient the weight kernel alone instead of the fused ones (``paths_for``). A path whose
+launches (kernels, grids, constexprs) equal an earlier path's at a shape is not a row there (``distinct_paths``).
+``plan`` finds the launches without running them: the path runs on ``meta`` tensors with its kernels replaced by
+recorders.
 
 ``analyze`` turns the rows (and the L2 atomic probe's, benchmarks/l2_atomics.py) into: the fastest path per shape and
 batch, the L2-atomic / DRAM cost ratio, the values of ``_ATOMIC_SHARE`` and ``_TWO_PASS_TOKENS_PER_K`` that the
@@ -85,8 +87,8 @@ def path_fn(path: str):
     pe = module()
     if path == "auto":
         return pe._patch_embed_bwd_triton
-    if path == "fused" or path in FORCED_ROWS:
-        return pe._patch_embed_bwd_fused
+    if path == "fused" or path in FORCED_ROWS:  # always computes dx: its signature has no input_grad
+        return lambda *args: pe._patch_embed_bwd_fused(*args[:-1])
     if path == "two-pass":
         return pe._patch_embed_bwd_two_pass
     if path == "two-pass-1":
@@ -146,12 +148,11 @@ def row_fields(s: counts.OpShape, shape_name: str, path: str) -> dict:
     """A row's record, less its timing: the launches of its path, the fused tile, what the library picks at this shape
     (``_patch_embed_bwd_triton``), the later paths it duplicates, and the backward's FLOPs and minimum bytes."""
     inputs = make_inputs(s, torch.device("meta"))
-    plans = {p: plan(p, inputs) for p in ("auto", *PATHS)}
-    picks = next(
-        (p for p in ("fused", "two-pass-1", "two-pass", "weight-only") if same_launches(plans["auto"], plans[p])),
-        "other",
-    )
-    later = PATHS[PATHS.index(path) + 1 :]
+    applicable = paths_for(s)
+    plans = {p: plan(p, inputs) for p in ("auto", *applicable)}
+    picks = next((p for p in ("fused", "two-pass-1", "two-pass", "weight-only") if p in applicable
+                  and same_launches(plans["auto"], plans[p])), "other")  # fmt: skip
+    later = applicable[applicable.index(path) + 1 :]
     cost = counts.patch_embed_cost(s, backward=True)
     return {
         "kind": KIND, "op": "patch_embed", "mode": "bwd", "path": path, "backend": "triton", "shape_name": shape_name,
@@ -161,12 +162,20 @@ def row_fields(s: counts.OpShape, shape_name: str, path: str) -> dict:
     }  # fmt: skip
 
 
+def paths_for(s: counts.OpShape) -> tuple[str, ...]:
+    """The PATHS that compute what the backward at shape ``s`` needs: with input gradients (a brick with prev) all
+    but weight-only, which computes none; without, the two-kernel paths and weight-only (the fused kernel always
+    computes dx)."""
+    if s.has_prev:
+        return tuple(p for p in PATHS if p != "weight-only")
+    return tuple(p for p in PATHS if p.startswith(("two-pass", "weight-only")))
+
+
 def distinct_paths(s: counts.OpShape) -> tuple[str, ...]:
-    """The PATHS whose launches at shape ``s`` differ from every earlier path's (all of them without triton);
-    weight-only only where no input needs a gradient (it computes none)."""
+    """The paths_for ``s`` whose launches differ from every earlier path's (all of them without triton)."""
     from lego_kernels._dispatch import triton_importable
 
-    paths = tuple(p for p in PATHS if p != "weight-only" or not s.has_prev)
+    paths = paths_for(s)
     if not triton_importable():
         return paths
     inputs = make_inputs(s, torch.device("meta"))
@@ -276,12 +285,6 @@ def _meta_inputs(r: dict) -> tuple:
     return make_inputs(shape, torch.device("meta"))
 
 
-def _with_input_grads(shapes: list[dict]) -> list[dict]:
-    """The shapes whose backward computes input gradients: where no input needs one the library runs the weight kernel
-    alone, and neither _TWO_PASS_TOKENS_PER_K nor the fused kernel's rule decides anything."""
-    return [e for e in shapes if e["library_picks"] != "weight-only"]
-
-
 def _best_tokens_per_k(shapes: list[dict], measured: bool) -> dict:
     """The threshold c of ``tokens < c K -> two kernels, dweight in one piece``: the interval of c whose choices sum to
     the least measured time (fused at the configured tile against two-pass-1; a shape without a two-pass-1 row uses
@@ -292,7 +295,7 @@ def _best_tokens_per_k(shapes: list[dict], measured: bool) -> dict:
     if not measured:
         return result
     points = []  # (tokens / K, fused us, two-pass-1 us)
-    for e in _with_input_grads(shapes):
+    for e in shapes:  # a brick without input gradients has no fused row: it decides nothing here
         by = {p["path"]: p for p in e["paths"]}
         fused = next((p for p in e["paths"] if p["path"] == "fused"), None)
         two = by.get("two-pass-1") or next((p for p in e["paths"] if "two-pass-1" in p["same_as"]), None)
@@ -340,7 +343,7 @@ def _static_rule(shapes: list[dict], probe: dict) -> dict:
     ratio, dram = probe.get("atomic_to_dram"), probe.get("dram_gbps")
     slack = MAX_BYTES_RATIO - 1
     per_shape, errors = [], {"additive": [], "overlap": []}
-    for e in _with_input_grads(shapes):
+    for e in shapes:
         fused = next((p for p in e["paths"] if p["path"] == "fused"), None)
         if not fused or not fused["atomic_bytes"]:
             continue

@@ -365,9 +365,9 @@ def _patch_embed_bwd_kernel(
     DTOK,  # shape (N, S, d)
     X,  # shape (B, C, H, W)
     PREV,  # shape (B, C, H, W); not read without HAS_PREV
-    WEIGHT,  # shape (d, C', l, l), read as (d, K); not read without INPUT_GRAD
+    WEIGHT,  # shape (d, C', l, l), read as (d, K)
     INV,  # shape (B * P_all,) int32: sequence of each (image, patch), -1 when none; not read without HAS_INDEX
-    DCANVAS,  # shape (1 or 2, B, C, H, W): dx, then dprev when there is prev; not written without INPUT_GRAD
+    DCANVAS,  # shape (1 or 2, B, C, H, W): dx, then dprev when there is prev
     DW_ACC,  # shape (d, ACC_STRIDE) fp32, zeroed: dweight in its first K columns, summed here with atomics
     DPOS_ACC,  # shape (S, d) fp32, zeroed: dpos_embed, summed here with atomics
     DB_ACC,  # shape (d,) fp32, zeroed: dbias, summed here with atomics
@@ -390,7 +390,6 @@ def _patch_embed_bwd_kernel(
     L: tl.constexpr,
     HAS_PREV: tl.constexpr,
     HAS_INDEX: tl.constexpr,
-    INPUT_GRAD: tl.constexpr,
     ACC_STRIDE: tl.constexpr,  # K rounded up to 4 (K itself where l > 1): known here, so its atomics go 16 bytes wide
     DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,  # canvas patches per program
@@ -426,9 +425,8 @@ def _patch_embed_bwd_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < d
         g = tl.load(DTOK + rows[:, None] + cols[None, :], mask=covered[:, None] & col_ok[None, :], other=0.0)
-        if INPUT_GRAD:
-            w = tl.load(WEIGHT + cols[:, None] * K + k[None, :], mask=col_ok[:, None] & (k < K)[None, :], other=0.0)
-            dfield = tl.dot(g, w, dfield, input_precision=DOT_PRECISION)  # (BLOCK_P * BLOCK_S, BLOCK_K)
+        w = tl.load(WEIGHT + cols[:, None] * K + k[None, :], mask=col_ok[:, None] & (k < K)[None, :], other=0.0)
+        dfield = tl.dot(g, w, dfield, input_precision=DOT_PRECISION)  # (BLOCK_P * BLOCK_S, BLOCK_K)
         dw = tl.dot(tl.trans(g), a, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_K)
         # dw is 0 in the padding columns K..ACC_STRIDE (the field tile is), so they take part: whole 16-byte atomics.
         acc_ok = col_ok[:, None] & (k < ACC_STRIDE)[None, :]
@@ -440,8 +438,7 @@ def _patch_embed_bwd_kernel(
             tl.atomic_add(DPOS_ACC + s_tile[:, None] * d + cols[None, :], dpos, mask=pos_ok, sem="relaxed")
             tl.atomic_add(DB_ACC + cols, tl.sum(dpos, axis=0), mask=col_ok, sem="relaxed")
 
-    if INPUT_GRAD:
-        _store_dfield(DCANVAS, dfield, img, y0, x0, k, row_ok, K_IMG, C, H, W, canvas_numel, L)
+    _store_dfield(DCANVAS, dfield, img, y0, x0, k, row_ok, K_IMG, C, H, W, canvas_numel, L)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -585,25 +582,25 @@ def _patch_embed_bwd_triton(dtokens, x, prev, weight, patch_index, brick_size, f
         return _patch_embed_bwd_weight_only(*args[:-1])
     if dtokens.shape[0] * dtokens.shape[1] < _TWO_PASS_TOKENS_PER_K * weight[0].numel():
         return _patch_embed_bwd_two_pass(*args, weight_programs=1)
-    return _patch_embed_bwd_fused(*args)
+    return _patch_embed_bwd_fused(*args[:-1])
 
 
-def _patch_embed_bwd_fused(dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad):
+def _patch_embed_bwd_fused(dtokens, x, prev, weight, patch_index, brick_size, field_size):
+    """Every gradient, dx and dprev included (the fused kernel); without input gradients the weight kernel runs."""
     b, c, h, w, nh, nw, _, d, k, t, (row_step, col_step) = _geometry(x, weight, brick_size, field_size, patch_index)
     s, g, parts = t * t, b * nh * nw, 2 if prev is not None else 1
     dtype, device = weight.dtype, x.device
     dw_acc, dpos_acc, db_acc = _accumulators(d, k, s, device)
-    dcanvas = new_output((parts, b, c, h, w), x.dtype, device) if input_grad else dtokens.new_empty((0,))
+    dcanvas = new_output((parts, b, c, h, w), x.dtype, device)
     if g:
         cfg = _bwd_config(g, s, d, k, dtype)
         inv = _inverse_patch_index(patch_index, nh * nw) if patch_index is not None else x
         grid = (triton.cdiv(g, cfg["BLOCK_P"]) * triton.cdiv(k, cfg["BLOCK_K"]), triton.cdiv(s, cfg["BLOCK_S"]))
         _patch_embed_bwd_kernel[grid](
-            dtokens, x, prev if prev is not None else x, weight, inv, dcanvas if input_grad else x,
-            dw_acc, dpos_acc, db_acc,
+            dtokens, x, prev if prev is not None else x, weight, inv, dcanvas, dw_acc, dpos_acc, db_acc,
             g, nh * nw, nw, d, k, parts * c * field_size**2, c, h, w, x.stride(0), x.stride(1), x.stride(2),
             row_step, col_step, b * c * h * w,
-            T=t, L=field_size, HAS_PREV=prev is not None, HAS_INDEX=patch_index is not None, INPUT_GRAD=input_grad,
+            T=t, L=field_size, HAS_PREV=prev is not None, HAS_INDEX=patch_index is not None,
             ACC_STRIDE=dw_acc.shape[1], DOT_PRECISION=_dot_precision(dtype), **cfg,
         )  # fmt: skip
     return dcanvas, *_from_accumulators(dw_acc, dpos_acc, db_acc, weight)

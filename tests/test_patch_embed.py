@@ -348,7 +348,7 @@ def test_patch_embed_bad_shapes_and_backends(monkeypatch):
 
 def _signature(kernel, pointers, floats=()):
     """Triton types in the kernel's argument order: the given pointers, fp32 floats, constexprs, i32 otherwise."""
-    constexprs = {"T", "L", "HAS_PREV", "HAS_BIAS", "HAS_INDEX", "INPUT_GRAD", "DOT_PRECISION", "BLOCK_M", "BLOCK_N",
+    constexprs = {"T", "L", "HAS_PREV", "HAS_BIAS", "HAS_INDEX", "DOT_PRECISION", "BLOCK_M", "BLOCK_N",
                   "BLOCK_K", "BLOCK_P", "BLOCK_S", "ACC_STRIDE", "ATOMIC"}  # fmt: skip
     return {
         name: pointers.get(name) or ("fp32" if name in floats else "constexpr" if name in constexprs else "i32")
@@ -384,7 +384,7 @@ def _compile_spec(kernel, dtype, shape):
                 "DPOS_ACC": "*fp32", "DB_ACC": "*fp32"}  # fmt: skip
         cfg = pe._bwd_config(256, 256, d, k, torch_dtype)
         options = {"num_warps": cfg.pop("num_warps")}
-        constexprs = {**flags, "INPUT_GRAD": True, "ACC_STRIDE": -(-k // 4) * 4, **cfg}
+        constexprs = {**flags, "ACC_STRIDE": -(-k // 4) * 4, **cfg}
         return fn, _signature(fn, ptrs, steps), constexprs, options
     if kernel.startswith("bwd_weight"):  # fp32 partials (deterministic), or with atomics into one accumulator
         fn = pe._patch_embed_bwd_weight_kernel

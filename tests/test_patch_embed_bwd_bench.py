@@ -119,18 +119,17 @@ def test_forced_rows_change_the_grid_only_inside():
 
 @needs_interpreter
 def test_every_path_computes_the_same_gradients():
-    """Every path at a brick with prev (input gradients), and without (no input gradients, where weight-only is a
-    path: its empty dcanvas matches the others' without input_grad)."""
+    """Every path at a brick with prev (input gradients: the fused ones and the two-kernel ones), and without (the
+    two-kernel ones and weight-only, whose empty dcanvas matches theirs without input_grad)."""
     assert set(paths.distinct_paths(SMALL)) >= {"fused", "fused-rows32", "two-pass", "two-pass-1"}
-    assert "weight-only" not in paths.distinct_paths(SMALL)
+    assert "weight-only" not in paths.paths_for(SMALL)
     bottom = dataclasses.replace(SMALL, has_prev=False)
-    assert "weight-only" in paths.distinct_paths(bottom)
+    assert paths.paths_for(bottom) == ("two-pass", "two-pass-1", "weight-only")
     for shape in (SMALL, bottom):
         inputs = paths.make_inputs(shape, torch.device("cpu"))
-        ref = paths.call("fused", inputs)
-        for path in paths.PATHS[1:]:
-            if path == "weight-only" and shape.has_prev:
-                continue
+        first, *others = paths.paths_for(shape)
+        ref = paths.call(first, inputs)
+        for path in others:
             with paths.forced_rows(paths.FORCED_ROWS.get(path)):
                 got = paths.call(path, inputs)
             for name, a, b in zip(("dcanvas", "dweight", "dbias", "dpos"), got, ref):
@@ -222,9 +221,10 @@ def test_analysis_of_gpu_rows():
 
 @needs_triton
 def test_analysis_leaves_out_the_bricks_without_input_gradients():
-    """A bottom brick (no prev: the library runs the weight kernel alone there) decides neither _TWO_PASS_TOKENS_PER_K
-    nor _ATOMIC_SHARE nor the static rule, however its fused and two-kernel rows compare: here two-pass-1 is fastest at
-    42.7 and 170.7 tokens per K, which would move the threshold's interval to (170.7, 409.6] if it counted."""
+    """A bottom brick (no prev: the library runs the weight kernel alone there, and it has no fused rows) decides
+    neither _TWO_PASS_TOKENS_PER_K nor _ATOMIC_SHARE nor the static rule, however its two-kernel rows compare: here
+    two-pass-1 is fastest at 42.7 and 170.7 tokens per K, which would move the threshold's interval to (170.7, 409.6]
+    if it counted."""
     bottom = dataclasses.replace(IMAGE_BRICK, brick=4, field=4, has_prev=False)  # XL-PG-32's 4 x 4 brick, K 96
 
     def times(r):
