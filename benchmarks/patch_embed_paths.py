@@ -393,6 +393,8 @@ def _verdict(x: dict, why: str) -> str:
 
 
 def markdown(res: dict | None) -> list[str]:
+    from benchmarks.report import _pct, _table  # the report's table format (report.py imports this module)
+
     if not res or not (res["rows"] or res["probe_rows"]):
         return []
     lines = ["## patch_embed backward: paths, tiles and L2 atomics", "",
@@ -471,16 +473,7 @@ def _fmt(v, spec: str = "") -> str:
     return NOT_MEASURED if v is None else format(v, spec)
 
 
-def _pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.0f}%"
-
-
 def _interval(iv) -> str:
     if iv is None:
         return NOT_MEASURED
     return f"c <= {iv[1]:.4g}" if iv[0] == 0 else f"{iv[0]:.4g} < c <= {iv[1]:.4g}"
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
