@@ -59,7 +59,8 @@ def _per_sequence(v: torch.Tensor, num_seq: int, image_index: torch.Tensor | Non
     if image_index is not None:
         return v[image_index].unsqueeze(1)
     b = v.shape[0]
-    return v[:, None, None, :].expand(b, num_seq // b, 1, v.shape[1]).reshape(num_seq, 1, v.shape[1])
+    per_image = num_seq // b if b else 0  # no images: no sequences (checked by _check)
+    return v[:, None, None, :].expand(b, per_image, 1, v.shape[1]).reshape(num_seq, 1, v.shape[1])
 
 
 def adaln_modulate_ref(x, shift, scale, image_index=None):
@@ -679,7 +680,7 @@ def _check(op, x, image_index, **per_image):
         raise ValueError(f"{op}: the per-image vectors disagree on the batch size: {sorted(batch)}")
     if image_index is None:
         num_images = batch.pop() if batch else 1
-        if x.shape[0] % num_images:
+        if (x.shape[0] % num_images) if num_images else x.shape[0]:
             raise ValueError(
                 f"{op}: x has {x.shape[0]} sequences, not a multiple of the {num_images} images; "
                 "pass image_index to say which image each sequence belongs to"

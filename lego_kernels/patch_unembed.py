@@ -32,9 +32,9 @@ _IMPLEMENTED: tuple[str, ...] = ("triton",)
 def patch_unembed_ref(tokens, brick_size, field_size, channels, height, width, patch_index=None, fill=None):
     r, l, c = brick_size, field_size, channels
     t, nh, nw = r // l, height // r, width // r
-    batch = tokens.shape[0] // (nh * nw) if patch_index is None else patch_index.shape[0]
-    blocks = tokens.view(batch, -1, t, t, l, l, c).permute(0, 1, 6, 2, 4, 3, 5)  # (B, P, C, r/l, l, r/l, l)
-    blocks = blocks.reshape(batch, -1, c, r, r)  # (B, P, C, r, r)
+    batch, p = (tokens.shape[0] // (nh * nw), nh * nw) if patch_index is None else patch_index.shape
+    blocks = tokens.view(batch, p, t, t, l, l, c).permute(0, 1, 6, 2, 4, 3, 5)  # (B, P, C, r/l, l, r/l, l)
+    blocks = blocks.reshape(batch, p, c, r, r)  # (B, P, C, r, r)
     if patch_index is not None:
         if fill is None:
             base = tokens.new_zeros(batch, nh * nw, c, r, r)

@@ -78,13 +78,13 @@ def short_attention_ref(qkv, num_heads):
     q, k, v = _split_heads(qkv, num_heads)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (N, H, S, S)
     o = scores.softmax(dim=-1) @ v  # (N, H, S, d_head)
-    return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)  # (N, S, d)
+    return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)  # (N, S, d)
 
 
 def _sdpa(qkv, num_heads):
     q, k, v = _split_heads(qkv, num_heads)
     o = F.scaled_dot_product_attention(q, k, v)  # (N, H, S, d_head)
-    return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)  # (N, S, d)
+    return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)  # (N, S, d)
 
 
 def _long_attention(qkv, num_heads):

@@ -397,3 +397,16 @@ def test_forward_grid_fills_the_gpu(batch, monkeypatch):
         block_d, block_r, num_warps = adaln._tile(d, rows)
         assert -(-rows // block_r) >= min(rows, 2048), (seq_len, d, block_r)
         assert block_r * block_d <= adaln._TILE_ELEMENTS and num_warps in (4, 8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch(backend):
+    """No images and no sequences: empty outputs and gradients on every backend, not a division by zero."""
+    x, y = (torch.randn(0, 4, 40, requires_grad=True) for _ in range(2))
+    gate, shift, scale = (torch.randn(0, 40, requires_grad=True) for _ in range(3))
+    h = adaln_modulate(x, shift, scale, backend=backend)
+    x_out, h2 = gated_residual_adaln(x, y, gate, shift, scale, backend=backend)
+    last = gated_residual_adaln(x_out, h2, gate, backend=backend)
+    assert h.shape == x_out.shape == last.shape == (0, 4, 40)
+    (h.sum() + last.sum()).backward()
+    assert x.grad.shape == x.shape and gate.grad.shape == scale.grad.shape == (0, 40)

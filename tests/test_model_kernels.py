@@ -97,3 +97,16 @@ def test_compile_with_inductor_on_cpu():
     x = torch.randn(2, 2, 16, 16)
     torch.testing.assert_close(compiled(x, 1.0, torch.tensor([0, 1])), ref(x, 1.0, torch.tensor([0, 1])),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch_through_a_brick(backend):
+    """A brick on an empty batch gives an empty canvas and gradients (every fused op takes zero images)."""
+    from lego import LegoBrick
+
+    brick = LegoBrick(4, 2, 32, 1, 2, in_channels=3, backend=backend)
+    x = torch.randn(0, 3, 8, 12, requires_grad=True)
+    out = brick(x, torch.zeros_like(x), torch.randn(0, 32))
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape

@@ -174,3 +174,15 @@ def test_patch_unembed_xl_on_gpu(mode, dtype):
     fill = torch.randn(b, c, h, w, dtype=dtype, device="cuda") if patch_index is not None else None
     n = patch_index.numel() if patch_index is not None else b * 64
     _check(torch.randn(n, 4, l * l * c, dtype=dtype, device="cuda"), r, l, c, h, w, patch_index, fill)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("indexed", [False, True], ids=["all-patches", "patch-index"])
+def test_patch_unembed_empty_batch(backend, indexed):
+    """No images: an empty canvas and gradient on every backend, not a reshape error."""
+    tokens = torch.randn(0, 4, 16, requires_grad=True)
+    patch_index = torch.zeros(0, 3, dtype=torch.long) if indexed else None
+    out = patch_unembed(tokens, 4, 2, 4, 8, 12, patch_index, backend=backend)
+    assert out.shape == (0, 4, 8, 12)
+    out.sum().backward()
+    assert tokens.grad.shape == tokens.shape

@@ -94,12 +94,16 @@ def test_non_contiguous_input(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_empty_batch(device):
-    qkv = torch.randn(0, 4, 3 * 2 * 32, device=device, requires_grad=True)
-    out = short_attention(qkv, 2, backend="triton")
-    assert out.shape == (0, 4, 2 * 32)
-    out.sum().backward()
-    assert qkv.grad.shape == qkv.shape
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("s", [4, MAX_SHORT_SPAN + 1])
+def test_empty_batch(device, backend, s):
+    """No sequences (or, on the torch path, no tokens): empty outputs and gradients, not a reshape error."""
+    for n, length in ((0, s), (3, 0)):
+        qkv = torch.randn(n, length, 3 * 2 * 32, device=device, requires_grad=True)
+        out = short_attention(qkv, 2, backend=backend)
+        assert out.shape == (n, length, 2 * 32)
+        out.sum().backward()
+        assert qkv.grad.shape == qkv.shape
 
 
 @pytest.mark.parametrize("device", DEVICES)
