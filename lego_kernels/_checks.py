@@ -43,3 +43,27 @@ def check_canvas(op: str, height: int, width: int, brick_size: int, field_size: 
             f"{op}: the canvas {height}x{width} is not divisible by the brick size {brick_size}; "
             f"use a height and width that are multiples of {brick_size}"
         )
+
+
+def check_patch_ids(op: str, patch_index: torch.Tensor, num_patches: int) -> None:
+    """Each row of patch_index [B, P] lists distinct flat patch ids in [0, num_patches).
+
+    The kernels trust this (an id out of range would embed zeros or land in another image; a repeated one leaves the
+    gradient to whichever sequence came last), so it is checked here: one host sync on a GPU. Skipped while
+    torch.compile traces, where a data-dependent branch would break the graph.
+    """
+    if patch_index.numel() == 0 or torch.compiler.is_compiling():
+        return
+    outside = (patch_index < 0) | (patch_index >= num_patches)
+    ids = patch_index.sort(dim=1).values
+    repeated = ids[:, 1:] == ids[:, :-1]
+    any_outside, any_repeated = torch.stack([outside.any(), repeated.any()]).tolist()
+    if any_outside:
+        bad = patch_index[outside][0].item()
+        raise ValueError(
+            f"{op}: patch_index holds {bad}, outside 0..{num_patches - 1}; give flat patch ids p * (W / r) + q of "
+            f"the {num_patches} patches"
+        )
+    if any_repeated:
+        row, col = (int(i) for i in repeated.nonzero()[0])
+        raise ValueError(f"{op}: patch_index row {row} lists patch {ids[row, col].item()} twice; list each patch once")

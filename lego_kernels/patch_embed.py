@@ -32,7 +32,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from lego_kernels._checks import check_canvas, check_float, check_index, check_same
+from lego_kernels._checks import check_canvas, check_float, check_index, check_patch_ids, check_same
 from lego_kernels._dispatch import interpreting, new_output, resolve_backend, triton_importable
 
 if triton_importable():
@@ -793,7 +793,8 @@ def patch_embed(x, prev, weight, bias, pos_embed, brick_size, field_size, patch_
     x [B, C, H, W]; prev [B, C, H, W] or None; weight [d, C', l, l] over channels (x, prev, row, col);
     bias [d]; pos_embed [S, d] with S = (r/l)^2; patch_index [B, P] flat patch ids or None.
     Returns tokens [N, S, d], N = B * P (P = all patches, row-major, when patch_index is None).
-    The gradients of x and prev take each patch's field from its one sequence: a patch_index row must not repeat an id.
+    The gradients of x and prev take each patch's field from its one sequence: a patch_index row must not repeat an id
+    (checked, with the range of the ids, outside torch.compile: one host sync on a GPU).
     """
     op = "patch_embed"
     check_float(op, "x", x, 4)
@@ -820,6 +821,7 @@ def patch_embed(x, prev, weight, bias, pos_embed, brick_size, field_size, patch_
         check_index(op, "patch_index", patch_index, 2, x.device)
         if patch_index.shape[0] != b:
             raise ValueError(f"{op}: patch_index has {patch_index.shape[0]} rows for {b} images")
+        check_patch_ids(op, patch_index, (h // brick_size) * (w // brick_size))
     backend = resolve_backend(backend, x.device, op, _IMPLEMENTED)
     if backend == "triton":
         return _patch_embed_fwd_op(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from lego_kernels._checks import check_canvas, check_float, check_index, check_same
+from lego_kernels._checks import check_canvas, check_float, check_index, check_patch_ids, check_same
 from lego_kernels._dispatch import new_output, resolve_backend, triton_importable
 
 if triton_importable():
@@ -280,6 +280,7 @@ def patch_unembed(tokens, brick_size, field_size, channels, height, width, patch
         check_index(op, "patch_index", patch_index, 2, tokens.device)
         if tokens.shape[0] != patch_index.numel():
             raise ValueError(f"{op}: {tokens.shape[0]} sequences but patch_index lists {patch_index.numel()} patches")
+        check_patch_ids(op, patch_index, num_patches)
         if fill is not None:
             check_float(op, "fill", fill, 4)
             check_same(op, "tokens", tokens, fill=fill)

@@ -450,3 +450,17 @@ def test_patch_embed_deterministic_backward_on_gpu(indexed, deterministic):
     for run in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
     _check(tensors, r, l, patch_index, ATOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_patch_embed_bad_patch_ids(backend):
+    """Patch ids outside 0..P_all-1 or repeated within an image are refused on every backend with one line that names
+    the id (the Triton kernels would embed zeros for an id out of range, the reference wraps -1 to the last patch, and
+    a repeated id leaves the canvas gradient to whichever sequence wrote last)."""
+    tensors = _inputs(2, 3, 8, 12, 4, 2, 24, True, torch.float32, "cpu")  # 6 patches per image
+    for ids, match in [([[0, 6], [1, 2]], "patch_index holds 6, outside 0..5"),
+                       ([[0, -1], [1, 2]], "patch_index holds -1, outside 0..5"),
+                       ([[1, 2], [4, 4]], "row 1 lists patch 4 twice")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match) as err:
+            patch_embed(*tensors, 4, 2, torch.tensor(ids), backend=backend)
+        assert len(str(err.value).splitlines()) == 1

@@ -186,3 +186,15 @@ def test_patch_unembed_empty_batch(backend, indexed):
     assert out.shape == (0, 4, 8, 12)
     out.sum().backward()
     assert tokens.grad.shape == tokens.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_patch_unembed_bad_patch_ids(backend):
+    """Patch ids outside 0..P_all-1 or repeated within an image are refused on every backend (the Triton kernel would
+    write image 0's id 6 into image 1's patch 0, and leave a repeated id's other tokens without a gradient)."""
+    tokens = torch.randn(4, 4, 16)
+    for ids, match in [([[0, 6], [1, 2]], "patch_index holds 6, outside 0..5"),
+                       ([[0, -1], [1, 2]], "patch_index holds -1, outside 0..5"),
+                       ([[3, 3], [1, 2]], "row 0 lists patch 3 twice")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            patch_unembed(tokens, 4, 2, 4, 8, 12, torch.tensor(ids), backend=backend)
