@@ -67,3 +67,16 @@ def check_patch_ids(op: str, patch_index: torch.Tensor, num_patches: int) -> Non
     if any_repeated:
         row, col = (int(i) for i in repeated.nonzero()[0])
         raise ValueError(f"{op}: patch_index row {row} lists patch {ids[row, col].item()} twice; list each patch once")
+
+
+def check_image_ids(op: str, image_index: torch.Tensor, num_images: int) -> None:
+    """Every entry of image_index lies in [0, num_images): the fused kernels index the per-image vectors with it
+    unchecked. One host sync on a GPU; skipped while torch.compile traces."""
+    if image_index.numel() == 0 or torch.compiler.is_compiling():
+        return
+    outside = (image_index < 0) | (image_index >= num_images)
+    if outside.any():
+        raise ValueError(
+            f"{op}: image_index holds {image_index[outside][0].item()}, outside 0..{num_images - 1} (the per-image "
+            f"vectors have {num_images} rows); give each sequence the row of its image"
+        )

@@ -23,7 +23,8 @@ writes an fp32 partial sum and a second small kernel adds each image's partials 
 comment says how C is chosen). With ``image_index`` the sequences are first sorted by image (a stable argsort on the
 device, no host sync), so the same scheme holds for any mapping, images without sequences included (their gradients
 are zero). ``image_index`` values
-must lie in [0, B). float64 inputs always take the reference (the fused kernels accumulate in fp32).
+must lie in [0, B) (checked outside torch.compile: one host sync on a GPU). float64 inputs always take the reference
+(the fused kernels accumulate in fp32).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lego_kernels._checks import check_float, check_index, check_same
+from lego_kernels._checks import check_float, check_image_ids, check_index, check_same
 from lego_kernels._dispatch import interpreting, new_output, resolve_backend
 
 try:
@@ -689,6 +690,7 @@ def _check(op, x, image_index, **per_image):
         check_index(op, "image_index", image_index, 1, x.device)
         if image_index.shape[0] != x.shape[0]:
             raise ValueError(f"{op}: image_index has {image_index.shape[0]} entries for {x.shape[0]} sequences")
+        check_image_ids(op, image_index, batch.pop())
 
 
 def adaln_modulate(x, shift, scale, image_index=None, backend="auto"):

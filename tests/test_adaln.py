@@ -410,3 +410,19 @@ def test_empty_batch(backend):
     assert h.shape == x_out.shape == last.shape == (0, 4, 40)
     (h.sum() + last.sum()).backward()
     assert x.grad.shape == x.shape and gate.grad.shape == scale.grad.shape == (0, 40)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_image_index_out_of_range(backend):
+    """An image id outside 0..B-1 is refused on every backend with one line naming it (the Triton kernels read past
+    the per-image vectors and never wrote that sequence's dx; the reference wrapped -1 to the last image)."""
+    x, y = torch.randn(2, 6, 4, 40)
+    gate, shift, scale = _vectors(2, 40, 3, torch.float32, "cpu")
+    for bad in (2, -1):
+        image_index = torch.tensor([0, 1, bad, 0, 1, 1])
+        with pytest.raises(ValueError, match=f"image_index holds {bad}, outside 0..1"):
+            adaln_modulate(x, shift, scale, image_index, backend=backend)
+        with pytest.raises(ValueError, match=f"image_index holds {bad}, outside 0..1"):
+            gated_residual_adaln(x, y, gate, shift, scale, image_index, backend=backend)
+        with pytest.raises(ValueError, match=f"image_index holds {bad}, outside 0..1"):
+            gated_residual_adaln(x, y, gate, image_index=image_index, backend=backend)
