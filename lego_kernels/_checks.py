@@ -38,6 +38,8 @@ def check_index(op: str, name: str, t: torch.Tensor, ndim: int, device: torch.de
 def check_canvas(op: str, height: int, width: int, brick_size: int, field_size: int) -> None:
     if brick_size <= 0 or field_size <= 0 or brick_size % field_size:
         raise ValueError(f"{op}: brick size {brick_size} must be a positive multiple of the field size {field_size}")
+    if height <= 0 or width <= 0:
+        raise ValueError(f"{op}: the canvas {height}x{width} has no pixels; give sides of at least {brick_size}")
     if height % brick_size or width % brick_size:
         raise ValueError(
             f"{op}: the canvas {height}x{width} is not divisible by the brick size {brick_size}; "

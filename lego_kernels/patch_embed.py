@@ -812,6 +812,9 @@ def patch_embed(x, prev, weight, bias, pos_embed, brick_size, field_size, patch_
             f"{c} image channels{' + ' + str(c) + ' previous-brick channels' if prev is not None else ''} + 2 coordinates"
         )
     d, s = weight.shape[0], (brick_size // field_size) ** 2
+    if bias is not None:
+        check_float(op, "bias", bias, 1)
+    check_float(op, "pos_embed", pos_embed, 2)
     if bias is not None and tuple(bias.shape) != (d,):
         raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}; expected [{d}]")
     if tuple(pos_embed.shape) != (s, d):

@@ -379,8 +379,12 @@ def short_attention(qkv, num_heads, backend="auto"):
     """
     op = "short_attention"
     check_float(op, "qkv", qkv, 3)
+    if not isinstance(num_heads, int):
+        raise ValueError(f"{op}: num_heads must be a positive int, got {num_heads!r}")
     if num_heads <= 0 or qkv.shape[2] % (3 * num_heads):
         raise ValueError(f"{op}: qkv's last dimension {qkv.shape[2]} is not 3 * num_heads ({num_heads}) * d_head")
+    if qkv.shape[2] == 0:
+        raise ValueError(f"{op}: qkv has shape {tuple(qkv.shape)}, so d_head would be 0; its last dimension is 3 * d")
     backend = resolve_backend(backend, qkv.device, op, _IMPLEMENTED)
     if qkv.shape[1] > MAX_SHORT_SPAN:
         return _long_attention(qkv, num_heads)

@@ -334,6 +334,12 @@ def test_patch_embed_bad_shapes_and_backends(monkeypatch):
         patch_embed(x[..., :10], prev[..., :10], weight, bias, pos_embed, 4, 2, backend="triton")
     with pytest.raises(ValueError, match="pos_embed has shape"):
         patch_embed(x, prev, weight, bias, pos_embed[:3], 4, 2, backend="triton")
+    with pytest.raises(TypeError, match="pos_embed must be a torch.Tensor, got list"):
+        patch_embed(x, prev, weight, bias, pos_embed.tolist(), 4, 2)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor, got list"):
+        patch_embed(x, prev, weight, bias.tolist(), pos_embed, 4, 2)
+    with pytest.raises(ValueError, match="the canvas 0x12 has no pixels"):
+        patch_embed(x[:, :, :0], prev[:, :, :0], weight, bias, pos_embed, 4, 2)
     with pytest.raises(ValueError, match="no 'cuda' kernel"):
         patch_embed(x, prev, weight, bias, pos_embed, 4, 2, backend="cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

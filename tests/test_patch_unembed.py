@@ -134,6 +134,8 @@ def test_patch_unembed_bad_shapes_and_backends(monkeypatch):
         patch_unembed(tokens, 4, 2, 3, 8, 12, backend="triton")  # 16 = 2*2*4 values per token, not 3 channels
     with pytest.raises(ValueError, match="not a whole number"):
         patch_unembed(tokens[:7], 4, 2, 4, 8, 12, backend="triton")
+    with pytest.raises(ValueError, match="the canvas 0x12 has no pixels"):
+        patch_unembed(tokens[:0], 4, 2, 4, 0, 12)
     with pytest.raises(ValueError, match="fill is only used with patch_index"):
         patch_unembed(tokens, 4, 2, 4, 8, 12, fill=torch.randn(2, 4, 8, 12), backend="triton")
     with pytest.raises(ValueError, match="no 'cuda' kernel"):

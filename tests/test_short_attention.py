@@ -131,6 +131,11 @@ def test_bad_arguments_raise_clear_errors():
         short_attention(qkv[0], 2)
     with pytest.raises(TypeError, match="floating-point"):
         short_attention(qkv.long(), 2)
+    for backend in ("torch", "triton"):  # a float head count, and heads of size 0, fail here, not deep in a reshape
+        with pytest.raises(ValueError, match="num_heads must be a positive int, got 2.0"):
+            short_attention(qkv, 2.0, backend=backend)
+        with pytest.raises(ValueError, match="d_head would be 0"):
+            short_attention(qkv[..., :0], 2, backend=backend)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for CPU tensors")
