@@ -8,7 +8,8 @@ Every public op takes ``backend="auto" | "cuda" | "triton" | "torch"``:
 - ``cuda``: the hand-written kernels of ``lego_kernels._C`` (csrc/), for the ops that have them.
 - ``auto``: ``torch`` for CPU tensors; for CUDA tensors the fastest measured backend present (see ``AUTO_PREFERS_CUDA``).
 
-The environment variable ``LEGO_KERNELS_BACKEND`` overrides ``auto`` (never an explicit choice).
+The environment variable ``LEGO_KERNELS_BACKEND`` overrides ``auto`` (never an explicit choice); an op without a kernel
+of that backend (patch_embed and patch_unembed have no ``cuda``) keeps ``auto``'s choice.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def resolve_backend(backend: str, device: torch.device, op: str, implemented: tu
         backend = os.environ.get("LEGO_KERNELS_BACKEND", "auto") or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"LEGO_KERNELS_BACKEND={backend!r} is not a backend; use one of {', '.join(BACKENDS)}")
+        if backend not in implemented + ("torch",):
+            backend = "auto"  # the op has no kernel of that backend: auto's choice for it, not a refusal
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
