@@ -792,7 +792,8 @@ def patch_embed(x, prev, weight, bias, pos_embed, brick_size, field_size, patch_
 
     x [B, C, H, W]; prev [B, C, H, W] or None; weight [d, C', l, l] over channels (x, prev, row, col);
     bias [d]; pos_embed [S, d] with S = (r/l)^2; patch_index [B, P] flat patch ids or None.
-    Returns tokens [N, S, d], N = B * P (P = all patches, row-major, when patch_index is None).
+    Returns tokens [N, S, d], N = B * P (P = all patches, row-major, when patch_index is None). float64 inputs run the
+    reference on every backend (the kernels compute in fp32).
     The gradients of x and prev take each patch's field from its one sequence: a patch_index row must not repeat an id
     (checked, with the range of the ids, outside torch.compile: one host sync on a GPU).
     """
@@ -826,7 +827,7 @@ def patch_embed(x, prev, weight, bias, pos_embed, brick_size, field_size, patch_
             raise ValueError(f"{op}: patch_index has {patch_index.shape[0]} rows for {b} images")
         check_patch_ids(op, patch_index, (h // brick_size) * (w // brick_size))
     backend = resolve_backend(backend, x.device, op, _IMPLEMENTED)
-    if backend == "triton":
+    if backend == "triton" and x.dtype != torch.float64:  # the kernels compute in fp32: float64 takes the reference
         return _patch_embed_fwd_op(
             x.contiguous(),
             prev.contiguous() if prev is not None else None,

@@ -375,7 +375,8 @@ def short_attention(qkv, num_heads, backend="auto"):
     """Multi-head self-attention of every sequence in ``qkv`` [N, S, 3d] -> [N, S, d] (no mask, no dropout).
 
     S from 1 to 16 runs on the fused kernels; any longer S runs on SDPA (flash-attn if installed) whatever the
-    backend, since a long sequence is what those libraries are built for.
+    backend, since a long sequence is what those libraries are built for. float64 runs on SDPA too (the kernels
+    compute in fp32).
     """
     op = "short_attention"
     check_float(op, "qkv", qkv, 3)
@@ -388,7 +389,7 @@ def short_attention(qkv, num_heads, backend="auto"):
     backend = resolve_backend(backend, qkv.device, op, _IMPLEMENTED)
     if qkv.shape[1] > MAX_SHORT_SPAN:
         return _long_attention(qkv, num_heads)
-    if backend == "torch":
+    if backend == "torch" or qkv.dtype == torch.float64:  # the kernels compute in fp32: float64 takes PyTorch's
         return _sdpa(qkv, num_heads)
     o, _ = _short_attention_fwd_op(qkv.contiguous(), num_heads, backend)
     return o  # (N, S, d)

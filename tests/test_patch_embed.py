@@ -470,3 +470,20 @@ def test_patch_embed_bad_patch_ids(backend):
         with pytest.raises(ValueError, match=match) as err:
             patch_embed(*tensors, 4, 2, torch.tensor(ids), backend=backend)
         assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_embed_float64_takes_the_reference(device):
+    """float64 inputs run the reference on every backend, forward and gradients, as adaln's do (the kernels compute in
+    fp32 at best; under the interpreter their float64 forward returned garbage)."""
+    tensors = _leaves(_inputs(2, 3, 8, 12, 4, 2, 24, True, torch.float64, device))
+    same = _leaves(tensors)
+    patch_index = _random_subset(2, 6, 0.5, torch.int64, device)
+    out = patch_embed(*tensors, 4, 2, patch_index, backend="triton")
+    ref = patch_embed_ref(*same, 4, 2, patch_index)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    for a, b in zip(tensors, same):
+        torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)

@@ -288,3 +288,16 @@ def test_long_span_backward_copies_the_gradient_once():
     (dqkv_old,) = torch.autograd.grad(old, x, grad)
     torch.testing.assert_close(out, old, atol=0, rtol=0)
     torch.testing.assert_close(dqkv, dqkv_old, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_takes_the_reference(device):
+    """float64 qkv runs PyTorch's attention in float64 on every backend, as adaln does (the kernels compute in fp32:
+    errors of 1e-7 where float64 promises 1e-15)."""
+    qkv = _random_qkv(5, 4, 2, 8, torch.float64, device)
+    grad = torch.randn(5, 4, 16, dtype=torch.float64, device=device)
+    for backend in _kernel_backends(device):
+        out, dx = _forward_backward(lambda x: short_attention(x, 2, backend=backend), qkv, grad)
+        out_ref, dx_ref = _forward_backward(lambda x: short_attention(x, 2, backend="torch"), qkv, grad)
+        torch.testing.assert_close(out, out_ref, atol=1e-13, rtol=0)
+        torch.testing.assert_close(dx, dx_ref, atol=1e-13, rtol=0)
