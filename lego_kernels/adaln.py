@@ -670,6 +670,8 @@ _gated_residual_fwd_op.register_autograd(_gated_residual_backward, setup_context
 
 def _check(op, x, image_index, **per_image):
     check_float(op, "x", x, 3)
+    if x.shape[2] == 0:
+        raise ValueError(f"{op}: x has hidden size 0 (shape {tuple(x.shape)}); there is nothing to normalize")
     vecs = {k: v for k, v in per_image.items() if v is not None}
     for name, v in vecs.items():
         check_float(op, name, v, 2)

@@ -230,6 +230,11 @@ def test_bad_arguments():
         gated_residual_adaln(x, y, gate, shift, backend="triton")
     with pytest.raises(ValueError, match="y has shape"):
         gated_residual_adaln(x, y[:, :3], gate, shift, scale, backend="triton")
+    for backend in ("torch", "triton"):  # hidden size 0: the Triton launchers divided by it
+        with pytest.raises(ValueError, match="x has hidden size 0"):
+            adaln_modulate(x[..., :0], shift[:, :0], scale[:, :0], backend=backend)
+        with pytest.raises(ValueError, match="x has hidden size 0"):
+            gated_residual_adaln(x[..., :0], y[..., :0], gate[:, :0], backend=backend)
 
 
 def test_missing_backend(monkeypatch):
