@@ -812,6 +812,8 @@ def patch_embed(x, prev, weight, bias, pos_embed, brick_size, field_size, patch_
             f"{op}: weight has shape {tuple(weight.shape)}; expected [d, {c_in}, {field_size}, {field_size}] for "
             f"{c} image channels{' + ' + str(c) + ' previous-brick channels' if prev is not None else ''} + 2 coordinates"
         )
+    if weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight has shape {tuple(weight.shape)}, no output channels; give it d >= 1 rows")
     d, s = weight.shape[0], (brick_size // field_size) ** 2
     if bias is not None:
         check_float(op, "bias", bias, 1)
