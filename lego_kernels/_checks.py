@@ -29,6 +29,8 @@ def check_same(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor
 
 
 def check_index(op: str, name: str, t: torch.Tensor, ndim: int, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim or t.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{op}: {name} must be an int32/int64 tensor with {ndim} dimensions, got {t.dtype} {tuple(t.shape)}")
     if t.device != device:

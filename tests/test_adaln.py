@@ -224,6 +224,8 @@ def test_bad_arguments():
         adaln_modulate(x, shift[:, :39], scale[:, :39], backend="triton")
     with pytest.raises(ValueError, match="not a multiple of the 4 images"):
         adaln_modulate(x, *_vectors(4, 40, 2, torch.float32, "cpu"), backend="triton")
+    with pytest.raises(TypeError, match="image_index must be a torch.Tensor, got list"):
+        adaln_modulate(x, shift, scale, [0, 1, 2, 0, 1, 2])
     with pytest.raises(ValueError, match="image_index has 5 entries"):
         adaln_modulate(x, shift, scale, torch.zeros(5, dtype=torch.long), backend="triton")
     with pytest.raises(ValueError, match="both shift and scale"):

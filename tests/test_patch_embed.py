@@ -341,6 +341,8 @@ def test_patch_embed_bad_shapes_and_backends(monkeypatch):
     for backend in ("torch", "triton"):  # d = 0: a conv2d error in the reference, an IndexError in the kernels
         with pytest.raises(ValueError, match="weight has shape \\(0, 8, 2, 2\\), no output channels"):
             patch_embed(x, prev, weight[:0], bias[:0], pos_embed[:, :0], 4, 2, backend=backend)
+    with pytest.raises(TypeError, match="patch_index must be a torch.Tensor, got list"):
+        patch_embed(x, prev, weight, bias, pos_embed, 4, 2, [[0, 1], [2, 3]])
     with pytest.raises(ValueError, match="the canvas 0x12 has no pixels"):
         patch_embed(x[:, :, :0], prev[:, :, :0], weight, bias, pos_embed, 4, 2)
     with pytest.raises(ValueError, match="no 'cuda' kernel"):
