@@ -53,10 +53,10 @@ def check_patch_ids(op: str, patch_index: torch.Tensor, num_patches: int) -> Non
     """Each row of patch_index [B, P] lists distinct flat patch ids in [0, num_patches).
 
     The kernels trust this (an id out of range would embed zeros or land in another image; a repeated one leaves the
-    gradient to whichever sequence came last), so it is checked here: one host sync on a GPU. Skipped while
-    torch.compile traces, where a data-dependent branch would break the graph.
+    gradient to whichever sequence came last), so it is checked here: one host sync on a GPU. Skipped on meta tensors
+    (no values) and while torch.compile traces, where a data-dependent branch would break the graph.
     """
-    if patch_index.numel() == 0 or torch.compiler.is_compiling():
+    if patch_index.numel() == 0 or patch_index.is_meta or torch.compiler.is_compiling():
         return
     outside = (patch_index < 0) | (patch_index >= num_patches)
     ids = patch_index.sort(dim=1).values
@@ -75,8 +75,8 @@ def check_patch_ids(op: str, patch_index: torch.Tensor, num_patches: int) -> Non
 
 def check_image_ids(op: str, image_index: torch.Tensor, num_images: int) -> None:
     """Every entry of image_index lies in [0, num_images): the fused kernels index the per-image vectors with it
-    unchecked. One host sync on a GPU; skipped while torch.compile traces."""
-    if image_index.numel() == 0 or torch.compiler.is_compiling():
+    unchecked. One host sync on a GPU; skipped on meta tensors and while torch.compile traces."""
+    if image_index.numel() == 0 or image_index.is_meta or torch.compiler.is_compiling():
         return
     outside = (image_index < 0) | (image_index >= num_images)
     if outside.any():

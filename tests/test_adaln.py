@@ -433,3 +433,13 @@ def test_image_index_out_of_range(backend):
             gated_residual_adaln(x, y, gate, shift, scale, image_index, backend=backend)
         with pytest.raises(ValueError, match=f"image_index holds {bad}, outside 0..1"):
             gated_residual_adaln(x, y, gate, image_index=image_index, backend=backend)
+
+
+def test_meta_tensors_with_image_index():
+    """Shape-only runs on the meta device keep working with an image_index (its values are checked where they exist)."""
+    with torch.device("meta"):
+        x, y = torch.empty(2, 6, 4, 40)
+        gate, shift, scale = torch.empty(3, 2, 40)
+        image_index = torch.zeros(6, dtype=torch.long)
+    assert adaln_modulate(x, shift, scale, image_index).shape == x.shape
+    assert gated_residual_adaln(x, y, gate, shift, scale, image_index)[1].shape == x.shape

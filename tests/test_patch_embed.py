@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import DEVICES, assert_close_to_reference, compile_for_gpu
 
+import lego_kernels as lk
 from lego_kernels import patch_embed, patch_embed_ref
 
 pe = importlib.import_module("lego_kernels.patch_embed")  # the module (the package exports the function by that name)
@@ -492,3 +493,14 @@ def test_patch_embed_float64_takes_the_reference(device):
     ref.backward(grad)
     for a, b in zip(tensors, same):
         torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
+
+
+def test_patch_embed_on_meta_tensors_with_patch_index():
+    """Shape-only runs on the meta device (benchmarks/static.py captures a training step that way) keep working with
+    a patch_index: its values, which meta tensors lack, are checked only where they exist."""
+    with torch.device("meta"):
+        tensors = _inputs(2, 3, 8, 12, 4, 2, 24, True, torch.float32, "meta")
+        patch_index = torch.zeros(2, 3, dtype=torch.long)
+        tokens = torch.empty(6, 4, 2 * 2 * 3)
+    assert patch_embed(*tensors, 4, 2, patch_index).shape == (6, 4, 24)
+    assert lk.patch_unembed(tokens, 4, 2, 3, 8, 12, patch_index).shape == (2, 3, 8, 12)
