@@ -49,14 +49,22 @@ def check_canvas(op: str, height: int, width: int, brick_size: int, field_size: 
         )
 
 
+def _no_values(t: torch.Tensor) -> bool:
+    """Whether a check must not read t's values: none there (empty, meta), or reading them would break a trace
+    (torch.compile: a data-dependent branch; CUDA graph capture: a host sync is not allowed)."""
+    if torch.compiler.is_compiling() or t.numel() == 0 or t.is_meta:
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_patch_ids(op: str, patch_index: torch.Tensor, num_patches: int) -> None:
     """Each row of patch_index [B, P] lists distinct flat patch ids in [0, num_patches).
 
     The kernels trust this (an id out of range would embed zeros or land in another image; a repeated one leaves the
-    gradient to whichever sequence came last), so it is checked here: one host sync on a GPU. Skipped on meta tensors
-    (no values) and while torch.compile traces, where a data-dependent branch would break the graph.
+    gradient to whichever sequence came last), so it is checked here: one host sync on a GPU. Skipped where the values
+    cannot be read (_no_values).
     """
-    if patch_index.numel() == 0 or patch_index.is_meta or torch.compiler.is_compiling():
+    if _no_values(patch_index):
         return
     outside = (patch_index < 0) | (patch_index >= num_patches)
     ids = patch_index.sort(dim=1).values
@@ -75,8 +83,8 @@ def check_patch_ids(op: str, patch_index: torch.Tensor, num_patches: int) -> Non
 
 def check_image_ids(op: str, image_index: torch.Tensor, num_images: int) -> None:
     """Every entry of image_index lies in [0, num_images): the fused kernels index the per-image vectors with it
-    unchecked. One host sync on a GPU; skipped on meta tensors and while torch.compile traces."""
-    if image_index.numel() == 0 or image_index.is_meta or torch.compiler.is_compiling():
+    unchecked. One host sync on a GPU; skipped where the values cannot be read (_no_values)."""
+    if _no_values(image_index):
         return
     outside = (image_index < 0) | (image_index >= num_images)
     if outside.any():

@@ -504,3 +504,28 @@ def test_patch_embed_on_meta_tensors_with_patch_index():
         tokens = torch.empty(6, 4, 2 * 2 * 3)
     assert patch_embed(*tensors, 4, 2, patch_index).shape == (6, 4, 24)
     assert lk.patch_unembed(tokens, 4, 2, 3, 8, 12, patch_index).shape == (2, 3, 8, 12)
+
+
+@pytest.mark.cuda
+def test_patch_embed_captures_in_a_cuda_graph_with_patch_index():
+    """The patch-id check reads the ids on the host, which CUDA graph capture forbids: it steps aside while capturing,
+    so a brick's patch_embed and patch_unembed with a patch_index still capture (and replay the eager result)."""
+    tensors = _inputs(2, 3, 8, 12, 4, 2, 24, True, torch.float32, "cuda")
+    patch_index = _random_subset(2, 6, 0.5, torch.int64, "cuda")
+    tokens = torch.randn(6, 4, 12, device="cuda")
+
+    def step():
+        return patch_embed(*tensors, 4, 2, patch_index), lk.patch_unembed(tokens, 4, 2, 3, 8, 12, patch_index)
+
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    for a, b in zip(captured, eager):
+        torch.testing.assert_close(a, b)
