@@ -787,15 +787,18 @@ def _patch_embed_backward(ctx, dtokens):
 _patch_embed_fwd_op.register_autograd(_patch_embed_backward, setup_context=_patch_embed_setup_context)
 
 
-def patch_embed(x, prev, weight, bias, pos_embed, brick_size, field_size, patch_index=None, backend="auto"):
+def patch_embed(
+    x, prev, weight, bias, pos_embed, brick_size, field_size, patch_index=None, backend="auto", *, check_ids=True
+):
     """Embed every l x l field of every r x r patch of [x, prev, coordinates] as one token.
 
     x [B, C, H, W]; prev [B, C, H, W] or None; weight [d, C', l, l] over channels (x, prev, row, col);
     bias [d]; pos_embed [S, d] with S = (r/l)^2; patch_index [B, P] flat patch ids or None.
     Returns tokens [N, S, d], N = B * P (P = all patches, row-major, when patch_index is None). float64 inputs run the
     reference on every backend (the kernels compute in fp32).
-    The gradients of x and prev take each patch's field from its one sequence: a patch_index row must not repeat an id
-    (checked, with the range of the ids, outside torch.compile: one host sync on a GPU).
+    The gradients of x and prev take each patch's field from its one sequence: a patch_index row must not repeat an id.
+    With ``check_ids`` that and the ids' range are checked (one host sync on a GPU; not under torch.compile or CUDA
+    graph capture): pass False for ids known to be valid (LegoModel draws its own).
     """
     op = "patch_embed"
     check_float(op, "x", x, 4)
@@ -827,7 +830,8 @@ def patch_embed(x, prev, weight, bias, pos_embed, brick_size, field_size, patch_
         check_index(op, "patch_index", patch_index, 2, x.device)
         if patch_index.shape[0] != b:
             raise ValueError(f"{op}: patch_index has {patch_index.shape[0]} rows for {b} images")
-        check_patch_ids(op, patch_index, (h // brick_size) * (w // brick_size))
+        if check_ids:
+            check_patch_ids(op, patch_index, (h // brick_size) * (w // brick_size))
     backend = resolve_backend(backend, x.device, op, _IMPLEMENTED)
     if backend == "triton" and x.dtype != torch.float64:  # the kernels compute in fp32: float64 takes the reference
         return _patch_embed_fwd_op(

@@ -255,10 +255,15 @@ def _patch_unembed_backward(ctx, dcanvas):
 _patch_unembed_fwd_op.register_autograd(_patch_unembed_backward, setup_context=_patch_unembed_setup_context)
 
 
-def patch_unembed(tokens, brick_size, field_size, channels, height, width, patch_index=None, fill=None, backend="auto"):
+def patch_unembed(
+    tokens, brick_size, field_size, channels, height, width, patch_index=None, fill=None, backend="auto", *,
+    check_ids=True,
+):
     """Scatter per-token l x l x C blocks back into a [B, C, H, W] canvas (see the module docstring for the layout).
 
     tokens [N, S, l*l*C]; patch_index [B, P] or None; fill [B, C, H, W] or None (zeros) for patches not covered.
+    ``check_ids``: check that patch_index's ids are in range and distinct within a row (one host sync on a GPU; not
+    under torch.compile or CUDA graph capture); pass False for ids known to be valid.
     """
     op = "patch_unembed"
     check_float(op, "tokens", tokens, 3)
@@ -280,7 +285,8 @@ def patch_unembed(tokens, brick_size, field_size, channels, height, width, patch
         check_index(op, "patch_index", patch_index, 2, tokens.device)
         if tokens.shape[0] != patch_index.numel():
             raise ValueError(f"{op}: {tokens.shape[0]} sequences but patch_index lists {patch_index.numel()} patches")
-        check_patch_ids(op, patch_index, num_patches)
+        if check_ids:
+            check_patch_ids(op, patch_index, num_patches)
         if fill is not None:
             check_float(op, "fill", fill, 4)
             check_same(op, "tokens", tokens, fill=fill)
