@@ -105,7 +105,8 @@ def check_train_config(cfg, resume: bool = False) -> None:
                         f"{', '.join(_compile_backends())}")
 
 
-def check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn) -> None:
+def check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn, window=None,
+                         stride=None, max_batch=1) -> None:
     """The numbers lego.sample takes (``sampler`` is already known to exist)."""
     integer("--n", n, 1, meaning=" (samples to draw)")
     if steps is not None:
@@ -118,6 +119,11 @@ def check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, s
     integer("--seed", seed, 0, MAX_SEED)
     integer("--batch", batch, 1, meaning=" (samples per network call)")
     real("--churn", churn, 0)
+    if window is not None:
+        integer("--window", window, 1, meaning=" (a multiple of the model's largest brick)")
+    if stride is not None:
+        integer("--stride", stride, 1, meaning=" (pixels between windows)")
+    integer("--max-batch", max_batch, 1, meaning=" (windows per network call)")
     if churn and sampler != "heun":
         raise LegoError(f"--churn applies to the heun sampler only, not {sampler}; drop it or use --sampler heun")
 

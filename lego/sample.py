@@ -54,7 +54,8 @@ def sample(
     """Draw n samples [n, C, H, W] (and their labels) from the checkpoint ``ckpt``; see the module docstring."""
     if sampler not in SAMPLERS:
         raise LegoError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    checks.check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn)
+    checks.check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn, window, stride,
+                                max_batch)
     device = checks.device(device)
     model = load_model(ckpt, use_ema=use_ema, device=device)
     h = height or model.config.resolution

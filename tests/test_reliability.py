@@ -344,13 +344,19 @@ def test_out_without_write_permission(tmp_path, capsys):
     ["--batch", "0"], ["--batch", "-1"], ["--steps", "0"], ["--steps", "-2"], ["--height", "-16"],
     ["--width", "0"], ["--cfg-scale", "nan"], ["--churn", "-5"], ["--device", "tpu9"], ["--n", "0"],
     ["--sampler", "ddpm", "--steps", "2000"], ["--sampler", "ddim", "--churn", "10"], ["--t-break", "2"],
-    ["--seed", "-1"],
+    ["--seed", "-1"], ["--window", "0"], ["--window", "-16"], ["--stride", "0"], ["--max-batch", "0"],
 ])
 def test_sample_options_are_range_checked(trained, tmp_path, capsys, bad):
     out = tmp_path / "a.png"
     code = sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(out), *bad])
     assert_one_line_error(capsys, code, bad[-2])
     assert not out.exists()
+
+
+def test_a_window_the_bricks_do_not_divide_is_named(trained, tmp_path, capsys):
+    code = sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(tmp_path / "a.png"),
+                        "--window", "20", "--width", "48"])
+    assert_one_line_error(capsys, code, "--window 20", "multiples of 16")
 
 
 def test_non_finite_samples_are_not_written(trained, tmp_path, capsys, monkeypatch):
