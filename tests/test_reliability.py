@@ -430,3 +430,22 @@ def test_brick_conditioning_must_match_the_batch_and_width():
         brick(x, None, torch.randn(2, 16))
     with pytest.raises(ValueError, match="prev must have the canvas's shape"):
         brick(x, torch.randn(1, 1, 16, 16), torch.randn(2, 32))
+
+
+def test_brick_patch_index_must_name_distinct_patches_of_the_canvas():
+    # A 16 x 24 canvas holds 2 x 3 = 6 patches of 8: ids 0..5, each at most once per row. A negative or too large id
+    # used to be taken silently (a fused kernel would read and write another image's patch), a repeated one too.
+    torch.manual_seed(0)
+    brick = LegoBrick(8, 4, hidden_size=32, depth=1, num_heads=2, in_channels=1, has_prev=True)
+    x, cond = torch.randn(2, 1, 16, 24), torch.randn(2, 32)
+    assert brick(x, None, cond, patch_index=torch.tensor([[0, 5], [3, 1]])).shape == x.shape
+    for bad, needle in (([[0, -1], [1, 2]], r"ids -1\.\.2 .* patches 0\.\.5"), ([[0, 6], [1, 2]], r"ids 0\.\.6 .* 0\.\.5"),
+                        ([[1, 1], [1, 2]], "repeats a patch id")):
+        with pytest.raises(ValueError, match=needle):
+            brick(x, None, cond, patch_index=torch.tensor(bad))
+
+
+def test_brick_refuses_a_canvas_without_a_batch_dimension():
+    brick = LegoBrick(8, 4, hidden_size=32, depth=1, num_heads=2, in_channels=1, has_prev=True)
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\], got shape \(1, 16, 16\)"):  # was "not enough values to unpack"
+        brick(torch.randn(1, 16, 16), None, torch.randn(1, 32))
