@@ -172,7 +172,7 @@ class LegoModel(nn.Module):
         if self.y_embedder is not None:
             if class_labels is None:
                 class_labels = torch.full((c.shape[0],), self.num_classes, dtype=torch.long, device=c.device)
-            c = c + self.y_embedder(class_labels.to(c.device).long())
+            c = c + self.y_embedder(torch.as_tensor(class_labels, device=c.device).reshape(-1).long())  # (B, d)
         return c
 
     def run_bricks(self, x, sigma, class_labels=None, skip=(), patch_fraction=1.0, fill=None, generator=None,
@@ -237,9 +237,7 @@ class LegoModel(nn.Module):
     def _check_inputs(self, sigma, class_labels, batch):
         labels = None
         if class_labels is not None and self.num_classes:
-            labels = torch.as_tensor(class_labels).reshape(-1)
-            if labels.numel() != batch:
-                raise ValueError(f"{labels.numel()} class labels for a batch of {batch}")
+            labels = check_label_ids(class_labels, batch)
         # One host sync for all the value checks (a sampler calls this every step); the messages below only on failure.
         ok = (torch.isfinite(sigma) & (sigma >= 0)).all()
         if labels is not None:
@@ -252,6 +250,16 @@ class LegoModel(nn.Module):
             f"class labels must be in 0..{self.num_classes - 1} ({self.num_classes}: none, for guidance), "
             f"got {labels.min().item()}..{labels.max().item()}"
         )
+
+
+def check_label_ids(class_labels, batch: int) -> torch.Tensor:
+    """``class_labels`` (a tensor or a list) holds one integer class id per image; returns them as a tensor [batch]."""
+    labels = torch.as_tensor(class_labels).reshape(-1)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"class labels must be integer class ids, got {labels.dtype}")
+    if labels.numel() != batch:
+        raise ValueError(f"{labels.numel()} class labels for a batch of {batch}")
+    return labels
 
 
 def check_batch_of_canvases(x: torch.Tensor, in_channels: int) -> tuple[int, int]:

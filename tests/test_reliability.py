@@ -449,3 +449,19 @@ def test_brick_refuses_a_canvas_without_a_batch_dimension():
     brick = LegoBrick(8, 4, hidden_size=32, depth=1, num_heads=2, in_channels=1, has_prev=True)
     with pytest.raises(ValueError, match=r"\[B, C, H, W\], got shape \(1, 16, 16\)"):  # was "not enough values to unpack"
         brick(torch.randn(1, 16, 16), None, torch.randn(1, 32))
+
+
+def test_class_labels_are_integer_ids_one_per_image(tiny):
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():  # a list works as the tensor does (was "'list' object has no attribute 'to'")
+        assert torch.equal(tiny(x, 1.0, [0, 2]), tiny(x, 1.0, torch.tensor([0, 2])))
+    with pytest.raises(ValueError, match="integer class ids, got torch.float32"):  # was truncated silently
+        tiny(x, 1.0, torch.tensor([0.5, 1.7]))
+    # the loss checks them as the model does: one label used to broadcast over the batch silently, a float to be
+    # truncated, an id out of range to end in "IndexError: index out of range in self"
+    loss = LegoLoss()
+    for bad, needle in (([2], "1 class labels for a batch of 2"), ([0.5, 1.0], "integer class ids"),
+                        ([0, 4], r"in 0\.\.2 \(3: none\), got 0\.\.4"), ([-1, 0], r"got -1\.\.0")):
+        with pytest.raises(ValueError, match=needle):
+            loss(tiny, x, torch.tensor(bad), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss(tiny, x, torch.tensor([0, 3]), torch.Generator().manual_seed(0))[0])
