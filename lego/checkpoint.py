@@ -212,8 +212,19 @@ def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel | DiTModel
             f"(first {bad[0]}); it would sample NaN images: use a checkpoint from before the run diverged"
         )
     model = build_model(ckpt.model_config)
-    try:
-        model.load_state_dict(with_base_weights(model, weights))
-    except RuntimeError as e:
-        raise LegoError(f"{path}: the weights do not fit the model in its config ({str(e).splitlines()[0]})") from None
+    load_weights(model, with_base_weights(model, weights), path)
     return model.to(device).eval()
+
+
+def load_weights(model, state: dict[str, torch.Tensor], path) -> None:
+    """``model.load_state_dict(state)``, where a mismatch is a LegoError naming the first one: the checkpoint's config
+    no longer describes its tensors (damaged, or written by another version)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]  # the first says "Error(s) in ..."
+        first = (lines or [str(e)])[0].rstrip(".")
+        first = first if len(first) <= 300 else first[:300] + "..."
+        more = f"; {len(lines) - 1} more like it" if len(lines) > 1 else ""
+        raise LegoError(f"{path}: the weights do not fit the model in its config ({first}{more}); the checkpoint is "
+                        "damaged or from another version of lego: use another checkpoint") from None

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, save_digits
 from PIL import Image
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import lego.checkpoint as ckpt_mod
@@ -357,6 +357,21 @@ def test_a_window_the_bricks_do_not_divide_is_named(trained, tmp_path, capsys):
     code = sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(tmp_path / "a.png"),
                         "--window", "20", "--width", "48"])
     assert_one_line_error(capsys, code, "--window 20", "multiples of 16")
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line(run, digits, tmp_path, capsys):
+    # A checkpoint whose config no longer describes its tensors (damaged, or written by another version): --resume
+    # ended in a 100-line RuntimeError traceback, lego.sample in "(Error(s) in loading state_dict for LegoModel:)"
+    path = run / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- not a dict
+    config = json.loads(metadata["model_config"])
+    metadata["model_config"] = json.dumps({**config, "hidden_size": 2 * config["hidden_size"]})
+    save_file(tensors, str(path), metadata=metadata)
+    code = train_main([*FAST, "--data", digits, "--steps", "4", "--out", str(run), "--resume"])
+    assert_one_line_error(capsys, code, str(path), "size mismatch for ", "do not fit the model in its config")
+    code = sample_main(["--ckpt", str(path), "--out", str(tmp_path / "a.png"), "--n", "1", "--steps", "1"])
+    assert_one_line_error(capsys, code, str(path), "size mismatch for ", "do not fit the model in its config")
 
 
 def test_non_finite_samples_are_not_written(trained, tmp_path, capsys, monkeypatch):
