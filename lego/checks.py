@@ -128,6 +128,13 @@ def check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, s
         raise LegoError(f"--churn applies to the heun sampler only, not {sampler}; drop it or use --sampler heun")
 
 
+def check_guidance(cfg_scale: float, num_classes: int) -> None:
+    """Classifier-free guidance needs classes (lego.sample, lego.eval; once the checkpoint's model is known)."""
+    if cfg_scale != 1 and not num_classes:
+        raise LegoError(f"--cfg-scale {cfg_scale:g}: the model is unconditional (trained without classes), so there is "
+                        "nothing to guide towards; drop --cfg-scale")
+
+
 def check_resume(cfg, saved, saved_step: int, resolution: int, channels: int, num_classes: int) -> None:
     """--resume: the options and data must describe the model in the checkpoint (``saved``, a LegoConfig or
     DiTConfig), its base brick included."""

@@ -58,6 +58,7 @@ def sample(
                                 max_batch)
     device = checks.device(device)
     model = load_model(ckpt, use_ema=use_ema, device=device)
+    checks.check_guidance(cfg_scale, model.num_classes)
     h = height or model.config.resolution
     w = width or model.config.resolution
     labels_text, labels = labels, parse_labels(labels, n, model.num_classes)

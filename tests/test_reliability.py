@@ -374,6 +374,22 @@ def test_weights_that_do_not_fit_the_config_are_one_line(run, digits, tmp_path, 
     assert_one_line_error(capsys, code, str(path), "size mismatch for ", "do not fit the model in its config")
 
 
+def test_guidance_of_an_unconditional_model_is_refused(digits, tmp_path, capsys):
+    # there is no class to guide towards: --cfg-scale 3 used to be ignored silently (and lego.eval's report said 3)
+    from lego.eval import main as eval_main
+
+    with np.load(digits) as z:
+        np.savez(tmp_path / "unlabelled.npz", images=z["images"])
+    out = tmp_path / "run"
+    assert train_main([*FAST, "--data", str(tmp_path / "unlabelled.npz"), "--steps", "1", "--out", str(out)]) == 0
+    ckpt = str(out / "checkpoint.safetensors")
+    code = sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "a.png"), "--n", "1", "--cfg-scale", "3"])
+    assert_one_line_error(capsys, code, "--cfg-scale 3", "unconditional")
+    code = eval_main(["--ckpt", ckpt, "--n", "2", "--cfg-scale", "3", "--no-progress"])
+    assert_one_line_error(capsys, code, "--cfg-scale 3", "unconditional")
+    assert sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "a.png"), "--n", "1", "--steps", "2"]) == 0
+
+
 def test_non_finite_samples_are_not_written(trained, tmp_path, capsys, monkeypatch):
     from lego import sample as sample_mod
 
