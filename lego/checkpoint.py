@@ -122,16 +122,16 @@ def save_checkpoint(path, model, ema, optimizer, step: int, train_config: dict) 
 
     tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in stored_state(model).items()}
     tensors.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in stored_state(ema).items()})
-    bad = non_finite(tensors)
-    if bad:
-        raise LegoError(
-            f"not saving step {step} to {path}: {len(bad)} weight tensors hold NaN or inf (first {bad[0]}); "
-            "the previous checkpoint is kept"
-        )
     opt_state = optimizer.state_dict()
     for idx, state in opt_state["state"].items():
         for key, value in state.items():
             tensors[f"optim/{idx}/{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    bad = non_finite(tensors)  # an AdamW exp_avg_sq that overflowed freezes its weights while they stay finite
+    if bad:
+        raise LegoError(
+            f"not saving step {step} to {path}: {len(bad)} weight or optimizer tensors hold NaN or inf (first "
+            f"{bad[0]}); the previous checkpoint is kept"
+        )
     metadata = {
         "format": FORMAT,
         "step": str(step),
@@ -194,6 +194,19 @@ def load_checkpoint(path, parts: tuple[str, ...] = ("model", "ema", "optim")) ->
             state.setdefault(int(idx), {})[name] = value
         optimizer = {"state": state, "param_groups": json.loads(metadata["param_groups"])}
     return Checkpoint(model_config, train_config, step, groups["model"], groups["ema"], optimizer)
+
+
+def check_finite(ckpt: Checkpoint, path) -> None:
+    """--resume: every tensor of the checkpoint is finite (a NaN would stop the run as if it diverged, an infinite
+    AdamW second moment would freeze its weights for good)."""
+    tensors = {f"{part}/{k}": v for part in ("model", "ema") for k, v in getattr(ckpt, part).items()}
+    for idx, state in (ckpt.optimizer or {}).get("state", {}).items():
+        tensors.update({f"optim/{idx}/{k}": v for k, v in state.items()})
+    bad = non_finite(tensors)
+    if bad:
+        raise LegoError(f"{path}: {len(bad)} of its tensors hold NaN or inf (first {bad[0]}), so the run cannot "
+                        "continue from it (the file is damaged, or the run went wrong before this save); start a new "
+                        "run in another --out")
 
 
 def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel | DiTModel:

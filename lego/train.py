@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from lego import checks, distributed, loader
 from lego.base import stack_on_base, with_base_weights
-from lego.checkpoint import load_checkpoint, load_weights
+from lego.checkpoint import check_finite, load_checkpoint, load_weights
 from lego.dit import DiTModel
 from lego.errors import Stopped, run_cli
 from lego.images import save_grid
@@ -132,6 +132,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: d
     ckpt = None
     if resume:
         ckpt = load_checkpoint(ckpt_path)
+        check_finite(ckpt, ckpt_path)
         checks.check_resume(cfg, ckpt.model_config, ckpt.step, resolution, channels, data.num_classes)
         model = build_model(ckpt.model_config)
     elif cfg.base_ckpt:

@@ -127,6 +127,27 @@ def test_sampling_a_checkpoint_with_nan_weights_fails(run, capsys, tmp_path):
     assert not (tmp_path / "a.png").exists()
 
 
+def test_resuming_a_checkpoint_with_a_nan_optimizer_state_names_it(run, digits, capsys):
+    # (a damaged file; or an exp_avg_sq that overflowed while the weights stayed finite) --resume used to train on and
+    # stop at the next log line with "the run diverged ... Lower --lr", which sends the user after the wrong cause
+    path = run / "checkpoint.safetensors"
+    with ckpt_mod.safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- not a dict
+    name = next(k for k in tensors if k.startswith("optim/") and k.endswith("/exp_avg_sq"))
+    tensors[name] = torch.full_like(tensors[name], float("inf"))
+    save_file(tensors, str(path), metadata=meta)
+    before = path.read_bytes()
+    code = train_main([*FAST, "--data", digits, "--steps", "4", "--out", str(run), "--resume"])
+    assert_one_line_error(capsys, code, str(path), name, "NaN or inf")
+    assert path.read_bytes() == before
+    model = ckpt_mod.load_model(path, use_ema=False)  # and save_checkpoint never writes such a state
+    opt = torch.optim.AdamW(model.parameters())
+    opt.load_state_dict(load_checkpoint(path).optimizer)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        save_checkpoint(path, model, model, opt, 3, {})
+    assert path.read_bytes() == before
+
+
 # -- 2. a new run never overwrites a checkpoint; one run per folder ----------------------------------------------------
 def test_a_new_run_refuses_a_folder_with_a_checkpoint(run, digits, capsys):
     before = snapshot(run)
