@@ -128,11 +128,18 @@ def check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, s
         raise LegoError(f"--churn applies to the heun sampler only, not {sampler}; drop it or use --sampler heun")
 
 
-def check_guidance(cfg_scale: float, num_classes: int) -> None:
-    """Classifier-free guidance needs classes (lego.sample, lego.eval; once the checkpoint's model is known)."""
-    if cfg_scale != 1 and not num_classes:
+def check_guidance(cfg_scale: float, num_classes: int, train_config: dict) -> None:
+    """Classifier-free guidance needs classes and a trained null class (lego.sample, lego.eval; once the checkpoint's
+    model and training options are known)."""
+    if cfg_scale == 1:
+        return
+    if not num_classes:
         raise LegoError(f"--cfg-scale {cfg_scale:g}: the model is unconditional (trained without classes), so there is "
                         "nothing to guide towards; drop --cfg-scale")
+    if train_config.get("label_dropout") == 0:  # (converted checkpoints do not record it: their null class is trained)
+        raise LegoError(f"--cfg-scale {cfg_scale:g}: the model was trained with --label-dropout 0, so its null class, "
+                        "the unconditional half of guidance, never trained; drop --cfg-scale, or train with "
+                        "--label-dropout 0.1")
 
 
 def check_resume(cfg, saved, saved_step: int, resolution: int, channels: int, num_classes: int) -> None:

@@ -239,7 +239,7 @@ def evaluate(
     info = load_checkpoint(ckpt, parts=())
     data = data or info.train_config.get("data", "default")
     net = load_model(ckpt, use_ema=use_ema, device=device)
-    checks.check_guidance(cfg_scale, net.num_classes)
+    checks.check_guidance(cfg_scale, net.num_classes, info.train_config)
     res = net.config.resolution
     latent = bool(info.train_config.get("latents"))  # trained on lego.encode's latents: its samples are not images
     if latent and inception:

@@ -99,8 +99,9 @@ class SlidingWindow:
         self.max_batch = max_batch
         big = getattr(net, "max_brick", 1)
         if min(self.window) <= 0 or self.window[0] % big or self.window[1] % big:
-            raise LegoError(f"--window {'x'.join(map(str, dict.fromkeys(self.window)))}: the window's height and width must be "
-                            f"positive multiples of {big}, the model's largest brick")
+            side = "x".join(map(str, dict.fromkeys(self.window)))  # "20", or "16x20" for a non-square window
+            raise LegoError(f"--window {side}: the window's height and width must be positive multiples of {big}, the "
+                            "model's largest brick")
         net.check_canvas(torch.empty(1, net.in_channels, *self.window, device="meta"))
         # What the samplers read from a model.
         self.num_classes, self.in_channels = net.num_classes, net.in_channels

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lego import checks
-from lego.checkpoint import load_model
+from lego.checkpoint import load_checkpoint, load_model
 from lego.errors import LegoError, run_cli
 from lego.images import save_grid, save_npz
 from lego.panorama import SlidingWindow, parse_regions, region_map
@@ -54,11 +54,11 @@ def sample(
     """Draw n samples [n, C, H, W] (and their labels) from the checkpoint ``ckpt``; see the module docstring."""
     if sampler not in SAMPLERS:
         raise LegoError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    checks.check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn, window, stride,
-                                max_batch)
+    checks.check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn, window,
+                                stride, max_batch)
     device = checks.device(device)
     model = load_model(ckpt, use_ema=use_ema, device=device)
-    checks.check_guidance(cfg_scale, model.num_classes)
+    checks.check_guidance(cfg_scale, model.num_classes, load_checkpoint(ckpt, parts=()).train_config)
     h = height or model.config.resolution
     w = width or model.config.resolution
     labels_text, labels = labels, parse_labels(labels, n, model.num_classes)

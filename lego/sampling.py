@@ -6,7 +6,8 @@
 - ``ddim_sampler``: DDIM (Song et al., 2021) on the same respaced steps; eta = 0 is deterministic.
 All three support classifier-free guidance (``cfg_scale`` > 1 with class labels) and brick skipping: ``skip`` is a
 function of the normalized time t/T in (0, 1] (1 = the noisiest step) returning the brick indices not to run, e.g.
-``skip_schedule(model, t_break=0.5)``, or fixed indices skipped at every step, e.g. ``(2,)``. Latents are standard normal noise [B, C, H, W] of any size the model accepts.
+``skip_schedule(model, t_break=0.5)``, or fixed indices skipped at every step, e.g. ``(2,)``.
+Latents are standard normal noise [B, C, H, W] of any size the model accepts.
 """
 
 from __future__ import annotations

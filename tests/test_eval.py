@@ -115,7 +115,8 @@ def test_missing_checkpoint(capsys, tmp_path):
 @pytest.mark.parametrize(
     ("option", "needle"),
     [(["--steps", "0"], "--steps"), (["--steps", "-3"], "--steps"), (["--cfg-scale", "nan"], "--cfg-scale"),
-     (["--seed", "-1"], "--seed"), (["--device", "foo"], "--device"), (["--sampler", "ddim", "--steps", "2000"], "1..1000")],
+     (["--seed", "-1"], "--seed"), (["--device", "foo"], "--device"),
+     (["--sampler", "ddim", "--steps", "2000"], "1..1000")],
 )
 def test_bad_numbers_are_refused_before_sampling(checkpoint, capsys, option, needle):
     # lego.eval takes lego.sample's numbers and checks them the same way (--steps 0 used to run 18 steps silently,

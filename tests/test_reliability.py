@@ -411,6 +411,16 @@ def test_guidance_of_an_unconditional_model_is_refused(digits, tmp_path, capsys)
     assert sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "a.png"), "--n", "1", "--steps", "2"]) == 0
 
 
+def test_guidance_without_a_trained_null_class_is_refused(digits, tmp_path, capsys):
+    # --label-dropout 0 never trains the null class, the unconditional half of guidance: --cfg-scale drew from an
+    # untrained embedding silently
+    out = tmp_path / "run"
+    assert train_main([*FAST, "--data", digits, "--steps", "1", "--label-dropout", "0", "--out", str(out)]) == 0
+    code = sample_main(["--ckpt", str(out / "checkpoint.safetensors"), "--out", str(tmp_path / "a.png"), "--n", "1",
+                        "--cfg-scale", "2"])
+    assert_one_line_error(capsys, code, "--cfg-scale 2", "--label-dropout 0")
+
+
 def test_non_finite_samples_are_not_written(trained, tmp_path, capsys, monkeypatch):
     from lego import sample as sample_mod
 
@@ -491,15 +501,16 @@ def test_brick_patch_index_must_name_distinct_patches_of_the_canvas():
     brick = LegoBrick(8, 4, hidden_size=32, depth=1, num_heads=2, in_channels=1, has_prev=True)
     x, cond = torch.randn(2, 1, 16, 24), torch.randn(2, 32)
     assert brick(x, None, cond, patch_index=torch.tensor([[0, 5], [3, 1]])).shape == x.shape
-    for bad, needle in (([[0, -1], [1, 2]], r"ids -1\.\.2 .* patches 0\.\.5"), ([[0, 6], [1, 2]], r"ids 0\.\.6 .* 0\.\.5"),
-                        ([[1, 1], [1, 2]], "repeats a patch id")):
+    for bad, needle in (([[0, -1], [1, 2]], r"ids -1\.\.2 .* patches 0\.\.5"),
+                        ([[0, 6], [1, 2]], r"ids 0\.\.6 .* 0\.\.5"), ([[1, 1], [1, 2]], "repeats a patch id")):
         with pytest.raises(ValueError, match=needle):
             brick(x, None, cond, patch_index=torch.tensor(bad))
 
 
 def test_brick_refuses_a_canvas_without_a_batch_dimension():
     brick = LegoBrick(8, 4, hidden_size=32, depth=1, num_heads=2, in_channels=1, has_prev=True)
-    with pytest.raises(ValueError, match=r"\[B, C, H, W\], got shape \(1, 16, 16\)"):  # was "not enough values to unpack"
+    # (was "not enough values to unpack")
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\], got shape \(1, 16, 16\)"):
         brick(torch.randn(1, 16, 16), None, torch.randn(1, 32))
 
 
