@@ -74,6 +74,8 @@ def edm_sampler(
     S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, cfg_scale=1.0, skip=None, generator=None,
 ):
     """EDM Heun sampler (2 * num_steps - 1 network evaluations). Returns x0 samples [B, C, H, W] (fp32)."""
+    if not num_steps >= 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
     skip = _skip_function(skip)
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)

@@ -135,6 +135,12 @@ def test_samplers_take_fixed_skip_indices_as_the_model_does(sampler):
         sampler(net, torch.randn(1, 1, 2, 2), num_steps=3, skip=0.5)
 
 
+def test_edm_sampler_needs_a_step():
+    # (ddpm/ddim already said "num_steps must be in [1, 1000]"; heun ended in "IndexError: index 0 is out of bounds")
+    with pytest.raises(ValueError, match="num_steps must be at least 1, got 0"):
+        edm_sampler(PointNet(torch.zeros(1, 1, 2, 2)), torch.randn(1, 1, 2, 2), num_steps=0)
+
+
 def test_classifier_free_guidance_extrapolates():
     class LabelNet(PointNet):
         num_classes = 3
