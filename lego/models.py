@@ -236,6 +236,8 @@ class LegoModel(nn.Module):
 
     def _check_inputs(self, sigma, class_labels, batch):
         labels = None
+        if class_labels is not None and not self.num_classes:
+            raise ValueError(UNCONDITIONAL)
         if class_labels is not None and self.num_classes:
             labels = check_label_ids(class_labels, batch)
         # One host sync for all the value checks (a sampler calls this every step); the messages below only on failure.
@@ -250,6 +252,10 @@ class LegoModel(nn.Module):
             f"class labels must be in 0..{self.num_classes - 1} ({self.num_classes}: none, for guidance), "
             f"got {labels.min().item()}..{labels.max().item()}"
         )
+
+
+UNCONDITIONAL = ("class labels given to an unconditional model (num_classes=0); pass class_labels=None, or build the model "
+                 "with num_classes=K to condition it on K classes")
 
 
 def check_label_ids(class_labels, batch: int) -> torch.Tensor:

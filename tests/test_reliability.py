@@ -528,3 +528,15 @@ def test_class_labels_are_integer_ids_one_per_image(tiny):
         with pytest.raises(ValueError, match=needle):
             loss(tiny, x, torch.tensor(bad), torch.Generator().manual_seed(0))
     assert torch.isfinite(loss(tiny, x, torch.tensor([0, 3]), torch.Generator().manual_seed(0))[0])
+
+
+def test_class_labels_for_an_unconditional_model_are_refused():
+    # LegoModel.from_name's num_classes defaults to 0: labels given to such a model were ignored silently, by the model
+    # and by the loss, so a run meant to be class-conditional trained an unconditional model
+    model = LegoModel.from_name("LEGO-T-PG-16", in_channels=1, depths=(1, 1, 1))
+    x = torch.randn(2, 1, 16, 16)
+    with pytest.raises(ValueError, match="unconditional .*num_classes"):
+        model(x, 1.0, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="unconditional .*num_classes"):
+        LegoLoss()(model, x, torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+    assert torch.isfinite(LegoLoss()(model, x, None, torch.Generator().manual_seed(0))[0])
