@@ -226,7 +226,7 @@ class LegoModel(nn.Module):
         x = x.float()
         sigma_b = as_batch_sigma(sigma, x.shape[0], x.device)
         if not torch.compiler.is_compiling() and x.device.type != "meta":  # data-dependent: eager calls on data only
-            self._check_inputs(sigma_b, class_labels, x.shape[0])
+            check_inputs(sigma_b, class_labels, x.shape[0], self.num_classes)
         zero = sigma_b == 0  # D(x; 0) = x: there is no noise to remove (and c_noise = log 0 would poison the batch)
         sigma_b = torch.where(zero, torch.ones_like(sigma_b), sigma_b)
         top = self.run_bricks(x, sigma_b, class_labels, skip)[-1].output  # (B, C, H, W)
@@ -234,28 +234,32 @@ class LegoModel(nn.Module):
         d = c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * top  # (B, C, H, W)
         return torch.where(zero.view(-1, 1, 1, 1), x, d)
 
-    def _check_inputs(self, sigma, class_labels, batch):
-        labels = None
-        if class_labels is not None and not self.num_classes:
-            raise ValueError(UNCONDITIONAL)
-        if class_labels is not None and self.num_classes:
-            labels = check_label_ids(class_labels, batch)
-        # One host sync for all the value checks (a sampler calls this every step); the messages below only on failure.
-        ok = (torch.isfinite(sigma) & (sigma >= 0)).all()
-        if labels is not None:
-            ok = ok & ((labels >= 0) & (labels <= self.num_classes)).all().to(ok.device)
-        if bool(ok):
-            return
-        if not (torch.isfinite(sigma) & (sigma >= 0)).all():
-            raise ValueError(f"sigma must be finite and >= 0 (0 returns x), got {sigma.tolist()[:8]}")
-        raise ValueError(
-            f"class labels must be in 0..{self.num_classes - 1} ({self.num_classes}: none, for guidance), "
-            f"got {labels.min().item()}..{labels.max().item()}"
-        )
 
 
-UNCONDITIONAL = ("class labels given to an unconditional model (num_classes=0); pass class_labels=None, or build the model "
-                 "with num_classes=K to condition it on K classes")
+def check_inputs(sigma: torch.Tensor, class_labels, batch: int, num_classes: int) -> None:
+    """A denoiser's call (LegoModel, DiTModel): sigma [B] finite and >= 0, class labels one id per image in
+    0..num_classes (num_classes: the null class), none for an unconditional model."""
+    labels = None
+    if class_labels is not None and not num_classes:
+        raise ValueError(UNCONDITIONAL)
+    if class_labels is not None:
+        labels = check_label_ids(class_labels, batch)
+    # One host sync for all the value checks (a sampler calls this every step); the messages below only on failure.
+    ok = (torch.isfinite(sigma) & (sigma >= 0)).all()
+    if labels is not None:
+        ok = ok & ((labels >= 0) & (labels <= num_classes)).all().to(ok.device)
+    if bool(ok):
+        return
+    if not (torch.isfinite(sigma) & (sigma >= 0)).all():
+        raise ValueError(f"sigma must be finite and >= 0 (0 returns x), got {sigma.tolist()[:8]}")
+    raise ValueError(
+        f"class labels must be in 0..{num_classes - 1} ({num_classes}: none, for guidance), "
+        f"got {labels.min().item()}..{labels.max().item()}"
+    )
+
+
+UNCONDITIONAL = ("class labels given to an unconditional model (num_classes=0); pass class_labels=None, or build the "
+                 "model with num_classes=K to condition it on K classes")
 
 
 def check_label_ids(class_labels, batch: int) -> torch.Tensor:
