@@ -124,6 +124,9 @@ class LegoBrick(nn.Module):
         dev = x.device.type
         autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
         dt = torch.get_autocast_dtype(dev) if autocast else x.dtype
+        if not autocast and dt != self.embed_weight.dtype:
+            raise ValueError(f"LegoBrick: x is {dt} but its weights are {self.embed_weight.dtype}; convert one to the "
+                             "other (brick.to(x.dtype) or x.to(...)), or run the brick under torch.autocast")
         cond = self.cond_proj(cond)  # (B, d)
         mods = [[v.to(dt) for v in block.modulation(cond)] for block in self.blocks]  # per image: depth x 6 x (B, d)
         final_shift, final_scale = (v.to(dt) for v in self.final_layer.modulation(cond))  # (B, d) each

@@ -540,3 +540,12 @@ def test_class_labels_for_an_unconditional_model_are_refused():
     with pytest.raises(ValueError, match="unconditional .*num_classes"):
         LegoLoss()(model, x, torch.tensor([0, 1]), torch.Generator().manual_seed(0))
     assert torch.isfinite(LegoLoss()(model, x, None, torch.Generator().manual_seed(0))[0])
+
+
+def test_brick_names_a_dtype_that_differs_from_its_weights():
+    brick = LegoBrick(8, 4, hidden_size=32, depth=1, num_heads=2, in_channels=1, has_prev=True)
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64)  # was "mat1 and mat2 must have the same dtype", from a linear
+    with pytest.raises(ValueError, match=r"x is torch.float64 but its weights are torch.float32.*autocast"):
+        brick(x, None, torch.randn(2, 32, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the way to run a brick in another precision: unchanged
+        assert brick(x.float(), None, torch.randn(2, 32)).dtype == torch.bfloat16
