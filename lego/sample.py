@@ -99,6 +99,8 @@ def write_samples(args: argparse.Namespace) -> None:
     for path in outs:
         if path.suffix not in (".png", ".npz"):
             raise LegoError(f"{path}: the output must end in .png (a grid) or .npz")
+    if args.npz and Path(args.npz).suffix != ".npz":  # it wrote a second grid there
+        raise LegoError(f"--npz {args.npz}: --npz writes an .npz; give a name ending in .npz")
     if args.vae:  # a latent model: its samples are decoded by the autoencoder (loaded first: a bad --vae fails fast)
         from lego.vae import decode_samples, load_vae
 

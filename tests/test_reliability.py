@@ -366,6 +366,7 @@ def test_out_without_write_permission(tmp_path, capsys):
     ["--width", "0"], ["--cfg-scale", "nan"], ["--churn", "-5"], ["--device", "tpu9"], ["--n", "0"],
     ["--sampler", "ddpm", "--steps", "2000"], ["--sampler", "ddim", "--churn", "10"], ["--t-break", "2"],
     ["--seed", "-1"], ["--window", "0"], ["--window", "-16"], ["--stride", "0"], ["--max-batch", "0"],
+    ["--npz", "also.png"],
 ])
 def test_sample_options_are_range_checked(trained, tmp_path, capsys, bad):
     out = tmp_path / "a.png"
