@@ -81,15 +81,18 @@ class LegoBrick(nn.Module):
     def num_patches(self, height: int, width: int) -> int:
         return (height // self.brick_size) * (width // self.brick_size)
 
-    def forward(self, x, prev, cond, patch_index=None, fill=None):
+    def forward(self, x, prev, cond, patch_index=None, fill=None, *, check_index=True):
         """
         x: [B, C, H, W] canvas (already scaled by the preconditioning's c_in).
         prev: [B, C, H, W] previous brick's output, or None for a bottom brick (zeros are used if it has_prev).
         cond: [B, cond_size] per-image conditioning (time + class embedding).
-        patch_index: [B, P] flat ids (row-major) of the patches to process; None processes all.
+        patch_index: [B, P] flat ids (row-major) of the patches to process, distinct within a row; None processes all.
         fill: [B, C, H, W] values for patches not processed (zeros when None).
+        check_index: check patch_index's ids (one device sync); LegoModel, which draws them itself, skips it.
         Returns the brick's output on the full canvas, [B, C, H, W].
         """
+        if x.dim() != 4:
+            raise ValueError(f"LegoBrick: x must be a batch of canvases [B, C, H, W], got shape {tuple(x.shape)}")
         _, c, h, w = x.shape
         if c != self.in_channels:
             raise ValueError(f"LegoBrick: the canvas has {c} channels but the brick was built for {self.in_channels}")
@@ -111,6 +114,8 @@ class LegoBrick(nn.Module):
         if patch_index is not None and (patch_index.dim() != 2 or patch_index.shape[0] != batch):
             shape = list(patch_index.shape)
             raise ValueError(f"LegoBrick: patch_index must be [{batch}, P] (one row per image), got {shape}")
+        if patch_index is not None and check_index and not torch.compiler.is_compiling():
+            _check_patch_index(patch_index, self.num_patches(h, w))
         if self.has_prev and prev is None:
             prev = torch.zeros_like(x)
         elif not self.has_prev:
@@ -119,6 +124,9 @@ class LegoBrick(nn.Module):
         dev = x.device.type
         autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
         dt = torch.get_autocast_dtype(dev) if autocast else x.dtype
+        if not autocast and dt != self.embed_weight.dtype:
+            raise ValueError(f"LegoBrick: x is {dt} but its weights are {self.embed_weight.dtype}; convert one to the "
+                             "other (brick.to(x.dtype) or x.to(...)), or run the brick under torch.autocast")
         cond = self.cond_proj(cond)  # (B, d)
         mods = [[v.to(dt) for v in block.modulation(cond)] for block in self.blocks]  # per image: depth x 6 x (B, d)
         final_shift, final_scale = (v.to(dt) for v in self.final_layer.modulation(cond))  # (B, d) each
@@ -144,3 +152,19 @@ class LegoBrick(nn.Module):
             f"hidden_size={self.hidden_size}, depth={self.depth}, in_channels={self.in_channels}, "
             f"has_prev={self.has_prev}"
         )
+
+
+def _check_patch_index(patch_index: torch.Tensor, total: int) -> None:
+    """Ids in 0..total-1, none twice in a row: the fused kernels index the canvas with them unchecked, so a wrong id
+    would read and write another image's patch. One host sync; the messages only on failure."""
+    if patch_index.is_floating_point() or patch_index.is_complex() or patch_index.dtype == torch.bool:
+        raise ValueError(f"LegoBrick: patch_index must hold integer patch ids, got {patch_index.dtype}")
+    ids = patch_index.sort(dim=1).values  # (B, P)
+    repeated = (ids[:, 1:] == ids[:, :-1]).any() if ids.shape[1] > 1 else torch.zeros((), dtype=torch.bool)
+    if ids.numel() == 0 or bool((ids[:, 0] >= 0).all() & (ids[:, -1] < total).all() & ~repeated.to(ids.device)):
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= total:
+        raise ValueError(f"LegoBrick: patch_index holds ids {low}..{high} but this canvas has patches 0..{total - 1} "
+                         "(row-major, one row of ids per image)")
+    raise ValueError("LegoBrick: patch_index repeats a patch id within a row; list each patch at most once")

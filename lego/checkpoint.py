@@ -122,16 +122,16 @@ def save_checkpoint(path, model, ema, optimizer, step: int, train_config: dict) 
 
     tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in stored_state(model).items()}
     tensors.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in stored_state(ema).items()})
-    bad = non_finite(tensors)
-    if bad:
-        raise LegoError(
-            f"not saving step {step} to {path}: {len(bad)} weight tensors hold NaN or inf (first {bad[0]}); "
-            "the previous checkpoint is kept"
-        )
     opt_state = optimizer.state_dict()
     for idx, state in opt_state["state"].items():
         for key, value in state.items():
             tensors[f"optim/{idx}/{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    bad = non_finite(tensors)  # an AdamW exp_avg_sq that overflowed freezes its weights while they stay finite
+    if bad:
+        raise LegoError(
+            f"not saving step {step} to {path}: {len(bad)} weight or optimizer tensors hold NaN or inf (first "
+            f"{bad[0]}); the previous checkpoint is kept"
+        )
     metadata = {
         "format": FORMAT,
         "step": str(step),
@@ -196,6 +196,19 @@ def load_checkpoint(path, parts: tuple[str, ...] = ("model", "ema", "optim")) ->
     return Checkpoint(model_config, train_config, step, groups["model"], groups["ema"], optimizer)
 
 
+def check_finite(ckpt: Checkpoint, path) -> None:
+    """--resume: every tensor of the checkpoint is finite (a NaN would stop the run as if it diverged, an infinite
+    AdamW second moment would freeze its weights for good)."""
+    tensors = {f"{part}/{k}": v for part in ("model", "ema") for k, v in getattr(ckpt, part).items()}
+    for idx, state in (ckpt.optimizer or {}).get("state", {}).items():
+        tensors.update({f"optim/{idx}/{k}": v for k, v in state.items()})
+    bad = non_finite(tensors)
+    if bad:
+        raise LegoError(f"{path}: {len(bad)} of its tensors hold NaN or inf (first {bad[0]}), so the run cannot "
+                        "continue from it (the file is damaged, or the run went wrong before this save); start a new "
+                        "run in another --out")
+
+
 def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel | DiTModel:
     """The model stored in a checkpoint (its EMA weights by default), in eval mode on ``device``."""
     ckpt = load_checkpoint(path, parts=("ema",) if use_ema else ("model",))
@@ -212,8 +225,19 @@ def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel | DiTModel
             f"(first {bad[0]}); it would sample NaN images: use a checkpoint from before the run diverged"
         )
     model = build_model(ckpt.model_config)
-    try:
-        model.load_state_dict(with_base_weights(model, weights))
-    except RuntimeError as e:
-        raise LegoError(f"{path}: the weights do not fit the model in its config ({str(e).splitlines()[0]})") from None
+    load_weights(model, with_base_weights(model, weights), path)
     return model.to(device).eval()
+
+
+def load_weights(model, state: dict[str, torch.Tensor], path) -> None:
+    """``model.load_state_dict(state)``, where a mismatch is a LegoError naming the first one: the checkpoint's config
+    no longer describes its tensors (damaged, or written by another version)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]  # the first says "Error(s) in ..."
+        first = (lines or [str(e)])[0].rstrip(".")
+        first = first if len(first) <= 300 else first[:300] + "..."
+        more = f"; {len(lines) - 1} more like it" if len(lines) > 1 else ""
+        raise LegoError(f"{path}: the weights do not fit the model in its config ({first}{more}); the checkpoint is "
+                        "damaged or from another version of lego: use another checkpoint") from None

@@ -105,7 +105,8 @@ def check_train_config(cfg, resume: bool = False) -> None:
                         f"{', '.join(_compile_backends())}")
 
 
-def check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn) -> None:
+def check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn, window=None,
+                         stride=None, max_batch=1) -> None:
     """The numbers lego.sample takes (``sampler`` is already known to exist)."""
     integer("--n", n, 1, meaning=" (samples to draw)")
     if steps is not None:
@@ -118,8 +119,27 @@ def check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, s
     integer("--seed", seed, 0, MAX_SEED)
     integer("--batch", batch, 1, meaning=" (samples per network call)")
     real("--churn", churn, 0)
+    if window is not None:
+        integer("--window", window, 1, meaning=" (a multiple of the model's largest brick)")
+    if stride is not None:
+        integer("--stride", stride, 1, meaning=" (pixels between windows)")
+    integer("--max-batch", max_batch, 1, meaning=" (windows per network call)")
     if churn and sampler != "heun":
         raise LegoError(f"--churn applies to the heun sampler only, not {sampler}; drop it or use --sampler heun")
+
+
+def check_guidance(cfg_scale: float, num_classes: int, train_config: dict) -> None:
+    """Classifier-free guidance needs classes and a trained null class (lego.sample, lego.eval; once the checkpoint's
+    model and training options are known)."""
+    if cfg_scale == 1:
+        return
+    if not num_classes:
+        raise LegoError(f"--cfg-scale {cfg_scale:g}: the model is unconditional (trained without classes), so there is "
+                        "nothing to guide towards; drop --cfg-scale")
+    if train_config.get("label_dropout") == 0:  # (converted checkpoints do not record it: their null class is trained)
+        raise LegoError(f"--cfg-scale {cfg_scale:g}: the model was trained with --label-dropout 0, so its null class, "
+                        "the unconditional half of guidance, never trained; drop --cfg-scale, or train with "
+                        "--label-dropout 0.1")
 
 
 def check_resume(cfg, saved, saved_step: int, resolution: int, channels: int, num_classes: int) -> None:

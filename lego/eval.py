@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from lego import checks
 from lego.checkpoint import load_checkpoint, load_model
 from lego.data import NAMED
 from lego.errors import LegoError, run_cli
@@ -231,10 +232,14 @@ def evaluate(
     inception=False, inception_weights=None, device=None, use_ema=True, progress=True,
 ) -> dict:  # fmt: skip
     """Sample n images from ``ckpt`` and score them (see the module docstring); returns the report as a dict."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if sampler not in SAMPLERS:
+        raise LegoError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    checks.check_sample_options(n, sampler, steps, cfg_scale, t_break, None, None, seed, batch, 0.0)  # as lego.sample
+    device = checks.device(device)
     info = load_checkpoint(ckpt, parts=())
     data = data or info.train_config.get("data", "default")
     net = load_model(ckpt, use_ema=use_ema, device=device)
+    checks.check_guidance(cfg_scale, net.num_classes, info.train_config)
     res = net.config.resolution
     latent = bool(info.train_config.get("latents"))  # trained on lego.encode's latents: its samples are not images
     if latent and inception:
@@ -242,6 +247,9 @@ def evaluate(
                         "images; drop --inception to measure the sampling cost alone")
     mnist = MnistFeatures(device) if net.in_channels == 1 and not latent else None  # before sampling: fail fast
     incep = InceptionFeatures(inception_weights, device) if inception else None
+    if (mnist or incep) and n < 2:
+        raise LegoError(f"--n {n}: a Fréchet distance needs the covariance of at least 2 samples; give --n 2 or more "
+                        "(thousands for a stable score)")
 
     wall, cpu = time.perf_counter(), time.process_time()
     images, labels, meter = generate(net, n, sampler, steps, cfg_scale, t_break, seed, batch, progress)

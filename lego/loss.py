@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from lego.models import UNCONDITIONAL, check_label_ids
+
 
 class LegoLoss:
     def __init__(self, patch_fraction: float = 1.0, label_dropout: float = 0.1):
@@ -32,7 +34,15 @@ class LegoLoss:
         sigma = precond.sample_sigma(total, generator, device)[rows]  # (B,)
         noise = torch.randn((total, *images.shape[1:]), generator=generator, device=device)[rows]
         x = images + sigma.view(-1, 1, 1, 1) * noise  # (B, C, H, W)
+        if labels is not None and not net.num_classes:
+            raise ValueError(UNCONDITIONAL)  # the labels would be ignored: an unconditional model would train
         if labels is not None and net.num_classes:
+            labels = check_label_ids(labels, batch).to(device)  # (B,); a [1] would broadcast over the batch
+            # The ids' range costs a device sync to check, so it is checked where it is free; on a GPU the embedding
+            # lookup stops a bad id with a device-side assertion.
+            if device.type == "cpu" and not bool(((labels >= 0) & (labels <= net.num_classes)).all()):
+                raise ValueError(f"class labels must be in 0..{net.num_classes - 1} ({net.num_classes}: none), got "
+                                 f"{labels.min().item()}..{labels.max().item()}")
             drop = torch.rand(total, generator=generator, device=device)[rows] < self.label_dropout
             labels = torch.where(drop, torch.full_like(labels, net.num_classes), labels)
         c_skip, c_out, _, _ = (c.view(-1, 1, 1, 1) for c in precond.coefficients(sigma))

@@ -172,7 +172,7 @@ class LegoModel(nn.Module):
         if self.y_embedder is not None:
             if class_labels is None:
                 class_labels = torch.full((c.shape[0],), self.num_classes, dtype=torch.long, device=c.device)
-            c = c + self.y_embedder(class_labels.to(c.device).long())
+            c = c + self.y_embedder(torch.as_tensor(class_labels, device=c.device).reshape(-1).long())  # (B, d)
         return c
 
     def run_bricks(self, x, sigma, class_labels=None, skip=(), patch_fraction=1.0, fill=None, generator=None,
@@ -214,7 +214,8 @@ class LegoModel(nn.Module):
                 prev = brick(x, sigma, class_labels, self.precond)  # F_0 that reproduces the base's D
             else:
                 below = prev
-                prev = brick(x_in, prev, cond, patch_index, fill if patch_index is not None else None).float()
+                prev = brick(x_in, prev, cond, patch_index, fill if patch_index is not None else None,
+                             check_index=False).float()  # drawn above: valid ids, no device sync
                 if self.refine and below is not None:  # F_k = F_{k-1} + f_k on the patches it processed
                     prev = below + prev if mask is None else torch.where(mask.bool(), below + prev, prev)
             outputs.append(BrickOutput(k, prev, patch_index, mask))
@@ -225,7 +226,7 @@ class LegoModel(nn.Module):
         x = x.float()
         sigma_b = as_batch_sigma(sigma, x.shape[0], x.device)
         if not torch.compiler.is_compiling() and x.device.type != "meta":  # data-dependent: eager calls on data only
-            self._check_inputs(sigma_b, class_labels, x.shape[0])
+            check_inputs(sigma_b, class_labels, x.shape[0], self.num_classes)
         zero = sigma_b == 0  # D(x; 0) = x: there is no noise to remove (and c_noise = log 0 would poison the batch)
         sigma_b = torch.where(zero, torch.ones_like(sigma_b), sigma_b)
         top = self.run_bricks(x, sigma_b, class_labels, skip)[-1].output  # (B, C, H, W)
@@ -233,24 +234,42 @@ class LegoModel(nn.Module):
         d = c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * top  # (B, C, H, W)
         return torch.where(zero.view(-1, 1, 1, 1), x, d)
 
-    def _check_inputs(self, sigma, class_labels, batch):
-        labels = None
-        if class_labels is not None and self.num_classes:
-            labels = torch.as_tensor(class_labels).reshape(-1)
-            if labels.numel() != batch:
-                raise ValueError(f"{labels.numel()} class labels for a batch of {batch}")
-        # One host sync for all the value checks (a sampler calls this every step); the messages below only on failure.
-        ok = (torch.isfinite(sigma) & (sigma >= 0)).all()
-        if labels is not None:
-            ok = ok & ((labels >= 0) & (labels <= self.num_classes)).all().to(ok.device)
-        if bool(ok):
-            return
-        if not (torch.isfinite(sigma) & (sigma >= 0)).all():
-            raise ValueError(f"sigma must be finite and >= 0 (0 returns x), got {sigma.tolist()[:8]}")
-        raise ValueError(
-            f"class labels must be in 0..{self.num_classes - 1} ({self.num_classes}: none, for guidance), "
-            f"got {labels.min().item()}..{labels.max().item()}"
-        )
+
+
+def check_inputs(sigma: torch.Tensor, class_labels, batch: int, num_classes: int) -> None:
+    """A denoiser's call (LegoModel, DiTModel): sigma [B] finite and >= 0, class labels one id per image in
+    0..num_classes (num_classes: the null class), none for an unconditional model."""
+    labels = None
+    if class_labels is not None and not num_classes:
+        raise ValueError(UNCONDITIONAL)
+    if class_labels is not None:
+        labels = check_label_ids(class_labels, batch)
+    # One host sync for all the value checks (a sampler calls this every step); the messages below only on failure.
+    ok = (torch.isfinite(sigma) & (sigma >= 0)).all()
+    if labels is not None:
+        ok = ok & ((labels >= 0) & (labels <= num_classes)).all().to(ok.device)
+    if bool(ok):
+        return
+    if not (torch.isfinite(sigma) & (sigma >= 0)).all():
+        raise ValueError(f"sigma must be finite and >= 0 (0 returns x), got {sigma.tolist()[:8]}")
+    raise ValueError(
+        f"class labels must be in 0..{num_classes - 1} ({num_classes}: none, for guidance), "
+        f"got {labels.min().item()}..{labels.max().item()}"
+    )
+
+
+UNCONDITIONAL = ("class labels given to an unconditional model (num_classes=0); pass class_labels=None, or build the "
+                 "model with num_classes=K to condition it on K classes")
+
+
+def check_label_ids(class_labels, batch: int) -> torch.Tensor:
+    """``class_labels`` (a tensor or a list) holds one integer class id per image; returns them as a tensor [batch]."""
+    labels = torch.as_tensor(class_labels).reshape(-1)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"class labels must be integer class ids, got {labels.dtype}")
+    if labels.numel() != batch:
+        raise ValueError(f"{labels.numel()} class labels for a batch of {batch}")
+    return labels
 
 
 def check_batch_of_canvases(x: torch.Tensor, in_channels: int) -> tuple[int, int]:

@@ -92,11 +92,16 @@ class SlidingWindow:
     def __init__(self, net, window=None, stride=None, max_batch: int = 64):
         resolution = net.config.resolution
         self.net = net
-        self.window = _pair(window or resolution)
-        self.stride = _pair(stride or tuple(max(1, s // 4) for s in self.window))
+        self.window = _pair(resolution if window is None else window)  # (0 is an error below, not the default)
+        self.stride = _pair(tuple(max(1, s // 4) for s in self.window) if stride is None else stride)
         if max_batch <= 0:
             raise LegoError(f"--max-batch must be positive, got {max_batch}")
         self.max_batch = max_batch
+        big = getattr(net, "max_brick", 1)
+        if min(self.window) <= 0 or self.window[0] % big or self.window[1] % big:
+            side = "x".join(map(str, dict.fromkeys(self.window)))  # "20", or "16x20" for a non-square window
+            raise LegoError(f"--window {side}: the window's height and width must be positive multiples of {big}, the "
+                            "model's largest brick")
         net.check_canvas(torch.empty(1, net.in_channels, *self.window, device="meta"))
         # What the samplers read from a model.
         self.num_classes, self.in_channels = net.num_classes, net.in_channels

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lego import checks
-from lego.checkpoint import load_model
+from lego.checkpoint import load_checkpoint, load_model
 from lego.errors import LegoError, run_cli
 from lego.images import save_grid, save_npz
 from lego.panorama import SlidingWindow, parse_regions, region_map
@@ -54,9 +54,11 @@ def sample(
     """Draw n samples [n, C, H, W] (and their labels) from the checkpoint ``ckpt``; see the module docstring."""
     if sampler not in SAMPLERS:
         raise LegoError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    checks.check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn)
+    checks.check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn, window,
+                                stride, max_batch)
     device = checks.device(device)
     model = load_model(ckpt, use_ema=use_ema, device=device)
+    checks.check_guidance(cfg_scale, model.num_classes, load_checkpoint(ckpt, parts=()).train_config)
     h = height or model.config.resolution
     w = width or model.config.resolution
     labels_text, labels = labels, parse_labels(labels, n, model.num_classes)
@@ -97,6 +99,8 @@ def write_samples(args: argparse.Namespace) -> None:
     for path in outs:
         if path.suffix not in (".png", ".npz"):
             raise LegoError(f"{path}: the output must end in .png (a grid) or .npz")
+    if args.npz and Path(args.npz).suffix != ".npz":  # it wrote a second grid there
+        raise LegoError(f"--npz {args.npz}: --npz writes an .npz; give a name ending in .npz")
     if args.vae:  # a latent model: its samples are decoded by the autoencoder (loaded first: a bad --vae fails fast)
         from lego.vae import decode_samples, load_vae
 

@@ -6,7 +6,8 @@
 - ``ddim_sampler``: DDIM (Song et al., 2021) on the same respaced steps; eta = 0 is deterministic.
 All three support classifier-free guidance (``cfg_scale`` > 1 with class labels) and brick skipping: ``skip`` is a
 function of the normalized time t/T in (0, 1] (1 = the noisiest step) returning the brick indices not to run, e.g.
-``skip_schedule(model, t_break=0.5)``. Latents are standard normal noise [B, C, H, W] of any size the model accepts.
+``skip_schedule(model, t_break=0.5)``, or fixed indices skipped at every step, e.g. ``(2,)``.
+Latents are standard normal noise [B, C, H, W] of any size the model accepts.
 """
 
 from __future__ import annotations
@@ -54,13 +55,28 @@ def _no_skip(t):
     return ()
 
 
+def _skip_function(skip):
+    """A sampler's ``skip``: None (run every brick), a function of t/T, or fixed brick indices as the model takes."""
+    if skip is None:
+        return _no_skip
+    if callable(skip):
+        return skip
+    if isinstance(skip, (tuple, list, range)):
+        fixed = tuple(skip)
+        return lambda t: fixed
+    raise TypeError(f"skip must be None, brick indices such as (2,), or a function of t/T such as "
+                    f"skip_schedule(model, 0.5); got {type(skip).__name__}")
+
+
 @torch.no_grad()
 def edm_sampler(
     net, latents, class_labels=None, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0,
     S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, cfg_scale=1.0, skip=None, generator=None,
 ):
     """EDM Heun sampler (2 * num_steps - 1 network evaluations). Returns x0 samples [B, C, H, W] (fp32)."""
-    skip = skip or _no_skip
+    if not num_steps >= 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    skip = _skip_function(skip)
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
     i = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
@@ -105,7 +121,7 @@ def _vp_denoise(net, x, abar, class_labels, cfg_scale, skip_now):
 @torch.no_grad()
 def ddpm_sampler(net, latents, class_labels=None, num_steps=250, cfg_scale=1.0, skip=None, generator=None):
     """Ancestral DDPM on num_steps uniformly strided steps, fixed small posterior variance. Returns x0 [B, C, H, W]."""
-    skip = skip or _no_skip
+    skip = _skip_function(skip)
     abar = respaced_alphas(num_steps).to(latents.device)
     x = latents.double()
     for i in reversed(range(num_steps)):
@@ -124,7 +140,7 @@ def ddpm_sampler(net, latents, class_labels=None, num_steps=250, cfg_scale=1.0, 
 @torch.no_grad()
 def ddim_sampler(net, latents, class_labels=None, num_steps=50, eta=0.0, cfg_scale=1.0, skip=None, generator=None):
     """DDIM on num_steps uniformly strided steps (eta 0: deterministic). Returns x0 [B, C, H, W]."""
-    skip = skip or _no_skip
+    skip = _skip_function(skip)
     abar = respaced_alphas(num_steps).to(latents.device)
     x = latents.double()
     for i in reversed(range(num_steps)):

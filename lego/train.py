@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from lego import checks, distributed, loader
 from lego.base import stack_on_base, with_base_weights
-from lego.checkpoint import load_checkpoint
+from lego.checkpoint import check_finite, load_checkpoint, load_weights
 from lego.dit import DiTModel
 from lego.errors import Stopped, run_cli
 from lego.images import save_grid
@@ -132,6 +132,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: d
     ckpt = None
     if resume:
         ckpt = load_checkpoint(ckpt_path)
+        check_finite(ckpt, ckpt_path)
         checks.check_resume(cfg, ckpt.model_config, ckpt.step, resolution, channels, data.num_classes)
         model = build_model(ckpt.model_config)
     elif cfg.base_ckpt:
@@ -146,11 +147,11 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: d
     batches = loader.batches(data, cfg.batch, cfg.seed, ckpt.step if ckpt else 0, cfg.steps, ranks.rank, ranks.world,
                              cfg.grad_accum, _workers(cfg, data), device)
     if ckpt is not None:
-        model.load_state_dict(with_base_weights(model, ckpt.model))
+        load_weights(model, with_base_weights(model, ckpt.model), ckpt_path)
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if ckpt is not None:
-        ema.load_state_dict(with_base_weights(ema, ckpt.ema))
+        load_weights(ema, with_base_weights(ema, ckpt.ema), ckpt_path)
     if cfg.compile:
         compile_bricks(model, cfg.compile)
     step_fn = distributed.wrap(distributed.TrainStep(model, loss_fn), ranks, device, cfg.fsdp)

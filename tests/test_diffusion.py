@@ -125,6 +125,22 @@ def test_skip_schedules():
     assert 0.4 < skipped / len(net.calls) < 0.65
 
 
+@pytest.mark.parametrize("sampler", [edm_sampler, ddpm_sampler, ddim_sampler])
+def test_samplers_take_fixed_skip_indices_as_the_model_does(sampler):
+    # model(x, sigma, skip=(2,)) takes indices; the samplers take those too (was "'tuple' object is not callable")
+    net = PointNet(torch.zeros(1, 1, 2, 2))
+    sampler(net, torch.randn(1, 1, 2, 2), num_steps=3, skip=(2,))
+    assert net.calls and all(c == (2,) for c in net.calls)
+    with pytest.raises(TypeError, match="skip must be"):
+        sampler(net, torch.randn(1, 1, 2, 2), num_steps=3, skip=0.5)
+
+
+def test_edm_sampler_needs_a_step():
+    # (ddpm/ddim already said "num_steps must be in [1, 1000]"; heun ended in "IndexError: index 0 is out of bounds")
+    with pytest.raises(ValueError, match="num_steps must be at least 1, got 0"):
+        edm_sampler(PointNet(torch.zeros(1, 1, 2, 2)), torch.randn(1, 1, 2, 2), num_steps=0)
+
+
 def test_classifier_free_guidance_extrapolates():
     class LabelNet(PointNet):
         num_classes = 3

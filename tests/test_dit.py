@@ -43,6 +43,18 @@ def test_denoiser_is_precond_around_the_backbone():
     assert not torch.allclose(null, net(x, sigma, y)), "the null class must differ from the classes"
 
 
+def test_inputs_are_checked_as_the_lego_model_does():
+    # sigma = 0 gave NaN (LegoModel returns x), a negative sigma NaN silently, a label out of range an IndexError
+    net = build_model(model_config("DiT-T/2", **TINY)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(net(x, 0.0), x) and torch.equal(net(x, torch.tensor([0.0, 1.0]))[0], x[0])
+        with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
+            net(x, -1.0)
+        with pytest.raises(ValueError, match=r"class labels must be in 0\.\.9"):
+            net(x, 1.0, torch.tensor([0, 11]))
+
+
 def test_loss_trains_and_labels_drop_once():
     torch.manual_seed(0)
     net = build_model(model_config("DiT-T/2", **TINY))

@@ -110,3 +110,22 @@ def test_inception_without_the_package_or_weights(checkpoint, capsys, tmp_path):
 
 def test_missing_checkpoint(capsys, tmp_path):
     assert_one_line_error(capsys, eval_main(["--ckpt", str(tmp_path / "none"), "--n", "2"]), "not found")
+
+
+@pytest.mark.parametrize(
+    ("option", "needle"),
+    [(["--steps", "0"], "--steps"), (["--steps", "-3"], "--steps"), (["--cfg-scale", "nan"], "--cfg-scale"),
+     (["--seed", "-1"], "--seed"), (["--device", "foo"], "--device"),
+     (["--sampler", "ddim", "--steps", "2000"], "1..1000")],
+)
+def test_bad_numbers_are_refused_before_sampling(checkpoint, capsys, option, needle):
+    # lego.eval takes lego.sample's numbers and checks them the same way (--steps 0 used to run 18 steps silently,
+    # --cfg-scale nan and --device foo ended in tracebacks)
+    ckpt = str(checkpoint / "run" / "checkpoint.safetensors")
+    assert_one_line_error(capsys, eval_main(["--ckpt", ckpt, "--n", "2", "--no-progress", *option]), needle)
+
+
+def test_one_sample_has_no_frechet_distance(mnist_features, checkpoint, capsys):
+    # a covariance needs two samples: --n 1 used to end in a LinAlgError traceback after sampling
+    ckpt = str(checkpoint / "run" / "checkpoint.safetensors")
+    assert_one_line_error(capsys, eval_main(["--ckpt", ckpt, "--n", "1", "--steps", "2", "--no-progress"]), "--n")

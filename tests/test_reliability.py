@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, save_digits
 from PIL import Image
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import lego.checkpoint as ckpt_mod
@@ -125,6 +125,27 @@ def test_sampling_a_checkpoint_with_nan_weights_fails(run, capsys, tmp_path):
     assert_one_line_error(capsys, sample_main(["--ckpt", str(path), "--out", str(tmp_path / "a.png"), "--steps", "2"]),
                    "NaN or inf")
     assert not (tmp_path / "a.png").exists()
+
+
+def test_resuming_a_checkpoint_with_a_nan_optimizer_state_names_it(run, digits, capsys):
+    # (a damaged file; or an exp_avg_sq that overflowed while the weights stayed finite) --resume used to train on and
+    # stop at the next log line with "the run diverged ... Lower --lr", which sends the user after the wrong cause
+    path = run / "checkpoint.safetensors"
+    with ckpt_mod.safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- not a dict
+    name = next(k for k in tensors if k.startswith("optim/") and k.endswith("/exp_avg_sq"))
+    tensors[name] = torch.full_like(tensors[name], float("inf"))
+    save_file(tensors, str(path), metadata=meta)
+    before = path.read_bytes()
+    code = train_main([*FAST, "--data", digits, "--steps", "4", "--out", str(run), "--resume"])
+    assert_one_line_error(capsys, code, str(path), name, "NaN or inf")
+    assert path.read_bytes() == before
+    model = ckpt_mod.load_model(path, use_ema=False)  # and save_checkpoint never writes such a state
+    opt = torch.optim.AdamW(model.parameters())
+    opt.load_state_dict(load_checkpoint(path).optimizer)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        save_checkpoint(path, model, model, opt, 3, {})
+    assert path.read_bytes() == before
 
 
 # -- 2. a new run never overwrites a checkpoint; one run per folder ----------------------------------------------------
@@ -344,13 +365,61 @@ def test_out_without_write_permission(tmp_path, capsys):
     ["--batch", "0"], ["--batch", "-1"], ["--steps", "0"], ["--steps", "-2"], ["--height", "-16"],
     ["--width", "0"], ["--cfg-scale", "nan"], ["--churn", "-5"], ["--device", "tpu9"], ["--n", "0"],
     ["--sampler", "ddpm", "--steps", "2000"], ["--sampler", "ddim", "--churn", "10"], ["--t-break", "2"],
-    ["--seed", "-1"],
+    ["--seed", "-1"], ["--window", "0"], ["--window", "-16"], ["--stride", "0"], ["--max-batch", "0"],
+    ["--npz", "also.png"],
 ])
 def test_sample_options_are_range_checked(trained, tmp_path, capsys, bad):
     out = tmp_path / "a.png"
     code = sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(out), *bad])
     assert_one_line_error(capsys, code, bad[-2])
     assert not out.exists()
+
+
+def test_a_window_the_bricks_do_not_divide_is_named(trained, tmp_path, capsys):
+    code = sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(tmp_path / "a.png"),
+                        "--window", "20", "--width", "48"])
+    assert_one_line_error(capsys, code, "--window 20", "multiples of 16")
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line(run, digits, tmp_path, capsys):
+    # A checkpoint whose config no longer describes its tensors (damaged, or written by another version): --resume
+    # ended in a 100-line RuntimeError traceback, lego.sample in "(Error(s) in loading state_dict for LegoModel:)"
+    path = run / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- not a dict
+    config = json.loads(metadata["model_config"])
+    metadata["model_config"] = json.dumps({**config, "hidden_size": 2 * config["hidden_size"]})
+    save_file(tensors, str(path), metadata=metadata)
+    code = train_main([*FAST, "--data", digits, "--steps", "4", "--out", str(run), "--resume"])
+    assert_one_line_error(capsys, code, str(path), "size mismatch for ", "do not fit the model in its config")
+    code = sample_main(["--ckpt", str(path), "--out", str(tmp_path / "a.png"), "--n", "1", "--steps", "1"])
+    assert_one_line_error(capsys, code, str(path), "size mismatch for ", "do not fit the model in its config")
+
+
+def test_guidance_of_an_unconditional_model_is_refused(digits, tmp_path, capsys):
+    # there is no class to guide towards: --cfg-scale 3 used to be ignored silently (and lego.eval's report said 3)
+    from lego.eval import main as eval_main
+
+    with np.load(digits) as z:
+        np.savez(tmp_path / "unlabelled.npz", images=z["images"])
+    out = tmp_path / "run"
+    assert train_main([*FAST, "--data", str(tmp_path / "unlabelled.npz"), "--steps", "1", "--out", str(out)]) == 0
+    ckpt = str(out / "checkpoint.safetensors")
+    code = sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "a.png"), "--n", "1", "--cfg-scale", "3"])
+    assert_one_line_error(capsys, code, "--cfg-scale 3", "unconditional")
+    code = eval_main(["--ckpt", ckpt, "--n", "2", "--cfg-scale", "3", "--no-progress"])
+    assert_one_line_error(capsys, code, "--cfg-scale 3", "unconditional")
+    assert sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "a.png"), "--n", "1", "--steps", "2"]) == 0
+
+
+def test_guidance_without_a_trained_null_class_is_refused(digits, tmp_path, capsys):
+    # --label-dropout 0 never trains the null class, the unconditional half of guidance: --cfg-scale drew from an
+    # untrained embedding silently
+    out = tmp_path / "run"
+    assert train_main([*FAST, "--data", digits, "--steps", "1", "--label-dropout", "0", "--out", str(out)]) == 0
+    code = sample_main(["--ckpt", str(out / "checkpoint.safetensors"), "--out", str(tmp_path / "a.png"), "--n", "1",
+                        "--cfg-scale", "2"])
+    assert_one_line_error(capsys, code, "--cfg-scale 2", "--label-dropout 0")
 
 
 def test_non_finite_samples_are_not_written(trained, tmp_path, capsys, monkeypatch):
@@ -424,3 +493,60 @@ def test_brick_conditioning_must_match_the_batch_and_width():
         brick(x, None, torch.randn(2, 16))
     with pytest.raises(ValueError, match="prev must have the canvas's shape"):
         brick(x, torch.randn(1, 1, 16, 16), torch.randn(2, 32))
+
+
+def test_brick_patch_index_must_name_distinct_patches_of_the_canvas():
+    # A 16 x 24 canvas holds 2 x 3 = 6 patches of 8: ids 0..5, each at most once per row. A negative or too large id
+    # used to be taken silently (a fused kernel would read and write another image's patch), a repeated one too.
+    torch.manual_seed(0)
+    brick = LegoBrick(8, 4, hidden_size=32, depth=1, num_heads=2, in_channels=1, has_prev=True)
+    x, cond = torch.randn(2, 1, 16, 24), torch.randn(2, 32)
+    assert brick(x, None, cond, patch_index=torch.tensor([[0, 5], [3, 1]])).shape == x.shape
+    for bad, needle in (([[0, -1], [1, 2]], r"ids -1\.\.2 .* patches 0\.\.5"),
+                        ([[0, 6], [1, 2]], r"ids 0\.\.6 .* 0\.\.5"), ([[1, 1], [1, 2]], "repeats a patch id")):
+        with pytest.raises(ValueError, match=needle):
+            brick(x, None, cond, patch_index=torch.tensor(bad))
+
+
+def test_brick_refuses_a_canvas_without_a_batch_dimension():
+    brick = LegoBrick(8, 4, hidden_size=32, depth=1, num_heads=2, in_channels=1, has_prev=True)
+    # (was "not enough values to unpack")
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\], got shape \(1, 16, 16\)"):
+        brick(torch.randn(1, 16, 16), None, torch.randn(1, 32))
+
+
+def test_class_labels_are_integer_ids_one_per_image(tiny):
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():  # a list works as the tensor does (was "'list' object has no attribute 'to'")
+        assert torch.equal(tiny(x, 1.0, [0, 2]), tiny(x, 1.0, torch.tensor([0, 2])))
+    with pytest.raises(ValueError, match="integer class ids, got torch.float32"):  # was truncated silently
+        tiny(x, 1.0, torch.tensor([0.5, 1.7]))
+    # the loss checks them as the model does: one label used to broadcast over the batch silently, a float to be
+    # truncated, an id out of range to end in "IndexError: index out of range in self"
+    loss = LegoLoss()
+    for bad, needle in (([2], "1 class labels for a batch of 2"), ([0.5, 1.0], "integer class ids"),
+                        ([0, 4], r"in 0\.\.2 \(3: none\), got 0\.\.4"), ([-1, 0], r"got -1\.\.0")):
+        with pytest.raises(ValueError, match=needle):
+            loss(tiny, x, torch.tensor(bad), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss(tiny, x, torch.tensor([0, 3]), torch.Generator().manual_seed(0))[0])
+
+
+def test_class_labels_for_an_unconditional_model_are_refused():
+    # LegoModel.from_name's num_classes defaults to 0: labels given to such a model were ignored silently, by the model
+    # and by the loss, so a run meant to be class-conditional trained an unconditional model
+    model = LegoModel.from_name("LEGO-T-PG-16", in_channels=1, depths=(1, 1, 1))
+    x = torch.randn(2, 1, 16, 16)
+    with pytest.raises(ValueError, match="unconditional .*num_classes"):
+        model(x, 1.0, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="unconditional .*num_classes"):
+        LegoLoss()(model, x, torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+    assert torch.isfinite(LegoLoss()(model, x, None, torch.Generator().manual_seed(0))[0])
+
+
+def test_brick_names_a_dtype_that_differs_from_its_weights():
+    brick = LegoBrick(8, 4, hidden_size=32, depth=1, num_heads=2, in_channels=1, has_prev=True)
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64)  # was "mat1 and mat2 must have the same dtype", from a linear
+    with pytest.raises(ValueError, match=r"x is torch.float64 but its weights are torch.float32.*autocast"):
+        brick(x, None, torch.randn(2, 32, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the way to run a brick in another precision: unchanged
+        assert brick(x.float(), None, torch.randn(2, 32)).dtype == torch.bfloat16
