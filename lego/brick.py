@@ -81,14 +81,15 @@ class LegoBrick(nn.Module):
     def num_patches(self, height: int, width: int) -> int:
         return (height // self.brick_size) * (width // self.brick_size)
 
-    def forward(self, x, prev, cond, patch_index=None, fill=None, *, check_index=True):
+    def forward(self, x, prev, cond, patch_index=None, fill=None, *, check_ids=True):
         """
         x: [B, C, H, W] canvas (already scaled by the preconditioning's c_in).
         prev: [B, C, H, W] previous brick's output, or None for a bottom brick (zeros are used if it has_prev).
         cond: [B, cond_size] per-image conditioning (time + class embedding).
         patch_index: [B, P] flat ids (row-major) of the patches to process, distinct within a row; None processes all.
         fill: [B, C, H, W] values for patches not processed (zeros when None).
-        check_index: check patch_index's ids (one device sync); LegoModel, which draws them itself, skips it.
+        check_ids: check that patch_index's ids are patches of the canvas, none twice in a row (lk.patch_embed does it:
+            one host sync on a GPU); LegoModel, which draws the ids itself, skips it.
         Returns the brick's output on the full canvas, [B, C, H, W].
         """
         if x.dim() != 4:
@@ -111,11 +112,11 @@ class LegoBrick(nn.Module):
         for name, t in (("prev", prev), ("fill", fill)):
             if t is not None and t.shape != x.shape:
                 raise ValueError(f"LegoBrick: {name} must have the canvas's shape {list(x.shape)}, got {list(t.shape)}")
+        if patch_index is not None and not isinstance(patch_index, torch.Tensor):
+            raise TypeError(f"LegoBrick: patch_index must be a tensor of patch ids, got {type(patch_index).__name__}")
         if patch_index is not None and (patch_index.dim() != 2 or patch_index.shape[0] != batch):
             shape = list(patch_index.shape)
             raise ValueError(f"LegoBrick: patch_index must be [{batch}, P] (one row per image), got {shape}")
-        if patch_index is not None and check_index and not torch.compiler.is_compiling():
-            _check_patch_index(patch_index, self.num_patches(h, w))
         if self.has_prev and prev is None:
             prev = torch.zeros_like(x)
         elif not self.has_prev:
@@ -133,7 +134,7 @@ class LegoBrick(nn.Module):
         be = self.backend
         tokens = lk.patch_embed(
             x.to(dt), None if prev is None else prev.to(dt), self.embed_weight.to(dt), self.embed_bias.to(dt),
-            self.pos_embed.to(dt), self.brick_size, self.field_size, patch_index, backend=be,
+            self.pos_embed.to(dt), self.brick_size, self.field_size, patch_index, backend=be, check_ids=check_ids,
         )  # (N, S, d)
         if self.depth:
             h_mod = lk.adaln_modulate(tokens, mods[0][0], mods[0][1], backend=be)  # (N, S, d)
@@ -144,7 +145,9 @@ class LegoBrick(nn.Module):
             tokens, h_mod = block(tokens, h_mod, mods[i], next_shift, next_scale)  # (N, S, d) each
         out = self.final_layer.linear(h_mod).to(dt)  # (N, S, l*l*C)
         fill = None if fill is None else fill.to(dt)
-        return lk.patch_unembed(out, self.brick_size, self.field_size, c, h, w, patch_index, fill, backend=be)
+        return lk.patch_unembed(
+            out, self.brick_size, self.field_size, c, h, w, patch_index, fill, backend=be, check_ids=False
+        )  # the ids were checked by patch_embed
 
     def extra_repr(self) -> str:
         return (
@@ -153,18 +156,3 @@ class LegoBrick(nn.Module):
             f"has_prev={self.has_prev}"
         )
 
-
-def _check_patch_index(patch_index: torch.Tensor, total: int) -> None:
-    """Ids in 0..total-1, none twice in a row: the fused kernels index the canvas with them unchecked, so a wrong id
-    would read and write another image's patch. One host sync; the messages only on failure."""
-    if patch_index.is_floating_point() or patch_index.is_complex() or patch_index.dtype == torch.bool:
-        raise ValueError(f"LegoBrick: patch_index must hold integer patch ids, got {patch_index.dtype}")
-    ids = patch_index.sort(dim=1).values  # (B, P)
-    repeated = (ids[:, 1:] == ids[:, :-1]).any() if ids.shape[1] > 1 else torch.zeros((), dtype=torch.bool)
-    if ids.numel() == 0 or bool((ids[:, 0] >= 0).all() & (ids[:, -1] < total).all() & ~repeated.to(ids.device)):
-        return
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= total:
-        raise ValueError(f"LegoBrick: patch_index holds ids {low}..{high} but this canvas has patches 0..{total - 1} "
-                         "(row-major, one row of ids per image)")
-    raise ValueError("LegoBrick: patch_index repeats a patch id within a row; list each patch at most once")

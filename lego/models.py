@@ -215,7 +215,7 @@ class LegoModel(nn.Module):
             else:
                 below = prev
                 prev = brick(x_in, prev, cond, patch_index, fill if patch_index is not None else None,
-                             check_index=False).float()  # drawn above: valid ids, no device sync
+                             check_ids=False).float()  # drawn above: valid ids, no device sync
                 if self.refine and below is not None:  # F_k = F_{k-1} + f_k on the patches it processed
                     prev = below + prev if mask is None else torch.where(mask.bool(), below + prev, prev)
             outputs.append(BrickOutput(k, prev, patch_index, mask))

@@ -5,6 +5,7 @@ steps); the kill and signal tests run ``python -m lego.train`` in a subprocess, 
 """
 
 import errno
+import importlib
 import json
 import os
 import shutil
@@ -502,10 +503,26 @@ def test_brick_patch_index_must_name_distinct_patches_of_the_canvas():
     brick = LegoBrick(8, 4, hidden_size=32, depth=1, num_heads=2, in_channels=1, has_prev=True)
     x, cond = torch.randn(2, 1, 16, 24), torch.randn(2, 32)
     assert brick(x, None, cond, patch_index=torch.tensor([[0, 5], [3, 1]])).shape == x.shape
-    for bad, needle in (([[0, -1], [1, 2]], r"ids -1\.\.2 .* patches 0\.\.5"),
-                        ([[0, 6], [1, 2]], r"ids 0\.\.6 .* 0\.\.5"), ([[1, 1], [1, 2]], "repeats a patch id")):
+    for bad, needle in (([[0, -1], [1, 2]], r"patch_index holds -1, outside 0\.\.5"),
+                        ([[0, 6], [1, 2]], r"holds 6, outside 0\.\.5"), ([[1, 1], [1, 2]], "row 0 lists patch 1 twice")):
         with pytest.raises(ValueError, match=needle):
             brick(x, None, cond, patch_index=torch.tensor(bad))
+
+
+def test_patch_ids_are_checked_once_per_brick_and_never_for_the_models_own(tiny, monkeypatch):
+    # The check costs a host sync on a GPU: a LegoBrick makes it once (patch_embed; patch_unembed takes the same ids),
+    # LegoModel, which draws its ids itself, never (a training step at patch fraction 0.5 draws them for every brick).
+    calls = []
+    for name in ("patch_embed", "patch_unembed"):  # the modules (the package's attributes are the functions)
+        module = importlib.import_module(f"lego_kernels.{name}")
+        monkeypatch.setattr(module, "check_patch_ids", lambda op, *args: calls.append(op))
+    brick = LegoBrick(8, 4, hidden_size=32, depth=1, num_heads=2, in_channels=1, has_prev=True)
+    brick(torch.randn(2, 1, 16, 16), None, torch.randn(2, 32), patch_index=torch.tensor([[0, 3], [2, 1]]))
+    assert calls == ["patch_embed"]
+    calls.clear()
+    outputs = tiny.run_bricks(torch.randn(2, 1, 16, 16), torch.ones(2), torch.tensor([0, 1]), patch_fraction=0.5,
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert any(o.patch_index is not None for o in outputs) and calls == []
 
 
 def test_brick_refuses_a_canvas_without_a_batch_dimension():
