@@ -155,4 +155,3 @@ class LegoBrick(nn.Module):
             f"hidden_size={self.hidden_size}, depth={self.depth}, in_channels={self.in_channels}, "
             f"has_prev={self.has_prev}"
         )
-

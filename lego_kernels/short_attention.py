@@ -36,6 +36,7 @@ the first barrier; S = 16 forward 79, backward 78. LEGO-S's d_head 64, S = 4 for
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -380,8 +381,10 @@ def short_attention(qkv, num_heads, backend="auto"):
     """
     op = "short_attention"
     check_float(op, "qkv", qkv, 3)
-    if not isinstance(num_heads, int):
-        raise ValueError(f"{op}: num_heads must be a positive int, got {num_heads!r}")
+    try:
+        num_heads = operator.index(num_heads)  # an int, or a NumPy / 0-d tensor integer; not 6.0
+    except TypeError:
+        raise ValueError(f"{op}: num_heads must be a positive int, got {num_heads!r}") from None
     if num_heads <= 0 or qkv.shape[2] % (3 * num_heads):
         raise ValueError(f"{op}: qkv's last dimension {qkv.shape[2]} is not 3 * num_heads ({num_heads}) * d_head")
     if qkv.shape[2] == 0:

@@ -4,6 +4,7 @@ choice and argument errors, torch.compile, a GPU compile of each kernel, and the
 import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICES, assert_close_to_reference, compile_for_gpu
@@ -136,6 +137,7 @@ def test_bad_arguments_raise_clear_errors():
             short_attention(qkv, 2.0, backend=backend)
         with pytest.raises(ValueError, match="d_head would be 0"):
             short_attention(qkv[..., :0], 2, backend=backend)
+        assert torch.equal(short_attention(qkv, np.int64(2), backend=backend), short_attention(qkv, 2, backend=backend))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for CPU tensors")
