@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lego.errors import LegoError
-from lego.models import BrickOutput, check_batch_of_canvases, check_inputs
+from lego.models import BrickOutput, check_batch_of_canvases, denoise
 from lego.precond import as_batch_sigma, make_precond
 
 
@@ -147,13 +147,4 @@ class DiTModel(nn.Module):
 
     def forward(self, x, sigma, class_labels=None, skip=()):
         """The denoiser D(x; sigma) [B, C, H, W] (fp32); sigma >= 0, and sigma = 0 returns x, as LegoModel's."""
-        x = x.float()
-        sigma_b = as_batch_sigma(sigma, x.shape[0], x.device)
-        if not torch.compiler.is_compiling() and x.device.type != "meta":  # data-dependent: eager calls on data only
-            check_inputs(sigma_b, class_labels, x.shape[0], self.num_classes)
-        zero = sigma_b == 0  # D(x; 0) = x (c_noise = log 0 would poison the batch)
-        sigma_b = torch.where(zero, torch.ones_like(sigma_b), sigma_b)
-        f = self.run_bricks(x, sigma_b, class_labels, skip)[0].output  # (B, C, H, W)
-        c_skip, c_out, _, _ = self.precond.coefficients(sigma_b)
-        d = c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * f  # (B, C, H, W)
-        return torch.where(zero.view(-1, 1, 1, 1), x, d)
+        return denoise(self, x, sigma, class_labels, skip)

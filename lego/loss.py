@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from lego.models import UNCONDITIONAL, check_label_ids
+from lego.models import check_label_ids
 
 
 class LegoLoss:
@@ -34,10 +34,8 @@ class LegoLoss:
         sigma = precond.sample_sigma(total, generator, device)[rows]  # (B,)
         noise = torch.randn((total, *images.shape[1:]), generator=generator, device=device)[rows]
         x = images + sigma.view(-1, 1, 1, 1) * noise  # (B, C, H, W)
-        if labels is not None and not net.num_classes:
-            raise ValueError(UNCONDITIONAL)  # the labels would be ignored: an unconditional model would train
-        if labels is not None and net.num_classes:
-            labels = check_label_ids(labels, batch).to(device)  # (B,); a [1] would broadcast over the batch
+        if labels is not None:  # (an unconditional model refuses them: it would train ignoring them)
+            labels = check_label_ids(labels, batch, net.num_classes).to(device)  # (B,); a [1] would broadcast
             # The ids' range costs a device sync to check, so it is checked where it is free; on a GPU the embedding
             # lookup stops a bad id with a device-side assertion.
             if device.type == "cpu" and not bool(((labels >= 0) & (labels <= net.num_classes)).all()):

@@ -223,27 +223,28 @@ class LegoModel(nn.Module):
 
     def forward(self, x, sigma, class_labels=None, skip=()):
         """The denoiser D(x; sigma) [B, C, H, W] (fp32), from the top brick that runs."""
-        x = x.float()
-        sigma_b = as_batch_sigma(sigma, x.shape[0], x.device)
-        if not torch.compiler.is_compiling() and x.device.type != "meta":  # data-dependent: eager calls on data only
-            check_inputs(sigma_b, class_labels, x.shape[0], self.num_classes)
-        zero = sigma_b == 0  # D(x; 0) = x: there is no noise to remove (and c_noise = log 0 would poison the batch)
-        sigma_b = torch.where(zero, torch.ones_like(sigma_b), sigma_b)
-        top = self.run_bricks(x, sigma_b, class_labels, skip)[-1].output  # (B, C, H, W)
-        c_skip, c_out, _, _ = self.precond.coefficients(sigma_b)
-        d = c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * top  # (B, C, H, W)
-        return torch.where(zero.view(-1, 1, 1, 1), x, d)
+        return denoise(self, x, sigma, class_labels, skip)
 
+
+def denoise(net, x, sigma, class_labels=None, skip=()) -> torch.Tensor:
+    """D(x; sigma) [B, C, H, W] (fp32) of a denoiser whose ``run_bricks`` gives its outputs bottom to top (LegoModel,
+    DiTModel): the top output under the preconditioning, and x itself where sigma = 0."""
+    x = x.float()
+    sigma_b = as_batch_sigma(sigma, x.shape[0], x.device)
+    if not torch.compiler.is_compiling() and x.device.type != "meta":  # data-dependent: eager calls on data only
+        check_inputs(sigma_b, class_labels, x.shape[0], net.num_classes)
+    zero = sigma_b == 0  # D(x; 0) = x: there is no noise to remove (and c_noise = log 0 would poison the batch)
+    sigma_b = torch.where(zero, torch.ones_like(sigma_b), sigma_b)
+    top = net.run_bricks(x, sigma_b, class_labels, skip)[-1].output  # (B, C, H, W)
+    c_skip, c_out, _, _ = net.precond.coefficients(sigma_b)
+    d = c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * top  # (B, C, H, W)
+    return torch.where(zero.view(-1, 1, 1, 1), x, d)
 
 
 def check_inputs(sigma: torch.Tensor, class_labels, batch: int, num_classes: int) -> None:
     """A denoiser's call (LegoModel, DiTModel): sigma [B] finite and >= 0, class labels one id per image in
     0..num_classes (num_classes: the null class), none for an unconditional model."""
-    labels = None
-    if class_labels is not None and not num_classes:
-        raise ValueError(UNCONDITIONAL)
-    if class_labels is not None:
-        labels = check_label_ids(class_labels, batch)
+    labels = None if class_labels is None else check_label_ids(class_labels, batch, num_classes)
     # One host sync for all the value checks (a sampler calls this every step); the messages below only on failure.
     ok = (torch.isfinite(sigma) & (sigma >= 0)).all()
     if labels is not None:
@@ -258,12 +259,12 @@ def check_inputs(sigma: torch.Tensor, class_labels, batch: int, num_classes: int
     )
 
 
-UNCONDITIONAL = ("class labels given to an unconditional model (num_classes=0); pass class_labels=None, or build the "
-                 "model with num_classes=K to condition it on K classes")
-
-
-def check_label_ids(class_labels, batch: int) -> torch.Tensor:
-    """``class_labels`` (a tensor or a list) holds one integer class id per image; returns them as a tensor [batch]."""
+def check_label_ids(class_labels, batch: int, num_classes: int) -> torch.Tensor:
+    """``class_labels`` (a tensor or a list) holds one integer class id per image, for a model of ``num_classes``
+    classes (0: unconditional, which takes none: the labels would be ignored); returns them as a tensor [batch]."""
+    if not num_classes:
+        raise ValueError("class labels given to an unconditional model (num_classes=0); pass class_labels=None, or "
+                         "build the model with num_classes=K to condition it on K classes")
     labels = torch.as_tensor(class_labels).reshape(-1)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"class labels must be integer class ids, got {labels.dtype}")
