@@ -369,7 +369,8 @@ def test_out_without_write_permission(tmp_path, capsys):
     ["--seed", "-1"], ["--window", "0"], ["--window", "-16"], ["--stride", "0"], ["--max-batch", "0"],
     ["--npz", "also.png"],
 ])
-def test_sample_options_are_range_checked(trained, tmp_path, capsys, bad):
+def test_sample_options_are_range_checked(trained, tmp_path, capsys, monkeypatch, bad):
+    monkeypatch.chdir(tmp_path)  # a relative name (also.png) a regression would write lands here, not in the repo
     out = tmp_path / "a.png"
     code = sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(out), *bad])
     assert_one_line_error(capsys, code, bad[-2])
