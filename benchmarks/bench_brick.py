@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import cases, counts, harness
 from benchmarks.opbench import op_module
-from lego.brick import LegoBrick
+from lego import LegoBrick
 from lego_kernels._dispatch import resolve_backend
 
 PRIORITY = 3

@@ -1,6 +1,6 @@
 """Sampling throughput, LEGO against DiT at equal NFE: EDM's Heun sampler (n steps: 2n - 1 network calls) and DDPM
 (2n - 1 steps), with and without classifier-free guidance (both halves in one batched call), LEGO with and without
-skipping its top brick at t_break = 0.5 (lego.sampling.skip_schedule), bf16 autocast. One round is one whole
+skipping its top brick at t_break = 0.5 (lego.skip_schedule), bf16 autocast. One round is one whole
 sampler run from noise to images; images/s = batch / that time. FLOPs are summed over the calls actually made (each
 call's batch and skipped bricks are logged during the warm-up run).
 """
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks import cases, harness
-from lego.sampling import ddpm_sampler, edm_sampler, skip_schedule
+from lego.diffusion.samplers import ddpm_sampler, edm_sampler, skip_schedule
 
 PRIORITY = 2
 

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks import cases, harness
 from benchmarks.dit import dit_loss
-from lego.loss import LegoLoss
+from lego import LegoLoss
 
 PRIORITY = 1
 

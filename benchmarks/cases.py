@@ -168,7 +168,7 @@ class ModelCase:
             if why:
                 pytest.skip(why)
             return build_dit(self.config(), NUM_CLASSES, device, self.name)
-        from lego.models import LegoModel
+        from lego import LegoModel
 
         cfg = self.config()
         name = cfg.pop("name")
@@ -179,7 +179,7 @@ class ModelCase:
     def forward_flops(self, net, batch: int, skip=(), patch_fraction: float = 1.0) -> int:
         r = self.group.resolution
         if self.is_dit:
-            return sum(dit_flops(net.dit.config, batch, r, r).values())
+            return sum(dit_flops(net.net.dit.config, batch, r, r).values())
         return sum(lego_flops(net.config, batch, r, r, patch_fraction, skip).values())
 
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-FREQUENCY_SIZE = 256  # sinusoid width of the timestep embedders (DiT, lego.blocks.TimestepEmbedder, diffusers)
+FREQUENCY_SIZE = 256  # sinusoid width of the timestep embedders (DiT, lego.networks.blocks.TimestepEmbedder, diffusers)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -180,14 +180,14 @@ def brick_flops(
 
 
 def processed_patches(total: int, patch_fraction: float) -> int:
-    """Patches per image a brick processes in training (lego.models.LegoModel.run_bricks' rule)."""
+    """Patches per image a brick processes in training (lego.networks.stack.LegoStack's rule)."""
     if patch_fraction < 1 and total > 1:
         return max(1, round(patch_fraction * total))
     return total
 
 
 def lego_flops(config, batch: int, height: int, width: int, patch_fraction: float = 1.0, skip=()) -> dict[str, int]:
-    """Forward FLOPs of a LegoModel (``lego.models.LegoConfig``) by part; bricks in ``skip`` do not run."""
+    """Forward FLOPs of a LegoModel (``lego.LegoConfig``) by part; bricks in ``skip`` do not run."""
     d, n = config.hidden_size, len(config.bricks)
     skip = {int(k) % n for k in skip}
     parts = {"embed": 0, "linears": 0, "attention": 0, "final": 0, "adaln": 0}

@@ -1,4 +1,4 @@
-"""The DiT baseline of the benchmarks: lego.dit.DiTModel, diffusers' DiTTransformer2DModel behind LegoModel's interface.
+"""The DiT baseline of the benchmarks: lego.DiTModel, diffusers' DiTTransformer2DModel under the same preconditioning.
 
 It is the library's DiT (``python -m lego.train --model DiT-S/2`` trains the same module), so the benchmarks time the
 same preconditioning, loss and samplers around either backbone. Attention runs through PyTorch's SDPA (flash-attention
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from lego.dit import DiTConfig, DiTModel
-from lego.loss import LegoLoss
+from lego import DiTModel, LegoLoss
+from lego.networks.dit import DiTConfig
 
 
 def diffusers_missing() -> str | None:

@@ -346,7 +346,7 @@ def capturing(calls: list):
     from triton.runtime.jit import JITFunction
 
     import lego_kernels._dispatch as dispatch
-    from lego.brick import LegoBrick
+    from lego import LegoBrick
 
     stack: list[OpCall] = []
     current = {"brick": "?"}

@@ -8,15 +8,17 @@ from pathlib import Path
 
 import torch
 
-from lego.data import load_dataset
-from lego.images import save_grid
-from lego.panorama import ExactDenoiser, SlidingWindow, region_map
-from lego.sampling import edm_sampler
+from lego.data.datasets import open_dataset
+from lego.data.images import save_grid
+from lego import SlidingWindow
+from lego.diffusion.exact import ExactDenoiser
+from lego.diffusion.window import region_map
+from lego.diffusion.samplers import edm_sampler
 
 
 def main():
     out = Path(__file__).parent
-    data = load_dataset("default", 16)
+    data = open_dataset("default", 16)
     pick = torch.cat([torch.nonzero(data.labels == c)[:20, 0] for c in range(10)])
     net = SlidingWindow(ExactDenoiser(data.images[pick], data.labels[pick], 10), window=16, stride=4)
     g = torch.Generator().manual_seed(0)

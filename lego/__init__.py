@@ -1,17 +1,28 @@
-"""LEGO diffusion bricks: the PyTorch layer (bricks, models, diffusion, samplers) over the lego_kernels fused ops."""
+"""LEGO diffusion bricks: the PyTorch layer (bricks, models, diffusion, samplers) over the lego_kernels fused ops.
 
-from lego.base import DiffusersDenoiser, stack_on_base
-from lego.brick import LegoBrick
+The layers, each importing only those below it: lego.networks -> lego.diffusion -> lego.data, lego.checkpoints ->
+lego.training, lego.metrics, lego.generation -> the commands (lego.train, lego.sample, lego.eval, lego.encode,
+lego.convert, lego.heldout); lego.errors, lego.checks and lego.files under all of them (see the README's "How the code
+is laid out"). This module gathers the public names.
+"""
+
+from lego.checkpoints.build import build_model, load, stack_on_base
+from lego.diffusion.denoiser import Denoiser, DiTModel, LegoModel
+from lego.diffusion.diffusers import DiffusersDenoiser
+from lego.diffusion.generate import generate, panorama
+from lego.diffusion.loss import LegoLoss
+from lego.diffusion.precond import EDMPrecond, VPPrecond
+from lego.diffusion.samplers import ddim_sampler, ddpm_sampler, edm_sampler, guided, skip_schedule
+from lego.diffusion.window import SlidingWindow
 from lego.errors import LegoError
-from lego.loss import LegoLoss
-from lego.models import MODELS, BrickSpec, LegoConfig, LegoModel, model_config
-from lego.panorama import SlidingWindow, panorama
-from lego.precond import EDMPrecond, VPPrecond
-from lego.sampling import ddim_sampler, ddpm_sampler, edm_sampler, guided, skip_schedule
+from lego.networks.brick import LegoBrick
+from lego.networks.stack import MODELS, BrickSpec, LegoConfig, model_config
 
 __all__ = [
     "MODELS",
     "BrickSpec",
+    "Denoiser",
+    "DiTModel",
     "DiffusersDenoiser",
     "EDMPrecond",
     "LegoBrick",
@@ -21,10 +32,13 @@ __all__ = [
     "LegoModel",
     "SlidingWindow",
     "VPPrecond",
+    "build_model",
     "ddim_sampler",
     "ddpm_sampler",
     "edm_sampler",
+    "generate",
     "guided",
+    "load",
     "model_config",
     "panorama",
     "skip_schedule",

@@ -44,11 +44,12 @@ def _train_flops_per_step(cfg) -> int:
     """Forward + backward FLOPs of one training step at cfg.batch (counted on 4 images; linear in the batch)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lego.data import load_dataset
-    from lego.loss import LegoLoss
-    from lego.zoo import build_model, model_config
+    from lego.data.datasets import open_dataset
+    from lego import LegoLoss
+    from lego import build_model
+    from lego.networks.registry import model_config
 
-    data = load_dataset(cfg.data, 16)
+    data = open_dataset(cfg.data, 16)
     net = build_model(model_config(cfg.model, in_channels=1, num_classes=10, resolution=16))
     with FlopCounterMode(display=False) as counter:
         loss, _ = LegoLoss(cfg.patch_fraction)(net, data.images[:4], data.labels[:4], torch.Generator().manual_seed(0))
@@ -57,7 +58,7 @@ def _train_flops_per_step(cfg) -> int:
 
 
 def _evaluate(ckpt: Path, args: dict, t_break: float = 0.0) -> dict:
-    from lego.eval import evaluate
+    from lego.metrics.evaluate import evaluate
 
     return evaluate(ckpt, n=args["n"], steps=args["sample_steps"], t_break=t_break, progress=False)
 
@@ -65,7 +66,8 @@ def _evaluate(ckpt: Path, args: dict, t_break: float = 0.0) -> dict:
 def run_job(name: str, model: str, patch_fraction: float, args: dict, cpu_budget: float | None = None) -> dict:
     """Train one run to each evaluation point (lego.train with --resume), evaluate there; returns its records."""
     torch.set_num_threads(1)
-    from lego.train import TrainConfig, train
+    from lego.training.config import TrainConfig
+    from lego.training.loop import train
 
     out = Path(args["work"]) / name
     cfg = TrainConfig(model=model, resolution=16, patch_fraction=patch_fraction, steps=0, out=str(out), sample_n=0,
@@ -288,7 +290,8 @@ def main(argv=None) -> int:
                 job["points"] += more["points"]
                 job["skips"] += more["skips"]
     else:
-        from lego.eval import MnistFeatures, reference_stats
+        from lego.metrics.features import MnistFeatures
+        from lego.metrics.frechet import reference_stats
 
         reference_stats("default", 16, MnistFeatures(), "ccexam-mnist")  # once, before the workers need it
         with ProcessPoolExecutor(args.jobs) as pool:
@@ -301,7 +304,8 @@ def main(argv=None) -> int:
                 pool.submit(run_job, name, m, f, shared, args.patch_budget) for name, (m, f) in PATCH_RUNS.items()
             ]
             jobs = [j.result() for j in futures]
-    from lego.zoo import build_model, model_config
+    from lego import build_model
+    from lego.networks.registry import model_config
 
     params = {m: sum(q.numel() for q in build_model(model_config(m, in_channels=1, num_classes=10,
                                                                  resolution=16)).parameters()) / 1e6

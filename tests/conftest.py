@@ -103,9 +103,9 @@ def assert_one_line_error(capsys, code, *needles):
 def save_digits(path, n: int) -> str:
     """The first n digits of the embedded default set as an .npz (uint8 images [n, H, W], labels [n]): a small real
     dataset for runs of lego.train in tests."""
-    from lego.data import load_dataset
+    from lego.data.datasets import open_dataset
 
-    data = load_dataset("default")
+    data = open_dataset("default")
     images = ((data.images[:n, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
     np.savez(path, images=images, labels=data.labels[:n].numpy())
     return str(path)

@@ -9,15 +9,18 @@ import torch
 from conftest import save_digits
 from safetensors import safe_open
 
-from lego.base import DiffusersDenoiser, stack_on_base
-from lego.checkpoint import load_checkpoint, load_model
+from lego import DiffusersDenoiser, stack_on_base
+from lego.checkpoints.build import load_model
+from lego.checkpoints.format import load_checkpoint
 from lego.errors import LegoError
-from lego.heldout import heldout_loss
-from lego.loader import open_dataset, prepare
-from lego.loss import LegoLoss
-from lego.models import LegoModel, model_config
-from lego.precond import VPPrecond
-from lego.sampling import edm_sampler, skip_schedule
+from lego.networks.interface import PatchDraw
+from lego.metrics.evaluate import heldout_loss
+from lego.data.datasets import open_dataset
+from lego.data.loader import prepare
+from lego import LegoLoss
+from lego import LegoModel, model_config
+from lego import VPPrecond
+from lego.diffusion.samplers import edm_sampler, skip_schedule
 from lego.train import main as train_main
 
 FAST = ["--batch", "4", "--log-every", "1", "--sample-n", "0", "--no-progress"]
@@ -56,14 +59,13 @@ def test_a_module_base_gives_the_stacks_bottom_prediction():
     model = stack_on_base("LEGO-T-PR-16", base, freeze=True, in_channels=1, resolution=16, backend="torch")
     sigma = VPPrecond().sigmas[torch.tensor([100, 700])].float()
     x = x0 + sigma.view(-1, 1, 1, 1) * torch.randn_like(x0)
-    outs = model.run_bricks(x, sigma)
-    c_skip, c_out, _, _ = (c.view(-1, 1, 1, 1) for c in model.precond.coefficients(sigma))
-    torch.testing.assert_close(c_skip * x + c_out * outs[0].output, x0, rtol=1e-4, atol=1e-3)
+    outs = model(x, sigma, every_brick=True)
+    torch.testing.assert_close(outs[0].denoised, x0, rtol=1e-4, atol=1e-3)
     # Only brick 0 running: the model is the base; the samplers and skipping run unchanged.
     torch.testing.assert_close(model(x, sigma, skip=(1, 2)), x0, rtol=1e-4, atol=1e-3)
     z = torch.randn(2, 1, 16, 16)
     assert torch.isfinite(edm_sampler(model, z, num_steps=2, skip=skip_schedule(model, 0.5))).all()
-    assert not any(p.requires_grad for p in model.bricks[0].parameters())
+    assert not any(p.requires_grad for p in model.net.bricks[0].parameters())
     with pytest.raises(LegoError, match="not a PR stack"):
         stack_on_base("LEGO-T-PG-16", base, in_channels=1, resolution=16)
 
@@ -94,12 +96,12 @@ def test_an_untrained_stack_on_a_base_is_the_base(freeze):
             torch.testing.assert_close(model(x, sigma, skip=skip), want, rtol=0, atol=1e-5)
         # Training processes half the patches of the 4 x 4 brick: those carry the base's output, the rest the fill.
         fill = torch.randn_like(x)
-        outs = model.run_bricks(x, sigma, patch_fraction=0.5, fill=fill, generator=torch.Generator().manual_seed(0))
+        outs = model.net(x, model.noise_level(sigma), patches=PatchDraw(0.5, torch.Generator().manual_seed(0)), fill=fill)
         top, below = outs[-1], outs[-2].output
         assert top.mask is not None and 0 < top.mask.mean() < 1
         torch.testing.assert_close(torch.where(top.mask.bool(), below, fill), top.output, rtol=0, atol=0)
         # A trained top brick changes the prediction; skipping it gives the base's again.
-        torch.nn.init.normal_(model.bricks[-1].final_layer.linear.weight, std=0.1)
+        torch.nn.init.normal_(model.net.bricks[-1].final_layer.linear.weight, std=0.1)
         assert (model(x, sigma) - want).abs().max() > 1e-2
         torch.testing.assert_close(model(x, sigma, skip=(-1,)), want, rtol=0, atol=1e-5)
 
@@ -110,13 +112,13 @@ def test_stacks_saved_before_refining_keep_their_plain_bricks():
     base = ConvBase()
     record = {"kind": "module", "class": "ConvBase", "frozen": True}
     model = LegoModel(model_config("LEGO-T-PR-16", in_channels=1, resolution=16, base=record), base=base)
-    assert not model.refine
+    assert not model.net.refine
     x, sigma = torch.randn(2, 1, 16, 16), torch.tensor([0.5, 2.0])
     c_skip = model.precond.coefficients(sigma)[0].view(-1, 1, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(model(x, sigma), c_skip * x)
         torch.testing.assert_close(model(x, sigma, skip=(1, 2)), base(x, sigma), rtol=0, atol=1e-5)
-    assert not stack_on_base("LEGO-T-PR-16", base, refine=False, in_channels=1, resolution=16).refine
+    assert not stack_on_base("LEGO-T-PR-16", base, refine=False, in_channels=1, resolution=16).net.refine
 
 
 @pytest.fixture(scope="module")
@@ -139,26 +141,26 @@ def _keys(path):
 def test_frozen_base_is_bit_identical_and_stays_at_its_origin(runs):
     origin = load_model(runs / "base" / "checkpoint.safetensors").state_dict()
     ckpt_path = runs / "frozen" / "checkpoint.safetensors"
-    assert not [k for k in _keys(ckpt_path) if k.startswith(("model/bricks.0.", "ema/bricks.0."))]
+    assert not [k for k in _keys(ckpt_path) if k.startswith(("model/net.bricks.0.", "ema/net.bricks.0."))]
     record = load_checkpoint(ckpt_path, parts=()).model_config.base
     assert record["kind"] == "lego" and record["frozen"] and record["path"].endswith("base/checkpoint.safetensors")
     assert train_main(["--resume", "--out", str(runs / "frozen"), "--steps", "3", "--no-progress"]) == 0
     for use_ema in (True, False):
         model = load_model(ckpt_path, use_ema=use_ema)
-        base = model.bricks[0].denoiser.state_dict()
+        base = model.net.bricks[0].denoiser.state_dict()
         assert base.keys() == origin.keys()
         for k in origin:
             assert torch.equal(base[k], origin[k]), k
-        top = model.bricks[-1].final_layer.linear.weight
+        top = model.net.bricks[-1].final_layer.linear.weight
         assert top.abs().sum() > 0  # the bricks on top did train
 
 
 def test_fine_tuned_base_is_stored_and_changed(runs, tmp_path):
     origin = load_model(runs / "base" / "checkpoint.safetensors", use_ema=False).state_dict()
     ckpt_path = runs / "tuned" / "checkpoint.safetensors"
-    assert [k for k in _keys(ckpt_path) if k.startswith("model/bricks.0.")]
+    assert [k for k in _keys(ckpt_path) if k.startswith("model/net.bricks.0.")]
     assert not load_checkpoint(ckpt_path, parts=()).model_config.base["frozen"]
-    tuned = load_model(ckpt_path, use_ema=False).bricks[0].denoiser.state_dict()
+    tuned = load_model(ckpt_path, use_ema=False).net.bricks[0].denoiser.state_dict()
     assert any(not torch.equal(tuned[k], origin[k]) for k in origin)
     # The checkpoint stands alone: the origin may go away.
     moved = tmp_path / "tuned.safetensors"
@@ -166,7 +168,7 @@ def test_fine_tuned_base_is_stored_and_changed(runs, tmp_path):
     (runs / "base" / "checkpoint.safetensors").rename(runs / "base" / "gone.safetensors")
     try:
         model = load_model(moved, use_ema=False)
-        assert all(torch.equal(model.bricks[0].denoiser.state_dict()[k], tuned[k]) for k in tuned)
+        assert all(torch.equal(model.net.bricks[0].denoiser.state_dict()[k], tuned[k]) for k in tuned)
         with pytest.raises(LegoError, match="frozen base .* is missing"):
             load_model(runs / "frozen" / "checkpoint.safetensors")
     finally:
@@ -189,7 +191,7 @@ def test_diffusers_dit_folder_as_base(tmp_path, capsys):
     model = load_model(out / "checkpoint.safetensors")
     assert model.config.base["class"] == "DiTTransformer2DModel" and model.config.base["prediction"] == "epsilon"
     state = DiTTransformer2DModel.from_pretrained(tmp_path / "dit").state_dict()
-    assert all(torch.equal(model.bricks[0].denoiser.model.state_dict()[k], v) for k, v in state.items())
+    assert all(torch.equal(model.net.bricks[0].denoiser.model.state_dict()[k], v) for k, v in state.items())
     y = torch.tensor([3, 10])  # a class and DiT's null class (for classifier-free guidance)
     assert torch.isfinite(model(torch.randn(2, 1, 16, 16), torch.tensor([0.3, 5.0]), y)).all()
     # Bad bases: one error line each.

@@ -25,8 +25,9 @@ if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not 
 
 import lego_kernels as lk
 from benchmarks import counts
-from lego.brick import LegoBrick
-from lego.models import LegoModel
+from lego import LegoBrick
+from lego import LegoModel
+from lego.networks.interface import PatchDraw
 
 SMALL = counts.OpShape(batch=3, channels=3, height=12, width=8, brick=4, field=2, hidden=24, heads=2,
                        dtype=torch.float32)  # fmt: skip
@@ -129,7 +130,7 @@ def test_lego_model_flops(stack):
     model = _tiny(stack)
     x, sigma, labels = torch.randn(2, 3, 16, 32), torch.tensor([0.5, 3.0]), torch.tensor([1, 4])
     assert counted(lambda: model(x, sigma, labels)) == sum(counts.lego_flops(model.config, 2, 16, 32).values())
-    top = len(model.bricks) - 1
+    top = len(model.net.bricks) - 1
     got = counted(lambda: model(x, sigma, labels, skip=(top,)))
     assert got == sum(counts.lego_flops(model.config, 2, 16, 32, skip=(top,)).values())
 
@@ -139,7 +140,8 @@ def test_lego_flops_with_patch_sampling_and_training_step():
     x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 3.0]), torch.tensor([1, 4])
     fill = torch.randn_like(x)
     gen = torch.Generator().manual_seed(0)
-    got = counted(lambda: model.run_bricks(x, sigma, labels, patch_fraction=0.5, fill=fill, generator=gen))
+    noise = model.noise_level(sigma)
+    got = counted(lambda: model.net(x, noise, labels, patches=PatchDraw(0.5, gen), fill=fill))
     # every path (the reference too) embeds the picked patches only: unprocessed patches cost nothing
     assert got == sum(counts.lego_flops(model.config, 2, 16, 16, patch_fraction=0.5).values())
 
@@ -163,7 +165,7 @@ def test_dit_flops():
               "sample_size": 8}  # fmt: skip
     net = build_dit(config, num_classes=5, device=torch.device("cpu"))
     x, labels = torch.randn(3, 4, 8, 8), torch.tensor([0, 1, 4])
-    parts = counts.dit_flops(net.dit.config, 3, 8, 8)
+    parts = counts.dit_flops(net.net.dit.config, 3, 8, 8)
     fwd = sum(parts.values())
     assert counted(lambda: net(x, torch.tensor(1.5), labels)) == fwd
     step = counted(lambda: dit_loss(net, x, labels, torch.Generator().manual_seed(0))[0].backward())

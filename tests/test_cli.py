@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import assert_one_line_error, save_digits
 
-from lego import checkpoint as ckpt_mod
-from lego.checkpoint import load_checkpoint, load_model
+from lego.checkpoints import format as ckpt_mod
+from lego.checkpoints.build import load_model
+from lego.checkpoints.format import load_checkpoint
 from lego.sample import main as sample_main
 from lego.train import main as train_main
 

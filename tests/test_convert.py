@@ -20,8 +20,10 @@ from conftest import DEVICES
 from safetensors.torch import load_file
 
 from lego import LegoModel
-from lego.checkpoint import load_checkpoint, load_model
-from lego.convert import convert, convert_state, main, read_snapshot
+from lego.checkpoints.build import load_model
+from lego.checkpoints.format import load_checkpoint
+from lego.checkpoints.snapshots import convert, convert_state, read_snapshot
+from lego.convert import main
 from lego.errors import LegoError
 from lego_kernels._dispatch import available_backends
 
@@ -105,8 +107,8 @@ def test_channel_order_and_time_scale_matter(converted):
     scaled = LegoModel(dataclasses.replace(model.config, time_scale=None))  # our default 250 x c_noise
     scaled.load_state_dict(state)
     swapped = LegoModel(model.config)
-    w = state["bricks.1.embed_weight"]  # (d, [x_t, prev, row, col], l, l)
-    swapped.load_state_dict({**state, "bricks.1.embed_weight": torch.cat([w[:, 3:6], w[:, :3], w[:, 6:]], dim=1)})
+    w = state["net.bricks.1.embed_weight"]  # (d, [x_t, prev, row, col], l, l)
+    swapped.load_state_dict({**state, "net.bricks.1.embed_weight": torch.cat([w[:, 3:6], w[:, :3], w[:, 6:]], dim=1)})
     with torch.no_grad():
         for wrong in (scaled.eval(), swapped.eval()):
             err = (wrong(io["x"], io["sigma"], io["labels"]) - io["D"]).abs().max().item()
@@ -148,7 +150,7 @@ def test_converted_checkpoint_fine_tunes_with_resume(converted, tmp_path):
     assert train_main(argv) == 0
     before, after = load_checkpoint(converted["lego_T_PG_32"]), load_checkpoint(run / "checkpoint.safetensors")
     assert after.step == 1 and after.model_config == before.model_config
-    assert not torch.equal(after.model["bricks.2.blocks.0.qkv.weight"], before.model["bricks.2.blocks.0.qkv.weight"])
+    assert not torch.equal(after.model["net.bricks.2.blocks.0.qkv.weight"], before.model["net.bricks.2.blocks.0.qkv.weight"])
 
 
 @needs_fixtures
@@ -175,7 +177,7 @@ def test_shapes_reveal_the_rest():
         convert_state(dataclasses.replace(snap, kwargs={**snap.kwargs, "sigma_data": object()}))
     # The label embedding: class k = column k + bias, the null class = the bias.
     w, b = (snap.tensors[f"model.y_embedder.embedding_table.{k}"] for k in ("weight", "bias"))
-    table = state["y_embedder.embedding_table.weight"]
+    table = state["net.y_embedder.embedding_table.weight"]
     torch.testing.assert_close(table[4], w[:, 4] + b)
     torch.testing.assert_close(table[10], b)
 
@@ -281,7 +283,7 @@ def test_a_file_that_is_not_a_snapshot_is_refused(tmp_path, content, message):
 
 def test_registry_depths_and_time_scale():
     """The registry's U stacks follow the released configurations; time_scale None is the preconditioning's own."""
-    from lego.models import model_config
+    from lego import model_config
 
     assert [b.depth for b in model_config("LEGO-XL-U-64").bricks] == [14, 12, 4, 12, 14]
     assert [b.depth for b in model_config("LEGO-XL-U-32").bricks] == [14, 10, 4, 10, 14]

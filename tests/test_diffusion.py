@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lego import EDMPrecond, LegoLoss, LegoModel, VPPrecond, ddim_sampler, ddpm_sampler, edm_sampler, skip_schedule
-from lego.sampling import respaced_alphas
+from lego.diffusion.samplers import respaced_alphas
+from lego.networks.interface import PatchDraw
 
 SIGMAS = torch.tensor([0.002, 0.05, 0.5, 1.0, 7.0, 80.0], dtype=torch.float64)
 
@@ -148,7 +149,7 @@ def test_classifier_free_guidance_extrapolates():
         def __call__(self, x, sigma, labels=None, skip=()):
             return (labels != self.num_classes).float().view(-1, 1, 1, 1).expand_as(x)  # cond 1, uncond 0
 
-    from lego.sampling import guided
+    from lego.diffusion.samplers import guided
 
     d = guided(LabelNet(None), torch.zeros(2, 1, 2, 2), 1.0, torch.tensor([0, 2]), cfg_scale=3.0)
     torch.testing.assert_close(d, torch.full((2, 1, 2, 2), 3.0))
@@ -205,7 +206,7 @@ def test_loss_counts_processed_pixels_only():
     noise = torch.randn(images.shape, generator=g)
     x = images + sigma.view(-1, 1, 1, 1) * noise
     c_skip, c_out, _, _ = (c.view(-1, 1, 1, 1) for c in p.coefficients(sigma))
-    outs = model.run_bricks(x, sigma, None, patch_fraction=0.25, fill=(images - c_skip * x) / c_out, generator=g)
+    outs = model(x, sigma, None, patches=PatchDraw(0.25, g), x0=images, every_brick=True)
     err = p.loss_weight(sigma).view(-1, 1, 1, 1) * (c_skip * x + c_out * outs[0].output - images) ** 2
     want = err[outs[0].mask.bool()].mean()
     torch.testing.assert_close(per_brick[0], want.detach())

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lego.checkpoint import load_checkpoint
+from lego.checkpoints.format import load_checkpoint
 from lego.train import main as train_main
 
 # Every random draw of training is on: patch selection, label dropout, flips; the data are a memory-mapped uint8 .npy
@@ -23,9 +23,9 @@ FAST = ["--model", "LEGO-T-PG-16", "--batch", "8", "--log-every", "1", "--sample
 
 @pytest.fixture(scope="module")
 def digits_npy(tmp_path_factory):
-    from lego.data import load_dataset
+    from lego.data.datasets import open_dataset
 
-    data = load_dataset("default")
+    data = open_dataset("default")
     path = tmp_path_factory.mktemp("data") / "digits.npy"
     np.save(path, ((data.images[:40, 0] + 1) * 127.5).round().to(torch.uint8).numpy())  # [40, 28, 28]
     np.save(path.with_suffix(".labels.npy"), data.labels[:40].numpy())
@@ -123,9 +123,9 @@ def test_fsdp_needs_torchrun(capsys, tmp_path, digits_npy):
 def test_compiled_bricks_are_one_graph_with_the_fused_ops_as_single_nodes():
     """--compile's fullgraph compile of a brick: no graph break, each fused op one node of the graph, and the same
     loss and gradients as eager. The fused ops are the Triton ones here (run by the interpreter on the CPU)."""
-    from lego.loss import LegoLoss
-    from lego.models import BrickSpec, LegoModel
-    from lego.train import compile_bricks
+    from lego import LegoLoss
+    from lego import BrickSpec, LegoModel
+    from lego.training.loop import compile_bricks
 
     graphs = []
 

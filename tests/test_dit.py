@@ -5,13 +5,17 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from lego.checkpoint import load_checkpoint, load_model
-from lego.dit import DIT_MODELS, DiTConfig, DiTModel
-from lego.loss import LegoLoss
+from lego.checkpoints.build import load_model
+
+from lego.checkpoints.format import load_checkpoint
+from lego import DiTModel
+from lego.networks.dit import DIT_MODELS, DiTConfig
+from lego import LegoLoss
 from lego.sample import main as sample_main
-from lego.sampling import edm_sampler, skip_schedule
+from lego.diffusion.samplers import edm_sampler, skip_schedule
 from lego.train import main as train_main
-from lego.zoo import MODEL_NAMES, build_model, config_from_dict, model_config
+from lego import build_model
+from lego.networks.registry import MODEL_NAMES, config_from_dict, model_config
 
 TINY = {"in_channels": 1, "num_classes": 10, "resolution": 8, "hidden_size": 32, "num_heads": 2, "num_layers": 2}
 
@@ -30,15 +34,15 @@ def test_denoiser_is_precond_around_the_backbone():
     net = build_model(model_config("DiT-T/2", **TINY)).eval()
     assert isinstance(net, DiTModel)
     x, sigma, y = torch.randn(3, 1, 8, 8), torch.tensor([0.1, 1.0, 20.0]), torch.tensor([0, 4, 9])
-    f = net.run_bricks(x, sigma, y)[0].output  # (3, 1, 8, 8)
+    f = net(x, sigma, y, every_brick=True)[0].output  # (3, 1, 8, 8)
     c_skip, c_out, _, _ = (c.view(-1, 1, 1, 1) for c in net.precond.coefficients(sigma))
     torch.testing.assert_close(net(x, sigma, y), c_skip * x + c_out * f)
     # DiT's init zeroes the output layer, so an untrained DiT outputs F = 0 and D = c_skip x
     assert f.abs().max() == 0
     with torch.no_grad():  # with the zeroed layers drawn, the output and its class conditioning come alive
-        net.dit.proj_out_2.weight.normal_()
-        net.dit.proj_out_1.weight.normal_()
-    assert net.run_bricks(x, sigma, y)[0].output.abs().max() > 0
+        net.net.dit.proj_out_2.weight.normal_()
+        net.net.dit.proj_out_1.weight.normal_()
+    assert net(x, sigma, y, every_brick=True)[0].output.abs().max() > 0
     null = net(x, sigma, None)
     assert not torch.allclose(null, net(x, sigma, y)), "the null class must differ from the classes"
 
@@ -58,7 +62,7 @@ def test_inputs_are_checked_as_the_lego_model_does():
 def test_loss_trains_and_labels_drop_once():
     torch.manual_seed(0)
     net = build_model(model_config("DiT-T/2", **TINY))
-    dropped = [m for m in net.dit.modules() if hasattr(m, "token_drop")]
+    dropped = [m for m in net.net.dit.modules() if hasattr(m, "token_drop")]
     assert dropped and all(m.dropout_prob == 0 for m in dropped)
     x, y = torch.randn(4, 1, 8, 8).clamp(-1, 1), torch.arange(4)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
@@ -97,7 +101,7 @@ def test_train_resume_sample_through_the_cli(tmp_path, capsys):
     assert config_from_dict(ckpt.model_config.to_dict()) == ckpt.model_config
     net = load_model(run / "checkpoint.safetensors")
     assert isinstance(net, DiTModel) and not net.training
-    torch.testing.assert_close(net.state_dict()["dit.proj_out_2.weight"], ckpt.ema["dit.proj_out_2.weight"])
+    torch.testing.assert_close(net.state_dict()["net.dit.proj_out_2.weight"], ckpt.ema["net.dit.proj_out_2.weight"])
     assert sample_main(["--ckpt", str(run / "checkpoint.safetensors"), "--n", "2", "--steps", "2",
                         "--out", str(tmp_path / "s.png")]) == 0  # fmt: skip
     assert (tmp_path / "s.png").is_file()

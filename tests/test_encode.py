@@ -9,8 +9,8 @@ import torch
 from conftest import assert_one_line_error
 from PIL import Image
 
-from lego.checkpoint import load_checkpoint
-from lego.encode import center_crop_arr
+from lego.checkpoints.format import load_checkpoint
+from lego.data.datasets import center_crop_arr
 from lego.encode import main as encode_main
 from lego.sample import main as sample_main
 from lego.train import main as train_main
@@ -93,7 +93,7 @@ def test_encode_a_grey_npy_to_fp16(tmp_path, vae_dir):
 
 def test_encode_and_sample_bad_input(capsys, monkeypatch, tmp_path, vae_dir, image_folder):
     out = str(tmp_path / "z.npy")
-    monkeypatch.setattr("lego.vae.hub_reachable", lambda: False)  # as on this project's machines, without waiting
+    monkeypatch.setattr("lego.data.vae.hub_reachable", lambda: False)  # as on this project's machines, without waiting
     assert_one_line_error(capsys, encode_main(["--vae", "nobody/no-such-vae", "--data", str(image_folder), "--out", out]),
                     "hub is not reachable", "save_pretrained")
     assert_one_line_error(capsys, encode_main(["--vae", str(tmp_path / "no-vae"), "--data", str(image_folder), "--out",

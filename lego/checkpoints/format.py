@@ -1,20 +1,13 @@
-"""Checkpoints: one safetensors file holding everything (model, EMA and optimizer tensors; both configs and the step
-in its metadata), written atomically with one rename (temporary file in the same folder, fsync, rename, fsync of the
-folder), so a crash never leaves a half-written checkpoint where the last good one was. ``config.json`` beside it is a
-readable copy of the metadata, written after it; nothing reads it back, and ``sync_config_json`` (called when a run
-starts) rewrites it if a crash between the two writes left it behind the checkpoint.
-
-Temporary files live in ``.<name>.<pid>.<random>.tmp`` folders; ``remove_orphans`` deletes the ones whose writer has
-died (a ``kill -9`` during a save). Files get mode 0666 less the umask, like any file ``open`` creates."""
+"""The checkpoint file: one safetensors file holding everything (model, EMA and optimizer tensors; both configs and the
+step in its metadata), written atomically (lego.files.atomic_write), so a crash never leaves a half-written checkpoint
+where the last good one was. ``config.json`` beside it is a readable copy of the metadata, written after it; nothing
+reads it back, and ``sync_config_json`` (called when a run starts) rewrites it if a crash between the two writes left
+it behind the checkpoint. A stack on a frozen base does not store the base's weights (they stay at their origin,
+lego.checkpoints.build); building models from checkpoints is lego.checkpoints.build's."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,82 +15,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lego.dit import DiTConfig, DiTModel
 from lego.errors import LegoError
-from lego.models import LegoConfig, LegoModel
-from lego.zoo import build_model, config_from_dict
+from lego.files import atomic_write
+from lego.networks.dit import DiTConfig
+from lego.networks.registry import config_from_dict
+from lego.networks.stack import LegoConfig
 
 FORMAT = "lego-checkpoint-1"
-
-
-_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
-# Temporary files without a pid: tempfile.mkstemp's (older versions of this module) and safetensors' own.
-_UNATTRIBUTED = re.compile(r"^\.(.+\.[A-Za-z0-9_]{8}\.tmp|tmp[A-Za-z0-9]{6})$")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-def _umask() -> int:
-    try:  # Linux >= 4.7 shows it without changing it
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def remove_orphans(folder, unattributed: bool = False) -> list[Path]:
-    """Delete the temporary files in ``folder`` left by atomic writers that died; returns them. ``unattributed``
-    also deletes temporary files without a pid (older versions', safetensors'): only safe holding the folder's lock."""
-    removed = []
-    for p in Path(folder).glob(".*"):
-        m = _TMP.match(p.name)
-        dead = (m and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"]))) or (
-            not m and unattributed and _UNATTRIBUTED.match(p.name))
-        if dead:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the file into place; the old file stays intact until the rename.
-
-    ``tmp_path`` lies in a private folder ``.<name>.<pid>.<random>.tmp`` beside ``path``, so that whatever the writer
-    makes there (safetensors writes its own temporary file first) is cleaned up with it, and is found by
-    ``remove_orphans`` if this process is killed. The file gets mode 0666 less the umask, as ``open`` would give it
-    (safetensors' temporary files are 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphans(path.parent)
-    tmp_dir = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    tmp_dir.mkdir()
-    tmp = tmp_dir / path.name
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every file system)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -118,8 +42,6 @@ class Checkpoint:
 def save_checkpoint(path, model, ema, optimizer, step: int, train_config: dict) -> None:
     """Write a checkpoint; refuses (LegoError, nothing written) when the model's or the EMA's weights are not finite,
     so a diverged run never replaces a good checkpoint. A failed write (OSError) leaves the old file as it was."""
-    from lego.base import stored_state  # a frozen base's weights stay at their origin
-
     tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in stored_state(model).items()}
     tensors.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in stored_state(ema).items()})
     opt_state = optimizer.state_dict()
@@ -209,26 +131,6 @@ def check_finite(ckpt: Checkpoint, path) -> None:
                         "run in another --out")
 
 
-def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel | DiTModel:
-    """The model stored in a checkpoint (its EMA weights by default), in eval mode on ``device``."""
-    ckpt = load_checkpoint(path, parts=("ema",) if use_ema else ("model",))
-    from lego.base import with_base_weights
-
-    weights = ckpt.ema if use_ema else ckpt.model
-    if not weights:  # e.g. tests/fixtures' models, which keep the EMA only
-        raise LegoError(f"{path} holds no {'EMA' if use_ema else 'raw'} weights; "
-                        f"{'use its raw weights (--raw)' if use_ema else 'use its EMA weights (drop --raw)'}")
-    bad = non_finite(weights)
-    if bad:
-        raise LegoError(
-            f"{path}: {len(bad)} of its {len(weights)} {'EMA' if use_ema else 'raw'} weight tensors hold NaN or inf "
-            f"(first {bad[0]}); it would sample NaN images: use a checkpoint from before the run diverged"
-        )
-    model = build_model(ckpt.model_config)
-    load_weights(model, with_base_weights(model, weights), path)
-    return model.to(device).eval()
-
-
 def load_weights(model, state: dict[str, torch.Tensor], path) -> None:
     """``model.load_state_dict(state)``, where a mismatch is a LegoError naming the first one: the checkpoint's config
     no longer describes its tensors (damaged, or written by another version)."""
@@ -241,3 +143,23 @@ def load_weights(model, state: dict[str, torch.Tensor], path) -> None:
         more = f"; {len(lines) - 1} more like it" if len(lines) > 1 else ""
         raise LegoError(f"{path}: the weights do not fit the model in its config ({first}{more}); the checkpoint is "
                         "damaged or from another version of lego: use another checkpoint") from None
+
+
+BASE_PREFIX = "net.bricks.0."  # a stack's brick 0: its pretrained base, when it has one
+
+
+def base_is_frozen(model) -> bool:
+    return bool(getattr(model.config, "base", None) and model.config.base.get("frozen"))
+
+
+def stored_state(model) -> dict[str, torch.Tensor]:
+    """The state dict a checkpoint holds: all of it but a frozen base's weights."""
+    state = model.state_dict()
+    return {k: v for k, v in state.items() if not (base_is_frozen(model) and k.startswith(BASE_PREFIX))}
+
+
+def with_base_weights(model, state: dict) -> dict:
+    """A checkpoint's state dict completed with the frozen base's weights the model was built with."""
+    if not base_is_frozen(model):
+        return state
+    return {**{BASE_PREFIX + k: v for k, v in model.net.bricks[0].state_dict().items()}, **state}

@@ -6,8 +6,9 @@
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them training is one plain process. Each rank drives
 ``cuda:LOCAL_RANK`` over NCCL, or the CPU over gloo. Gradients are averaged by DistributedDataParallel, or, with
 ``--fsdp``, parameters, gradients and optimizer state are sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``),
-one unit per brick plus the embedders at the root. What a rank computes is chosen by ``lego.loader`` and
-``lego.loss`` so that a run's result does not depend on the number of ranks (up to the order of float reductions).
+one unit per brick plus the embedders at the root. What a rank computes is chosen by ``lego.data.loader`` and
+``lego.diffusion.loss`` so that a run's result does not depend on the number of ranks (up to the order of float
+reductions).
 """
 
 from __future__ import annotations
@@ -20,9 +21,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
 
+from lego.checkpoints.build import build_model
+from lego.checkpoints.format import save_checkpoint
 from lego.errors import LegoError
-from lego.zoo import bricks_of, build_model
 
 
 @dataclass(frozen=True)
@@ -72,37 +81,22 @@ def teardown(created: bool) -> None:
         dist.destroy_process_group()
 
 
-class TrainStep(nn.Module):
-    """The training loss as a module's forward: DDP and FSDP act on forward calls, and the loss calls the model's
-    ``run_bricks`` rather than its forward."""
-
-    def __init__(self, model: nn.Module, loss_fn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, images, labels, generator, share):
-        return self.loss_fn(self.model, images, labels, generator, share)  # (loss, per-brick losses [K])
-
-
-def wrap(step: TrainStep, ranks: Dist, device: torch.device, fsdp: bool) -> nn.Module:
-    """The module to call each micro-step: ``step`` itself in one process, else DDP or FSDP2 around it. FSDP2 shards
-    ``step.model``'s parameters in place (they become DTensors); build the optimizer after this."""
+def wrap(model: nn.Module, ranks: Dist, device: torch.device, fsdp: bool) -> nn.Module:
+    """The module the loss calls each micro-step: ``model`` itself in one process, else DDP or FSDP2 around it.
+    FSDP2 shards ``model``'s parameters in place (they become DTensors); build the optimizer after this."""
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
         if not ranks.enabled:
             raise LegoError("--fsdp shards over several processes: launch with torchrun --nproc_per_node N")
         # FSDP2 warns that a brick returns a view (patch_unembed's canvas); only an in-place op on it would be wrong,
-        # and run_bricks and the loss use brick outputs out of place.
+        # and the stack and the loss use brick outputs out of place.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        for brick in bricks_of(step.model):
+        for brick in model.net.brick_modules():
             fully_shard(brick)
-        fully_shard(step)  # the embedders; gathered when the step starts
-        return step
+        fully_shard(model)  # the embedders; gathered when the step starts
+        return model
     if not ranks.enabled:
-        return step
-    return nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def grad_sync(wrapped: nn.Module, sync: bool):
@@ -178,8 +172,6 @@ def first_step(bad: torch.Tensor, ranks: Dist) -> int:
 
 
 def _full_state_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -195,39 +187,31 @@ class _State:
 
 def shard_like(ema: nn.Module, model: nn.Module) -> None:
     """Shard the EMA copy as ``wrap`` sharded the model, so that its update stays local to each rank."""
-    from torch.distributed.fsdp import fully_shard
-
-    for brick in bricks_of(ema):
+    for brick in ema.net.brick_modules():
         fully_shard(brick)
     fully_shard(ema)
 
 
 def _names(root: nn.Module) -> list[str]:
-    """Parameter names as the model has them (without TrainStep's "model." prefix), in the optimizer's order."""
-    return [name.removeprefix("model.") for name, _ in root.named_parameters()]
+    """Parameter names, in the optimizer's order."""
+    return [name for name, _ in root.named_parameters()]
 
 
 def save(path, model, ema, opt, step: int, train_config: dict, ranks: Dist, root: nn.Module, fsdp: bool) -> None:
     """Write a checkpoint from rank 0. ``root`` is what ``wrap`` returned (FSDP's state is gathered through it)."""
-    from lego.checkpoint import save_checkpoint
-
     if not fsdp:
         if ranks.main:
             save_checkpoint(path, model, ema, opt, step, train_config)
         return
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
     options = _full_state_options()
     model_state = get_model_state_dict(root, options=options)  # full tensors on rank 0's CPU, empty elsewhere
     ema_state = get_model_state_dict(ema, options=options)
     opt_state = get_optimizer_state_dict(root, opt, options=options)  # keyed by parameter name
     if ranks.main:
-        model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
         index = {name: i for i, name in enumerate(_names(root))}
         opt_state = {
-            "state": {index[name.removeprefix("model.")]: s for name, s in opt_state["state"].items()},
-            "param_groups": [{**g, "params": [index[n.removeprefix("model.")] for n in g["params"]]}
-                             for g in opt_state["param_groups"]],
+            "state": {index[name]: s for name, s in opt_state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in opt_state["param_groups"]],
         }
         save_checkpoint(path, _State(model_state, model.config), _State(ema_state), _State(opt_state), step,
                         train_config)
@@ -238,8 +222,6 @@ def load_optimizer(opt, root: nn.Module, state: dict, fsdp: bool) -> None:
     if not fsdp:
         opt.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     names = [name for name, _ in root.named_parameters()]
     by_name = {
         "state": {names[int(i)]: s for i, s in state["state"].items()},
@@ -250,8 +232,6 @@ def load_optimizer(opt, root: nn.Module, state: dict, fsdp: bool) -> None:
 
 def gathered(model: nn.Module, ranks: Dist) -> nn.Module | None:
     """A sharded model (its own FSDP root) as one plain model on rank 0, None on the others; a collective."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     device = next(model.parameters()).device
     state = get_model_state_dict(model, options=_full_state_options())
     if not ranks.main:

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from lego import distributed
-from lego.checkpoint import atomic_write, load_checkpoint, remove_orphans, sync_config_json
+from lego.checkpoints.format import load_checkpoint, sync_config_json
 from lego.errors import LegoError
+from lego.files import atomic_write, remove_orphans
+from lego.training import distributed
 
 CHECKPOINT = "checkpoint.safetensors"
 LOCK = ".lock"

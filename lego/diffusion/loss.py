@@ -3,17 +3,20 @@
 Each brick k's output F_k gives its own denoised estimate D_k = c_skip x + c_out F_k; the loss is
     mean_k  mean over processed pixels of  lambda(sigma) * (D_k - x0)^2
 with lambda and the sigma distribution from the preconditioning (EDM by default, VP/DDPM as the alternative).
-Callable like EDM's losses: ``loss_fn(net, images, labels, generator)``; all randomness comes from ``generator``,
-so a resumed run draws exactly what an uninterrupted one would. ``share=(start, total)`` says that ``images`` are
-rows start.. of a batch of ``total`` images (one rank's share, or one accumulation step's): every draw is made for all
-``total`` images and those rows kept, so an image gets the same noise however the batch is split.
+Callable like EDM's losses: ``loss_fn(net, images, labels, generator)``, where ``net`` is a Denoiser
+(lego.diffusion.denoiser) or a DDP wrapper of one: the loss calls ``net(...)``, so data-parallel hooks see the call.
+All randomness comes from ``generator``, so a resumed run draws exactly what an uninterrupted one would.
+``share=(start, total)`` says that ``images`` are rows start.. of a batch of ``total`` images (one rank's share, or one
+accumulation step's): every draw is made for all ``total`` images and those rows kept, so an image gets the same noise
+however the batch is split.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lego.models import check_label_ids
+from lego.diffusion.denoiser import check_inputs
+from lego.networks.interface import PatchDraw
 
 
 class LegoLoss:
@@ -30,27 +33,22 @@ class LegoLoss:
         batch, device = images.shape[0], images.device
         start, total = share or (0, batch)
         rows = slice(start, start + batch)
-        precond = net.precond
+        model = getattr(net, "module", net)  # DistributedDataParallel keeps the model at .module
+        precond, num_classes = model.precond, model.num_classes
         sigma = precond.sample_sigma(total, generator, device)[rows]  # (B,)
         noise = torch.randn((total, *images.shape[1:]), generator=generator, device=device)[rows]
         x = images + sigma.view(-1, 1, 1, 1) * noise  # (B, C, H, W)
-        if labels is not None:  # (an unconditional model refuses them: it would train ignoring them)
-            labels = check_label_ids(labels, batch, net.num_classes).to(device)  # (B,); a [1] would broadcast
-            # The ids' range costs a device sync to check, so it is checked where it is free; on a GPU the embedding
-            # lookup stops a bad id with a device-side assertion.
-            if device.type == "cpu" and not bool(((labels >= 0) & (labels <= net.num_classes)).all()):
-                raise ValueError(f"class labels must be in 0..{net.num_classes - 1} ({net.num_classes}: none), got "
-                                 f"{labels.min().item()}..{labels.max().item()}")
+        if labels is not None:  # checked before the dropout below hides a bad id (its range only where it is free)
+            check_inputs(sigma, labels, batch, num_classes, values=device.type == "cpu", null="none")
+            labels = torch.as_tensor(labels, device=device).reshape(-1)  # (B,)
             drop = torch.rand(total, generator=generator, device=device)[rows] < self.label_dropout
-            labels = torch.where(drop, torch.full_like(labels, net.num_classes), labels)
-        c_skip, c_out, _, _ = (c.view(-1, 1, 1, 1) for c in precond.coefficients(sigma))
-        target = (images - c_skip * x) / c_out  # the brick output that reproduces x0 exactly
-        outputs = net.run_bricks(x, sigma, labels, patch_fraction=self.patch_fraction, fill=target, generator=generator,
-                                 share=share)
+            labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+        patches = PatchDraw(self.patch_fraction, generator, share)
+        outputs = net(x, sigma, labels, patches=patches, x0=images, every_brick=True)
         weight = precond.loss_weight(sigma).view(-1, 1, 1, 1)
         per_brick = []
         for out in outputs:
-            err = weight * (c_skip * x + c_out * out.output - images) ** 2  # (B, C, H, W)
+            err = weight * (out.denoised - images) ** 2  # (B, C, H, W)
             if out.mask is None:
                 per_brick.append(err.mean())
             else:  # only the pixels this brick processed count

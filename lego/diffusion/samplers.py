@@ -1,4 +1,6 @@
-"""Samplers as plain functions that only call ``net(x, sigma, class_labels, skip=...)`` (EDM style).
+"""Samplers as plain functions that only call ``net(x, sigma, class_labels, skip=...)`` (EDM style) and read
+``net.sigma_min``, ``net.sigma_max`` and ``net.num_classes`` (the null class, for guidance): a Denoiser
+(lego.diffusion.denoiser), or anything called like one (lego.diffusion.window.SlidingWindow).
 
 - ``edm_sampler``: EDM's 2nd-order Heun sampler, deterministic or stochastic (S_churn, S_min, S_max, S_noise)
   (Karras et al., 2022, Algorithm 2).
@@ -17,7 +19,7 @@ import math
 
 import torch
 
-from lego.precond import VPPrecond
+from lego.diffusion.precond import VPPrecond
 
 
 def skip_schedule(model, t_break: float):
@@ -28,10 +30,10 @@ def skip_schedule(model, t_break: float):
         raise ValueError(f"t_break must be in [0, 1], got {t_break}")
     if t_break == 0:
         return _no_skip
-    if not hasattr(model, "bricks"):  # a DiT (lego.dit): one network, nothing to skip
+    if model.net.num_bricks < 2:  # a DiT: one network, nothing to skip
         raise ValueError(f"{model.config.name} has no bricks to skip; t_break > 0 is for LEGO models")
-    top = len(model.bricks) - 1
-    top_is_image = model.bricks[top].brick_size == model.max_brick
+    top = model.net.num_bricks - 1
+    top_is_image = model.net.top_is_image
 
     def skip(t: float) -> tuple[int, ...]:
         hit = t <= t_break if top_is_image else t > 1 - t_break
@@ -155,3 +157,4 @@ def ddim_sampler(net, latents, class_labels=None, num_steps=50, eta=0.0, cfg_sca
 
 
 SAMPLERS = {"heun": edm_sampler, "ddpm": ddpm_sampler, "ddim": ddim_sampler}
+DEFAULT_STEPS = {"heun": 18, "ddpm": 250, "ddim": 50}

@@ -1,9 +1,9 @@
-"""DiT as a model of this pipeline: diffusers' DiTTransformer2DModel behind LegoModel's interface.
+"""DiT as a backbone of this pipeline: diffusers' DiTTransformer2DModel behind the backbone interface
+(lego.networks.interface), with its one output as a single brick.
 
-``DiTModel(config)`` is called like a LegoModel, ``model(x, sigma, class_labels)`` -> D(x; sigma) = c_skip x + c_out F,
-with the same preconditioning object (lego.precond: EDM or VP, c_noise scaled by ``embed_scale`` as LegoModel does),
-and ``run_bricks`` returns its one output as a single "brick", so lego.LegoLoss, the samplers, lego.train,
-lego.checkpoint and lego.eval treat both models alike: a comparison differs only in the backbone.
+``lego.DiTModel(config)`` wraps it in the same preconditioning as a LEGO stack (lego.diffusion.denoiser), so the loss,
+the samplers, lego.train, the checkpoints and lego.eval treat both models alike: a comparison differs only in the
+backbone.
 
 Sizes follow DiT's table (Peebles & Xie, 2023): S 384 / 6 heads / 12 layers, B 768 / 12 / 12, L 1024 / 16 / 24,
 XL 1152 / 16 / 28, patch 2, 4 or 8; T (128 / 4 / 6, ours) matches LEGO-T's six blocks for the CPU studies. Names:
@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from lego.errors import LegoError
-from lego.models import BrickOutput, check_batch_of_canvases, denoise
-from lego.precond import as_batch_sigma, make_precond
+from lego.networks.interface import BrickOutput, NoiseLevel, PatchDraw, check_batch_of_canvases
 
 
 @dataclass(frozen=True)
@@ -67,14 +66,14 @@ def dit_config(name: str, **overrides) -> DiTConfig:
 
 
 def _diffusers_dit():
-    try:
+    try:  # an optional dependency: only DiT models need it
         from diffusers import DiTTransformer2DModel
     except ImportError as e:
         raise LegoError(f"DiT models need diffusers ({e}); pip install diffusers") from None
     return DiTTransformer2DModel
 
 
-class DiTModel(nn.Module):
+class DiT(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
         if config.hidden_size % config.num_heads:
@@ -82,11 +81,11 @@ class DiTModel(nn.Module):
                 f"{config.name}: hidden size {config.hidden_size} is not a multiple of {config.num_heads} heads"
             )
         self.config = config
-        self.precond = make_precond(config.precond, config.sigma_data)
-        self.sigma_min, self.sigma_max = self.precond.sigma_min, self.precond.sigma_max
         self.num_classes = config.num_classes
         self.in_channels = config.in_channels
-        self.max_brick = config.patch_size  # canvases must be multiples of it (the samplers' and loaders' check)
+        self.num_bricks = 1
+        self.max_brick = config.patch_size  # canvases must be multiples of it
+        self.top_is_image = True
         # An unconditional DiT still needs a class table: one class, always given.
         self.dit = _diffusers_dit()(
             num_attention_heads=config.num_heads, attention_head_dim=config.hidden_size // config.num_heads,
@@ -127,24 +126,20 @@ class DiTModel(nn.Module):
                 f"of the patch size {p}"
             )
 
-    def run_bricks(self, x, sigma, class_labels=None, skip=(), patch_fraction=1.0, fill=None, generator=None,
-                   share=None):
-        """LegoModel.run_bricks' interface: the raw output F [B, C, H, W] as one BrickOutput (x not yet scaled). A DiT
-        makes no random draws, so ``share`` (which rows of a split batch these are) changes nothing."""
+    def brick_modules(self) -> list[nn.Module]:
+        return [self.dit]
+
+    def forward(self, x, noise: NoiseLevel, class_labels=None, skip=frozenset(), patches: PatchDraw | None = None,
+                fill=None) -> list[BrickOutput]:
+        """The raw output F [B, C, H, W] as one BrickOutput (see lego.networks.interface). A DiT has no patch-bricks
+        and makes no random draws."""
         if skip:
             raise ValueError(f"{self.config.name} has no bricks to skip; brick skipping (--t-break) is for LEGO models")
-        if patch_fraction < 1:
+        if patches is not None and patches.fraction < 1:
             raise ValueError(f"{self.config.name} has no patch-bricks; --patch-fraction < 1 is for LEGO models")
-        self.check_canvas(x)
         batch = x.shape[0]
-        sigma = as_batch_sigma(sigma, batch, x.device)
-        _, _, c_in, c_noise = self.precond.coefficients(sigma)
         if class_labels is None or not self.num_classes:  # the null class (guidance), or the one class
             class_labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=x.device)
-        t = c_noise * self.precond.embed_scale  # (B,), as LegoModel.condition feeds its time embedding
-        f = self.dit(x * c_in.view(-1, 1, 1, 1), t, class_labels.to(x.device).long(), return_dict=False)[0]
+        x_in = x * noise.c_in.view(-1, 1, 1, 1)
+        f = self.dit(x_in, noise.c_noise, class_labels.to(x.device).long(), return_dict=False)[0]
         return [BrickOutput(0, f.float(), None)]  # f: (B, C, H, W)
-
-    def forward(self, x, sigma, class_labels=None, skip=()):
-        """The denoiser D(x; sigma) [B, C, H, W] (fp32); sigma >= 0, and sigma = 0 returns x, as LegoModel's."""
-        return denoise(self, x, sigma, class_labels, skip)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lego.checkpoint import atomic_write
+from lego.files import atomic_write
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import lego_kernels as lk
-from lego.blocks import DiTBlock, FinalLayer, sincos_pos_embed_2d
+from lego.networks.blocks import DiTBlock, FinalLayer, sincos_pos_embed_2d
 
 
 class LegoBrick(nn.Module):
@@ -81,42 +81,21 @@ class LegoBrick(nn.Module):
     def num_patches(self, height: int, width: int) -> int:
         return (height // self.brick_size) * (width // self.brick_size)
 
-    def forward(self, x, prev, cond, patch_index=None, fill=None, *, check_ids=True):
+    def forward(self, x, prev, cond, patch_index=None, fill=None, *, check=True):
         """
         x: [B, C, H, W] canvas (already scaled by the preconditioning's c_in).
         prev: [B, C, H, W] previous brick's output, or None for a bottom brick (zeros are used if it has_prev).
         cond: [B, cond_size] per-image conditioning (time + class embedding).
         patch_index: [B, P] flat ids (row-major) of the patches to process, distinct within a row; None processes all.
         fill: [B, C, H, W] values for patches not processed (zeros when None).
-        check_ids: check that patch_index's ids are patches of the canvas, none twice in a row (lk.patch_embed does it:
-            one host sync on a GPU); LegoModel, which draws the ids itself, skips it.
+        check: check the inputs: shapes, and that patch_index's ids are patches of the canvas, none twice in a row
+            (lk.patch_embed does that one: a host sync on a GPU). The LEGO stack, which checked the canvas and drew the
+            ids itself, passes False.
         Returns the brick's output on the full canvas, [B, C, H, W].
         """
-        if x.dim() != 4:
-            raise ValueError(f"LegoBrick: x must be a batch of canvases [B, C, H, W], got shape {tuple(x.shape)}")
-        _, c, h, w = x.shape
-        if c != self.in_channels:
-            raise ValueError(f"LegoBrick: the canvas has {c} channels but the brick was built for {self.in_channels}")
-        if h % self.brick_size or w % self.brick_size:
-            raise ValueError(
-                f"LegoBrick: the canvas {h}x{w} is not divisible by the brick size {self.brick_size}; "
-                f"use sides that are multiples of {self.brick_size}"
-            )
-        batch = x.shape[0]
-        want = self.hidden_size if isinstance(self.cond_proj, nn.Identity) else self.cond_proj.in_features
-        if cond.dim() != 2 or cond.shape != (batch, want):
-            raise ValueError(
-                f"LegoBrick: cond must be [batch, cond_size] = [{batch}, {want}] (one row per image), "
-                f"got {list(cond.shape)}"
-            )
-        for name, t in (("prev", prev), ("fill", fill)):
-            if t is not None and t.shape != x.shape:
-                raise ValueError(f"LegoBrick: {name} must have the canvas's shape {list(x.shape)}, got {list(t.shape)}")
-        if patch_index is not None and not isinstance(patch_index, torch.Tensor):
-            raise TypeError(f"LegoBrick: patch_index must be a tensor of patch ids, got {type(patch_index).__name__}")
-        if patch_index is not None and (patch_index.dim() != 2 or patch_index.shape[0] != batch):
-            shape = list(patch_index.shape)
-            raise ValueError(f"LegoBrick: patch_index must be [{batch}, P] (one row per image), got {shape}")
+        if check:
+            self._check(x, prev, cond, patch_index, fill)
+        c, h, w = x.shape[1:]
         if self.has_prev and prev is None:
             prev = torch.zeros_like(x)
         elif not self.has_prev:
@@ -134,7 +113,7 @@ class LegoBrick(nn.Module):
         be = self.backend
         tokens = lk.patch_embed(
             x.to(dt), None if prev is None else prev.to(dt), self.embed_weight.to(dt), self.embed_bias.to(dt),
-            self.pos_embed.to(dt), self.brick_size, self.field_size, patch_index, backend=be, check_ids=check_ids,
+            self.pos_embed.to(dt), self.brick_size, self.field_size, patch_index, backend=be, check_ids=check,
         )  # (N, S, d)
         if self.depth:
             h_mod = lk.adaln_modulate(tokens, mods[0][0], mods[0][1], backend=be)  # (N, S, d)
@@ -148,6 +127,32 @@ class LegoBrick(nn.Module):
         return lk.patch_unembed(
             out, self.brick_size, self.field_size, c, h, w, patch_index, fill, backend=be, check_ids=False
         )  # the ids were checked by patch_embed
+
+    def _check(self, x, prev, cond, patch_index, fill) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"LegoBrick: x must be a batch of canvases [B, C, H, W], got shape {tuple(x.shape)}")
+        batch, c, h, w = x.shape
+        if c != self.in_channels:
+            raise ValueError(f"LegoBrick: the canvas has {c} channels but the brick was built for {self.in_channels}")
+        if h % self.brick_size or w % self.brick_size:
+            raise ValueError(
+                f"LegoBrick: the canvas {h}x{w} is not divisible by the brick size {self.brick_size}; "
+                f"use sides that are multiples of {self.brick_size}"
+            )
+        want = self.hidden_size if isinstance(self.cond_proj, nn.Identity) else self.cond_proj.in_features
+        if cond.dim() != 2 or cond.shape != (batch, want):
+            raise ValueError(
+                f"LegoBrick: cond must be [batch, cond_size] = [{batch}, {want}] (one row per image), "
+                f"got {list(cond.shape)}"
+            )
+        for name, t in (("prev", prev), ("fill", fill)):
+            if t is not None and t.shape != x.shape:
+                raise ValueError(f"LegoBrick: {name} must have the canvas's shape {list(x.shape)}, got {list(t.shape)}")
+        if patch_index is not None and not isinstance(patch_index, torch.Tensor):
+            raise TypeError(f"LegoBrick: patch_index must be a tensor of patch ids, got {type(patch_index).__name__}")
+        if patch_index is not None and (patch_index.dim() != 2 or patch_index.shape[0] != batch):
+            shape = list(patch_index.shape)
+            raise ValueError(f"LegoBrick: patch_index must be [{batch}, P] (one row per image), got {shape}")
 
     def extra_repr(self) -> str:
         return (

@@ -1,6 +1,6 @@
 """Generation beyond the training canvas by a sliding window, with per-region class labels (Zheng et al., App. D.3).
 
-``SlidingWindow(net, window, stride)`` is itself a denoiser D(x; sigma, class_labels, skip): at every call it cuts
+``SlidingWindow(net, window, stride)`` is itself called like a denoiser, D(x; sigma, class_labels, skip): at every call it cuts
 the canvas into windows of the training size, moved by ``stride`` and with the last window in each direction aligned
 to the canvas edge, denoises all of them in batched calls of at most ``max_batch`` windows, and gives each pixel the
 average over the windows that cover it. The samplers call it like a model, so Heun / DDPM / DDIM, classifier-free
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from lego.diffusion.precond import as_batch_sigma
 from lego.errors import LegoError
-from lego.precond import as_batch_sigma
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -90,22 +90,35 @@ class SlidingWindow:
     """
 
     def __init__(self, net, window=None, stride=None, max_batch: int = 64):
-        resolution = net.config.resolution
         self.net = net
-        self.window = _pair(resolution if window is None else window)  # (0 is an error below, not the default)
+        self.window = _pair(net.resolution if window is None else window)  # (0 is an error below, not the default)
         self.stride = _pair(tuple(max(1, s // 4) for s in self.window) if stride is None else stride)
         if max_batch <= 0:
             raise LegoError(f"--max-batch must be positive, got {max_batch}")
         self.max_batch = max_batch
-        big = getattr(net, "max_brick", 1)
+        big = net.max_brick
         if min(self.window) <= 0 or self.window[0] % big or self.window[1] % big:
             side = "x".join(map(str, dict.fromkeys(self.window)))  # "20", or "16x20" for a non-square window
             raise LegoError(f"--window {side}: the window's height and width must be positive multiples of {big}, the "
                             "model's largest brick")
         net.check_canvas(torch.empty(1, net.in_channels, *self.window, device="meta"))
-        # What the samplers read from a model.
-        self.num_classes, self.in_channels = net.num_classes, net.in_channels
-        self.sigma_min, self.sigma_max = net.sigma_min, net.sigma_max
+
+    # What the samplers read of a denoiser: the wrapped one's.
+    @property
+    def num_classes(self) -> int:
+        return self.net.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.net.in_channels
+
+    @property
+    def sigma_min(self) -> float:
+        return self.net.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.net.sigma_max
 
     def windows(self, height: int, width: int) -> list[tuple[int, int]]:
         """(top, left) of every window on an H x W canvas, row by row."""
@@ -153,60 +166,3 @@ class SlidingWindow:
 
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def panorama(
-    net, height: int, width: int, n: int = 1, labels=None, regions=None, window=None, stride=None,
-    max_batch: int = 64, sampler: str = "heun", steps: int | None = None, cfg_scale: float = 1.0,
-    t_break: float = 0.0, generator: torch.Generator | None = None, **sampler_kwargs,
-) -> torch.Tensor:
-    """n samples [n, C, height, width] from ``net`` (a LegoModel) by the sliding window.
-
-    labels: a class id or [n] ids; regions: a [H, W] label map or rectangles ``(top, left, bottom, right, class)``
-    (overrides labels). Every other option is the sampler's (see lego.sampling)."""
-    from lego.sample import DEFAULT_STEPS
-    from lego.sampling import SAMPLERS, skip_schedule
-
-    if sampler not in SAMPLERS:
-        raise LegoError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    device = next(net.parameters()).device
-    wrapped = SlidingWindow(net, window, stride, max_batch)
-    wrapped.windows(height, width)  # checks the canvas against the window before any work
-    y = None
-    if regions is not None:
-        y = region_map(height, width, regions).to(device).expand(n, -1, -1)  # (n, H, W)
-    elif labels is not None:
-        y = torch.as_tensor(labels, device=device).long().reshape(-1)
-        y = y.expand(n) if y.numel() == 1 else y  # (n,)
-    if y is not None and net.num_classes and not 0 <= int(y.min()) <= int(y.max()) < net.num_classes:
-        raise LegoError(f"class ids must be in 0..{net.num_classes - 1}, got {int(y.min())}..{int(y.max())}")
-    z = torch.randn(n, net.in_channels, height, width, generator=generator, device=device)
-    return SAMPLERS[sampler](
-        wrapped, z, y, num_steps=steps or DEFAULT_STEPS[sampler], cfg_scale=cfg_scale,
-        skip=skip_schedule(net, t_break), generator=generator, **sampler_kwargs,
-    )
-
-
-class ExactDenoiser(torch.nn.Module):
-    """The exact denoiser of a small labelled image set: D(x; sigma, y) = E[x0 | x, class y], a softmax over the set's
-    images of class y (all of them for the null class y = num_classes). What a perfectly trained model computes on
-    that set: a reference for samplers and sliding windows, with nothing of a training run in it."""
-
-    def __init__(self, images, labels, num_classes):
-        super().__init__()
-        self.images, self.labels = images, labels  # (N, C, h, w), (N,)
-        self.num_classes, self.in_channels = num_classes, images.shape[1]
-        self.sigma_min, self.sigma_max = 0.002, 80.0
-        self.config = type("C", (), {"resolution": images.shape[-1]})
-
-    def check_canvas(self, x):
-        pass
-
-    def forward(self, x, sigma, class_labels=None, skip=()):
-        dist = torch.cdist(x.flatten(1).double(), self.images.flatten(1).double()) ** 2  # (B, N)
-        logits = -dist / (2 * sigma.double().view(-1, 1) ** 2)
-        if class_labels is not None:
-            own = (self.labels[None] == class_labels[:, None]) | (class_labels[:, None] == self.num_classes)
-            logits = logits.masked_fill(~own, float("-inf"))
-        weights = logits.softmax(dim=1).float()  # (B, N)
-        return (weights @ self.images.flatten(1)).view_as(x)

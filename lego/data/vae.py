@@ -3,12 +3,15 @@
 Training data are latents ``z = (mean of the encoder's posterior - shift_factor) * scaling_factor``, the scaling
 chosen so that z has about unit variance (SD-VAE: 0.18215, no shift). ``lego.encode`` stores the two factors with the
 latents, ``lego.train`` copies them into its checkpoint, and ``lego.sample --vae`` undoes them before decoding.
+diffusers is an optional dependency (the ``latent`` extra): it is imported where an autoencoder is loaded.
 """
 
 from __future__ import annotations
 
+import socket
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -19,7 +22,7 @@ from lego.errors import LegoError
 def load_vae(spec: str, device) -> torch.nn.Module:
     """An AutoencoderKL from a local folder (written by ``save_pretrained``, or a pipeline folder with a ``vae``
     sub-folder) or a hub id (``stabilityai/sd-vae-ft-ema``) where the machine can reach the hub."""
-    try:
+    try:  # optional: only latent models need it
         from diffusers import AutoencoderKL
     except ImportError:
         raise LegoError("--vae needs diffusers: pip install diffusers (or this package's [latent] extra)") from None
@@ -44,10 +47,7 @@ def load_vae(spec: str, device) -> torch.nn.Module:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether a TCP connection to the Hugging Face hub's endpoint opens within ``timeout`` seconds."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # (comes with diffusers)
 
     url = urlparse(constants.ENDPOINT)
     try:
@@ -86,14 +86,6 @@ def decode(vae, latents: torch.Tensor, scale: float, shift: float, batch: int = 
         z = chunk.to(vae.device, vae.dtype) / scale + shift
         out.append(vae.decode(z).sample.float().clamp(-1, 1).cpu())
     return torch.cat(out)
-
-
-def decode_samples(latents: torch.Tensor, vae, ckpt) -> torch.Tensor:
-    """Samples of a model trained on latents -> images, with the factors its checkpoint ``ckpt`` recorded."""
-    from lego.checkpoint import load_checkpoint
-
-    scale, shift = factors(vae, load_checkpoint(ckpt, parts=()).train_config.get("latents"))
-    return decode(vae, latents, scale, shift)
 
 
 def as_float_images(x: np.ndarray | torch.Tensor, channels: int) -> torch.Tensor:

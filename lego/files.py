@@ -1,0 +1,84 @@
+"""Writing files so that nothing a user made is lost: one atomic write for every file the library writes.
+
+Temporary files live in ``.<name>.<pid>.<random>.tmp`` folders beside their target; ``remove_orphans`` deletes the ones
+whose writer has died (a ``kill -9`` during a save). Files get mode 0666 less the umask, like any file ``open`` creates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+# Temporary files without a pid: tempfile.mkstemp's (older versions of this module) and safetensors' own.
+_UNATTRIBUTED = re.compile(r"^\.(.+\.[A-Za-z0-9_]{8}\.tmp|tmp[A-Za-z0-9]{6})$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _umask() -> int:
+    try:  # Linux >= 4.7 shows it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_orphans(folder, unattributed: bool = False) -> list[Path]:
+    """Delete the temporary files in ``folder`` left by atomic writers that died; returns them. ``unattributed``
+    also deletes temporary files without a pid (older versions', safetensors'): only safe holding the folder's lock."""
+    removed = []
+    for p in Path(folder).glob(".*"):
+        m = _TMP.match(p.name)
+        dead = (m and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"]))) or (
+            not m and unattributed and _UNATTRIBUTED.match(p.name)
+        )
+        if dead:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then move the file into place; the old file stays intact until the rename.
+
+    ``tmp_path`` lies in a private folder ``.<name>.<pid>.<random>.tmp`` beside ``path``, so that whatever the writer
+    makes there (safetensors writes its own temporary file first) is cleaned up with it, and is found by
+    ``remove_orphans`` if this process is killed. The file gets mode 0666 less the umask, as ``open`` would give it
+    (safetensors' temporary files are 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(path.parent)
+    tmp_dir = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp_dir.mkdir()
+    tmp = tmp_dir / path.name
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every file system)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,81 @@
+"""Sampling a checkpoint into files (``python -m lego.sample``): load it, draw with lego.diffusion.generate, decode
+latents through an autoencoder, write a PNG grid or an .npz."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lego import checks
+from lego.checkpoints.build import check_guidance, load_model
+from lego.checkpoints.format import load_checkpoint
+from lego.data.images import save_grid, save_npz
+from lego.data.vae import decode, factors, load_vae
+from lego.diffusion.generate import check_sample_options, generate, parse_labels
+from lego.diffusion.window import parse_regions
+from lego.errors import LegoError
+
+
+def sample(
+    ckpt, n=64, sampler="heun", steps=None, cfg_scale=1.0, labels=None, t_break=0.0, height=None, width=None,
+    seed=0, batch=64, device=None, use_ema=True, churn=0.0, window=None, stride=None, max_batch=64, regions=None,
+):  # fmt: skip
+    """Draw n samples [n, C, H, W] (and their labels) from the checkpoint ``ckpt``. ``labels`` and ``regions`` are
+    lego.sample's texts ("3", "0,1,2"; "0:64=3,64:128=7"); the rest is lego.diffusion.generate's."""
+    check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn, window, stride,
+                         max_batch)  # fmt: skip
+    device = checks.device(device)
+    model = load_model(ckpt, use_ema=use_ema, device=device)
+    check_guidance(cfg_scale, model.num_classes, load_checkpoint(ckpt, parts=()).train_config)
+    h = height or model.resolution
+    ids = parse_labels(labels, n, model.num_classes)
+    rects = None
+    if regions:
+        if labels:
+            raise LegoError("give --labels or --regions, not both")
+        if not model.num_classes:
+            raise LegoError("--regions given but the model is unconditional")
+        rects = parse_regions(regions, h)
+        if any(not 0 <= cls < model.num_classes for *_, cls in rects):
+            raise LegoError(f"--regions: classes must be in 0..{model.num_classes - 1}")
+    images, labels = generate(
+        model, n, sampler, steps, cfg_scale, ids, t_break, height, width, seed, batch, churn, window, stride,
+        max_batch, rects, device=device,
+    )  # fmt: skip
+    if not torch.isfinite(images).all():
+        raise LegoError(f"sampling {ckpt} gave NaN or inf values; nothing was written. Try fewer guidance "
+                        "(--cfg-scale) or another checkpoint")
+    return images, labels  # labels: [n], or [n, H, W] with --regions
+
+
+def write_samples(ckpt, out, npz=None, vae=None, n=64, sampler="heun", steps=None, cfg_scale=1.0, labels=None,
+                  t_break=0.0, height=None, width=None, seed=0, batch=64, device=None, use_ema=True, churn=0.0,
+                  window=None, stride=None, max_batch=64, regions=None) -> list[Path]:
+    """lego.sample: sample (see ``sample``), decode latents with the autoencoder ``vae`` (loaded first: a bad one
+    fails fast), write ``out`` (a .png grid or an .npz) and ``npz``; returns the files written."""
+    outs = [Path(p) for p in (out, npz) if p]
+    for path in outs:
+        if path.suffix not in (".png", ".npz"):
+            raise LegoError(f"{path}: the output must end in .png (a grid) or .npz")
+    if npz and Path(npz).suffix != ".npz":  # it wrote a second grid there
+        raise LegoError(f"--npz {npz}: --npz writes an .npz; give a name ending in .npz")
+    if vae:  # a latent model: its samples are decoded by the autoencoder
+        vae = load_vae(vae, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    images, labels = sample(ckpt, n, sampler, steps, cfg_scale, labels, t_break, height, width, seed, batch, device,
+                            use_ema, churn, window, stride, max_batch, regions)  # fmt: skip
+    if vae:
+        images = decode_samples(images, vae, ckpt)
+    for path in outs:
+        if path.suffix == ".png":
+            save_grid(images, path)
+        else:
+            save_npz(images, path, labels)
+        print(f"lego.sample: wrote {path} ({len(images)} samples, {images.shape[2]}x{images.shape[3]})")
+    return outs
+
+
+def decode_samples(latents: torch.Tensor, vae, ckpt) -> torch.Tensor:
+    """Samples of a model trained on latents -> images, with the factors its checkpoint ``ckpt`` recorded."""
+    scale, shift = factors(vae, load_checkpoint(ckpt, parts=()).train_config.get("latents"))
+    return decode(vae, latents, scale, shift)

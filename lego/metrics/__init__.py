@@ -1,0 +1,2 @@
+"""Metrics: feature networks, Fréchet distances, the cost of sampling, and scoring checkpoints (lego.eval,
+lego.heldout)."""

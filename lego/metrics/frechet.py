@@ -1,0 +1,64 @@
+"""The Fréchet distance (Heusel et al., 2017) between feature statistics, and the reference statistics of a dataset,
+computed once and cached (next to a dataset file or folder; for the named datasets under ~/.cache/lego)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lego.data.datasets import NAMED, open_dataset
+from lego.data.loader import prepare
+
+
+def feature_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and covariance [D, D] (float64) of features [N, D]."""
+    f = features.double()
+    return f.mean(0).numpy(), torch.cov(f.T).numpy()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)); tr (S1 S2)^(1/2) is the sum of the square roots of the eigenvalues
+    of S1^(1/2) S2 S1^(1/2), a symmetric PSD matrix, so two symmetric eigendecompositions replace scipy's sqrtm."""
+    mu1, mu2, s1, s2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
+    w, v = torch.linalg.eigh(s1)
+    root1 = (v * w.clamp(min=0).sqrt()) @ v.T  # S1^(1/2)
+    middle = root1 @ s2 @ root1
+    tr_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_root)
+
+
+def _cache_path(data: str, tag: str) -> Path:
+    if data in NAMED:
+        root = Path(os.environ.get("LEGO_CACHE", Path.home() / ".cache" / "lego"))
+        return root / f"fd-ref-{data}-{tag}.npz"
+    path = Path(data).expanduser().resolve()
+    stat = path.stat()
+    key = hashlib.sha1(f"{path}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:10]
+    return path.parent / f".{path.name}.fd-ref-{tag}-{key}.npz"
+
+
+def reference_stats(data: str, resolution: int, extractor, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """The training set's feature statistics at the model's resolution, computed once and cached."""
+    path = _cache_path(data, f"{tag}-{resolution}px")
+    if path.is_file():
+        with np.load(path) as z:
+            return z["mu"], z["sigma"]
+    dataset = open_dataset(data, resolution)  # what lego.train reads
+    feats = []
+    for start in range(0, len(dataset), 10000):  # a mapped dataset is read a slice at a time
+        images, _ = dataset[torch.arange(start, min(start + 10000, len(dataset)))]
+        feats.append(extractor(prepare(images, resolution, None))[0])
+    mu, sigma = feature_stats(torch.cat(feats))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, mu=mu, sigma=sigma)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only dataset folder: recomputed next time, which is only slower
+        print(f"lego.eval: could not cache the reference statistics at {path} ({e})", file=sys.stderr)
+    return mu, sigma
