@@ -60,5 +60,6 @@ def test_sampling(benchmark, bench_device, case):
         benchmark, kind="sample", model=m.name, label=m.label, group=g.name, sampler=case.sampler, steps=case.steps,
         nfe=len(calls), cfg=case.cfg, t_break=case.t_break, batch=batch, images=batch, flops=flops,
         skipped_flops_share=1 - flops / no_skip_flops, skipped_calls=sum(1 for _, s in calls if s),
-        config=m.config(), canvas=[g.channels, g.resolution, g.resolution], timing=timing, amp_dtype=harness.amp_dtype(dev),
+        config=m.config(), canvas=[g.channels, g.resolution, g.resolution], timing=timing,
+        amp_dtype=harness.amp_dtype(dev),
     )  # fmt: skip

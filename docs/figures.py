@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
+from lego import SlidingWindow
 from lego.data.datasets import open_dataset
 from lego.data.images import save_grid
-from lego import SlidingWindow
 from lego.diffusion.exact import ExactDenoiser
-from lego.diffusion.window import region_map
 from lego.diffusion.samplers import edm_sampler
+from lego.diffusion.window import region_map
 
 
 def main():

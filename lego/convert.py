@@ -27,8 +27,10 @@ def _main(args: argparse.Namespace) -> None:
     ckpt = convert(args.snapshot, args.out, args.num_heads)
     c = load_checkpoint(ckpt, parts=()).model_config
     bricks = ", ".join(f"{b.brick_size}/{b.field_size}/{b.depth}" for b in c.bricks)
-    print(f"lego.convert: {c.name}: bricks (r/l/depth, bottom to top) {bricks}; hidden {c.hidden_size}, "
-          f"{c.num_heads} heads, {c.in_channels} channels, {c.num_classes} classes, {c.resolution}x{c.resolution}")
+    print(
+        f"lego.convert: {c.name}: bricks (r/l/depth, bottom to top) {bricks}; hidden {c.hidden_size}, "
+        f"{c.num_heads} heads, {c.in_channels} channels, {c.num_classes} classes, {c.resolution}x{c.resolution}"
+    )
     print(f"lego.convert: wrote {ckpt} and {ckpt.with_name('config.json')}")
     print(f"lego.convert: sample it with: python -m lego.sample --ckpt {ckpt} --n 16 --out samples.png")
 

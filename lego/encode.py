@@ -20,8 +20,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", required=True, help="AutoencoderKL: a local folder (save_pretrained) or a hub id")
     p.add_argument("--data", required=True, help="a folder of images, a uint8 .npy, an .npz, or default | mnist ...")
     p.add_argument("--out", required=True, help="the latents' .npy (sidecars .labels.npy and .json beside it)")
-    p.add_argument("--resolution", type=int, help="image side before encoding (default: 256 for a folder, else the "
-                   "stored size)")
+    p.add_argument(
+        "--resolution", type=int, help="image side before encoding (default: 256 for a folder, else the stored size)"
+    )
     p.add_argument("--batch", type=int, default=32, help="images per autoencoder call (default 32)")
     p.add_argument("--half", action="store_true", help="store float16 latents (half the disk)")
     p.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
@@ -31,8 +32,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    return run_cli("lego.encode", lambda: encode_dataset(args.vae, args.data, args.out, args.resolution, args.batch,
-                                                         args.half, args.device, not args.no_progress))
+    return run_cli(
+        "lego.encode",
+        lambda: encode_dataset(
+            args.vae, args.data, args.out, args.resolution, args.batch, args.half, args.device, not args.no_progress
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -44,14 +44,36 @@ def sample(
         max_batch, rects, device=device,
     )  # fmt: skip
     if not torch.isfinite(images).all():
-        raise LegoError(f"sampling {ckpt} gave NaN or inf values; nothing was written. Try fewer guidance "
-                        "(--cfg-scale) or another checkpoint")
+        raise LegoError(
+            f"sampling {ckpt} gave NaN or inf values; nothing was written. Try fewer guidance "
+            "(--cfg-scale) or another checkpoint"
+        )
     return images, labels  # labels: [n], or [n, H, W] with --regions
 
 
-def write_samples(ckpt, out, npz=None, vae=None, n=64, sampler="heun", steps=None, cfg_scale=1.0, labels=None,
-                  t_break=0.0, height=None, width=None, seed=0, batch=64, device=None, use_ema=True, churn=0.0,
-                  window=None, stride=None, max_batch=64, regions=None) -> list[Path]:
+def write_samples(
+    ckpt,
+    out,
+    npz=None,
+    vae=None,
+    n=64,
+    sampler="heun",
+    steps=None,
+    cfg_scale=1.0,
+    labels=None,
+    t_break=0.0,
+    height=None,
+    width=None,
+    seed=0,
+    batch=64,
+    device=None,
+    use_ema=True,
+    churn=0.0,
+    window=None,
+    stride=None,
+    max_batch=64,
+    regions=None,
+) -> list[Path]:
     """lego.sample: sample (see ``sample``), decode latents with the autoencoder ``vae`` (loaded first: a bad one
     fails fast), write ``out`` (a .png grid or an .npz) and ``npz``; returns the files written."""
     outs = [Path(p) for p in (out, npz) if p]

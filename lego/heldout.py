@@ -20,7 +20,9 @@ from lego.metrics.evaluate import heldout
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lego.heldout", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", nargs="+", required=True, help="checkpoints to score")
-    p.add_argument("--data", required=True, help="held-out images: default | a folder | an .npz | an .npy (see lego.train)")
+    p.add_argument(
+        "--data", required=True, help="held-out images: default | a folder | an .npz | an .npy (see lego.train)"
+    )
     p.add_argument("--n", type=int, default=1000, help="images scored, the first n (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and sigmas (default 0)")
 

@@ -8,8 +8,8 @@ Usage: python -m lego.sample --ckpt runs/lego/checkpoint.safetensors --n 64 --ou
 --out takes a .png (a grid) or an .npz (float samples, uint8 images, labels); --npz writes an .npz as well.
 The canvas may be any height and width that are multiples of the model's largest brick, larger than the training
 images and non-square included. Either the whole canvas goes through the model in one call (the default), or, with
---window, --stride or --regions, a window of the training size slides over it (lego.panorama, the paper's way), and
---regions gives column ranges of the canvas their own classes.
+--window, --stride or --regions, a window of the training size slides over it (lego.diffusion.window, the paper's
+way), and --regions gives column ranges of the canvas their own classes.
 """
 
 from __future__ import annotations

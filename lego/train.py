@@ -32,7 +32,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help=f"learning-rate warm-up steps (default {d.warmup})")
     p.add_argument("--ema", type=float, help=f"EMA decay per step (default {d.ema})")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
-    p.add_argument("--patch-fraction", type=float, help=f"share of patch-brick patches trained (default {d.patch_fraction})")
+    p.add_argument(
+        "--patch-fraction", type=float, help=f"share of patch-brick patches trained (default {d.patch_fraction})"
+    )
     p.add_argument("--label-dropout", type=float, help=f"label dropout for CFG (default {d.label_dropout})")
     p.add_argument("--seed", type=int, help=f"seed (default {d.seed})")
     p.add_argument("--out", help=f"output folder (default {d.out})")
@@ -48,10 +50,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     p.add_argument("--flip", action="store_true", default=None, help="mirror each image with probability 1/2")
     p.add_argument("--grad-accum", type=int, metavar="K", help="split each step into K micro-steps (same global batch)")
-    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                   help="torch.compile each brick, fullgraph (backend default inductor)")
-    p.add_argument("--fsdp", action="store_true", default=None,
-                   help="under torchrun: shard parameters and optimizer state (FSDP2) instead of replicating them")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        help="torch.compile each brick, fullgraph (backend default inductor)",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=None,
+        help="under torchrun: shard parameters and optimizer state (FSDP2) instead of replicating them",
+    )
     p.add_argument("--workers", type=int, help="DataLoader workers (default: 4 for a .npy dataset, else 0)")
     return p
 
@@ -60,9 +71,15 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.resume and args.overwrite:
         parser().error("--resume and --overwrite contradict each other; give one")
-    return run_cli("lego.train", lambda: train(
-        resolve_config(vars(args), args.resume), resume=args.resume, progress=not args.no_progress,
-        overwrite=args.overwrite))
+    return run_cli(
+        "lego.train",
+        lambda: train(
+            resolve_config(vars(args), args.resume),
+            resume=args.resume,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        ),
+    )
 
 
 if __name__ == "__main__":

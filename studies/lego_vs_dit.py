@@ -44,9 +44,8 @@ def _train_flops_per_step(cfg) -> int:
     """Forward + backward FLOPs of one training step at cfg.batch (counted on 4 images; linear in the batch)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from lego import LegoLoss, build_model
     from lego.data.datasets import open_dataset
-    from lego import LegoLoss
-    from lego import build_model
     from lego.networks.registry import model_config
 
     data = open_dataset(cfg.data, 16)

@@ -81,11 +81,18 @@ def compile_for_gpu(*specs, capabilities=(80, 90)):
         fn = kernel
         while hasattr(fn, "fn"):
             fn = fn.fn
-        jobs.append([fn.__module__, fn.__name__, signature, constexprs, options[0] if options else {},
-                     list(capabilities)])
+        jobs.append(
+            [fn.__module__, fn.__name__, signature, constexprs, options[0] if options else {}, list(capabilities)]
+        )
     env = dict(os.environ, TRITON_INTERPRET="0")
-    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(jobs)], check=False, env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(jobs)],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
 
 

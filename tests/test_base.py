@@ -9,18 +9,15 @@ import torch
 from conftest import save_digits
 from safetensors import safe_open
 
-from lego import DiffusersDenoiser, stack_on_base
+from lego import DiffusersDenoiser, LegoLoss, LegoModel, VPPrecond, model_config, stack_on_base
 from lego.checkpoints.build import load_model
 from lego.checkpoints.format import load_checkpoint
-from lego.errors import LegoError
-from lego.networks.interface import PatchDraw
-from lego.metrics.evaluate import heldout_loss
 from lego.data.datasets import open_dataset
 from lego.data.loader import prepare
-from lego import LegoLoss
-from lego import LegoModel, model_config
-from lego import VPPrecond
 from lego.diffusion.samplers import edm_sampler, skip_schedule
+from lego.errors import LegoError
+from lego.metrics.evaluate import heldout_loss
+from lego.networks.interface import PatchDraw
 from lego.train import main as train_main
 
 FAST = ["--batch", "4", "--log-every", "1", "--sample-n", "0", "--no-progress"]
@@ -96,7 +93,9 @@ def test_an_untrained_stack_on_a_base_is_the_base(freeze):
             torch.testing.assert_close(model(x, sigma, skip=skip), want, rtol=0, atol=1e-5)
         # Training processes half the patches of the 4 x 4 brick: those carry the base's output, the rest the fill.
         fill = torch.randn_like(x)
-        outs = model.net(x, model.noise_level(sigma), patches=PatchDraw(0.5, torch.Generator().manual_seed(0)), fill=fill)
+        outs = model.net(
+            x, model.noise_level(sigma), patches=PatchDraw(0.5, torch.Generator().manual_seed(0)), fill=fill
+        )
         top, below = outs[-1], outs[-2].output
         assert top.mask is not None and 0 < top.mask.mean() < 1
         torch.testing.assert_close(torch.where(top.mask.bool(), below, fill), top.output, rtol=0, atol=0)
@@ -179,15 +178,37 @@ def test_diffusers_dit_folder_as_base(tmp_path, capsys):
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
-    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2,
-                                num_layers=1, sample_size=16, patch_size=4, num_embeds_ada_norm=10)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=1,
+        out_channels=2,
+        num_layers=1,
+        sample_size=16,
+        patch_size=4,
+        num_embeds_ada_norm=10,
+    )
     dit.save_pretrained(tmp_path / "dit")
     npz = tmp_path / "d.npz"
-    np.savez(npz, images=np.random.default_rng(0).integers(0, 255, (10, 16, 16), dtype=np.uint8),
-             labels=np.arange(10))
+    np.savez(npz, images=np.random.default_rng(0).integers(0, 255, (10, 16, 16), dtype=np.uint8), labels=np.arange(10))
     out = tmp_path / "run"
-    assert train_main([*FAST, "--data", str(npz), "--steps", "1", "--base-ckpt", str(tmp_path / "dit"),
-                       "--freeze-base", "--out", str(out)]) == 0
+    assert (
+        train_main(
+            [
+                *FAST,
+                "--data",
+                str(npz),
+                "--steps",
+                "1",
+                "--base-ckpt",
+                str(tmp_path / "dit"),
+                "--freeze-base",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     model = load_model(out / "checkpoint.safetensors")
     assert model.config.base["class"] == "DiTTransformer2DModel" and model.config.base["prediction"] == "epsilon"
     state = DiTTransformer2DModel.from_pretrained(tmp_path / "dit").state_dict()
@@ -198,8 +219,20 @@ def test_diffusers_dit_folder_as_base(tmp_path, capsys):
     capsys.readouterr()
     for base, needle in ((tmp_path / "nope", "not found"), (out / "checkpoint.safetensors", "not a PR stack")):
         model_args = ["--model", "LEGO-T-PG-16"] if needle == "not a PR stack" else []
-        code = train_main([*FAST, *model_args, "--data", str(npz), "--steps", "1", "--base-ckpt", str(base),
-                           "--out", str(tmp_path / "bad")])
+        code = train_main(
+            [
+                *FAST,
+                *model_args,
+                "--data",
+                str(npz),
+                "--steps",
+                "1",
+                "--base-ckpt",
+                str(base),
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
 
@@ -207,9 +240,16 @@ def test_diffusers_dit_folder_as_base(tmp_path, capsys):
 def test_unet_base_runs_in_the_stack():
     from diffusers import UNet2DModel
 
-    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
     base = DiffusersDenoiser(unet, "v_prediction")
     model = stack_on_base("LEGO-T-PR-16", base, in_channels=1, resolution=16)
     x = torch.randn(2, 1, 16, 16)
@@ -243,7 +283,14 @@ def test_bricks_on_a_trained_base_beat_the_base_alone():
     data = open_dataset("default", 16)
     held_x, held_y = data[torch.arange(len(data) - 500, len(data))]
     held_x = prepare(held_x, 16, None)
-    opts = {"in_channels": 1, "num_classes": 10, "resolution": 16, "num_heads": 4, "depths": (1, 1, 1), "backend": "torch"}
+    opts = {
+        "in_channels": 1,
+        "num_classes": 10,
+        "resolution": 16,
+        "num_heads": 4,
+        "depths": (1, 1, 1),
+        "backend": "torch",
+    }
     torch.manual_seed(0)
     base, opt = _fit(LegoModel(model_config("LEGO-T-PR-16", hidden_size=32, **opts)), data, 100, 0, 2e-3)
     torch.manual_seed(1)

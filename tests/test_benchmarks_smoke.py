@@ -23,11 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not an installed package
     sys.path.insert(0, str(REPO))
 
-import lego_kernels as lk
-from benchmarks import counts
-from lego import LegoBrick
-from lego import LegoModel
-from lego.networks.interface import PatchDraw
+import lego_kernels as lk  # noqa: E402 -- after the path set-up above
+from benchmarks import counts  # noqa: E402 -- after the path set-up above
+from lego import LegoBrick, LegoModel  # noqa: E402 -- after the path set-up above
+from lego.networks.interface import PatchDraw  # noqa: E402 -- after the path set-up above
 
 SMALL = counts.OpShape(batch=3, channels=3, height=12, width=8, brick=4, field=2, hidden=24, heads=2,
                        dtype=torch.float32)  # fmt: skip
@@ -256,7 +255,8 @@ def test_quick_selects_the_quick_rows():
     pytest.importorskip("pytest_benchmark")
     env = dict(os.environ, LEGO_BENCH_SMOKE="1", LEGO_BENCH_QUICK="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider", "-o", "addopts="],
+        [sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "-o", "addopts="],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -27,8 +27,12 @@ def digits(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, digits):
     out = tmp_path_factory.mktemp("run")
-    assert train_main([*FAST, "--data", digits, "--steps", "4", "--out", str(out), "--sample-n", "10",
-                       "--sample-steps", "2"]) == 0
+    assert (
+        train_main(
+            [*FAST, "--data", digits, "--steps", "4", "--out", str(out), "--sample-n", "10", "--sample-steps", "2"]
+        )
+        == 0
+    )
     return out
 
 
@@ -56,16 +60,52 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, digits):
 
 def test_sample_png_npz_and_large_non_square_canvas(trained, tmp_path):
     png, npz = tmp_path / "s.png", tmp_path / "s.npz"
-    code = sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--n", "3", "--out", str(png), "--npz",
-                        str(npz), "--steps", "2", "--height", "32", "--width", "48", "--t-break", "0.5",
-                        "--cfg-scale", "2", "--labels", "7"])
+    code = sample_main(
+        [
+            "--ckpt",
+            str(trained / "checkpoint.safetensors"),
+            "--n",
+            "3",
+            "--out",
+            str(png),
+            "--npz",
+            str(npz),
+            "--steps",
+            "2",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--t-break",
+            "0.5",
+            "--cfg-scale",
+            "2",
+            "--labels",
+            "7",
+        ]
+    )
     assert code == 0 and png.is_file()
     with np.load(npz) as z:
         assert z["samples"].shape == (3, 1, 32, 48) and z["images"].dtype == np.uint8
         assert z["labels"].tolist() == [7, 7, 7]
     for sampler in ("ddpm", "ddim"):
-        assert sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--n", "2", "--out", str(png),
-                            "--sampler", sampler, "--steps", "3"]) == 0
+        assert (
+            sample_main(
+                [
+                    "--ckpt",
+                    str(trained / "checkpoint.safetensors"),
+                    "--n",
+                    "2",
+                    "--out",
+                    str(png),
+                    "--sampler",
+                    sampler,
+                    "--steps",
+                    "3",
+                ]
+            )
+            == 0
+        )
 
 
 def test_checkpoint_write_is_atomic(trained, monkeypatch, tmp_path):
@@ -89,8 +129,9 @@ def test_checkpoint_write_is_atomic(trained, monkeypatch, tmp_path):
 
 
 def test_missing_dataset(capsys, tmp_path):
-    assert_one_line_error(capsys, train_main([*FAST, "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]),
-                    "not found")
+    assert_one_line_error(
+        capsys, train_main([*FAST, "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]), "not found"
+    )
 
 
 def test_corrupt_dataset(capsys, tmp_path):
@@ -103,8 +144,9 @@ def test_corrupt_dataset(capsys, tmp_path):
 
 
 def test_missing_and_corrupt_checkpoint(capsys, tmp_path, trained):
-    assert_one_line_error(capsys, sample_main(["--ckpt", str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "a.png")]),
-                    "not found")
+    assert_one_line_error(
+        capsys, sample_main(["--ckpt", str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "a.png")]), "not found"
+    )
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes((trained / "checkpoint.safetensors").read_bytes()[:1000])
     assert_one_line_error(capsys, sample_main(["--ckpt", str(bad), "--out", str(tmp_path / "a.png")]), "corrupt")
@@ -118,8 +160,14 @@ def test_unknown_model(capsys):
 
 
 def test_canvas_not_divisible(capsys, trained, tmp_path):
-    assert_one_line_error(capsys, sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out",
-                                         str(tmp_path / "a.png"), "--height", "24"]), "not divisible", "16")
+    assert_one_line_error(
+        capsys,
+        sample_main(
+            ["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(tmp_path / "a.png"), "--height", "24"]
+        ),
+        "not divisible",
+        "16",
+    )
     assert_one_line_error(capsys, train_main([*FAST, "--resolution", "20", "--out", str(tmp_path)]), "not divisible")
 
 
@@ -129,20 +177,32 @@ def test_channels_do_not_match_the_checkpoint(capsys, trained, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint.safetensors").write_bytes((trained / "checkpoint.safetensors").read_bytes())
-    assert_one_line_error(capsys, train_main(["--resume", "--out", str(run), "--data", str(rgb), "--no-progress"]),
-                    "3 channels", "takes 1")
+    assert_one_line_error(
+        capsys,
+        train_main(["--resume", "--out", str(run), "--data", str(rgb), "--no-progress"]),
+        "3 channels",
+        "takes 1",
+    )
 
 
 def test_bad_options(capsys, trained, tmp_path):
     ckpt = str(trained / "checkpoint.safetensors")
     assert_one_line_error(capsys, sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "a.jpg")]), ".png")
-    assert_one_line_error(capsys, sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "a.png"), "--labels", "12"]),
-                    "out of range")
-    assert_one_line_error(capsys, train_main([*FAST, "--patch-fraction", "0", "--out", str(tmp_path)]), "--patch-fraction")
+    assert_one_line_error(
+        capsys, sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "a.png"), "--labels", "12"]), "out of range"
+    )
+    assert_one_line_error(
+        capsys, train_main([*FAST, "--patch-fraction", "0", "--out", str(tmp_path)]), "--patch-fraction"
+    )
 
 
 def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "lego.sample", "--ckpt", str(tmp_path / "none"), "--out",
-                           str(tmp_path / "a.png")], check=False, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "lego.sample", "--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "a.png")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().startswith("lego.sample: error:") and "Traceback" not in done.stderr

@@ -63,10 +63,14 @@ def _cases():
             for name in NAMES:
                 marks = []
                 if device == "cpu" and backend == "triton":  # measured: 17-34 s, 90% of it in patch_embed (l = 8)
-                    marks = [pytest.mark.slow, pytest.mark.skipif(
-                        not os.environ.get("LEGO_TEST_INTERPRETER"),
-                        reason="Triton's interpreter takes 20 s and more per fixture; LEGO_TEST_INTERPRETER=1 runs it "
-                        "(test_model_kernels checks the triton model path against torch's on the CPU)")]
+                    marks = [
+                        pytest.mark.slow,
+                        pytest.mark.skipif(
+                            not os.environ.get("LEGO_TEST_INTERPRETER"),
+                            reason="Triton's interpreter takes 20 s and more per fixture; LEGO_TEST_INTERPRETER=1 runs "
+                            "it (test_model_kernels checks the triton model path against torch's on the CPU)",
+                        ),
+                    ]
                 yield pytest.param(name, device, backend, marks=marks, id=f"{name}-{device}-{backend}")
 
 
@@ -92,7 +96,11 @@ def test_the_configuration_comes_from_the_snapshot(converted):
             tuple(b) for b in case["bricks_bottom_to_top (r, l, depth)"]
         ]
         assert (config.hidden_size, config.num_heads, config.in_channels, config.num_classes, config.resolution) == (
-            case["hidden"], case["heads"], case["channels"], case["classes"], case["resolution"]
+            case["hidden"],
+            case["heads"],
+            case["channels"],
+            case["classes"],
+            case["resolution"],
         )
         assert config.time_scale == 1.0 and config.precond == "edm"
 
@@ -124,8 +132,26 @@ def test_cli_converts_and_samples_a_non_square_canvas(tmp_path, capsys):
     assert "bricks (r/l/depth, bottom to top) 32/2/1, 16/8/1, 4/2/1, 16/8/1, 32/2/1" in capsys.readouterr().out
     assert (out / "config.json").is_file()
     npz = tmp_path / "wide.npz"
-    args = ["--ckpt", str(out / "checkpoint.safetensors"), "--n", "1", "--out", str(npz), "--steps", "2",
-            "--height", "32", "--width", "64", "--labels", "3", "--cfg-scale", "1.5", "--t-break", "0.5"]
+    args = [
+        "--ckpt",
+        str(out / "checkpoint.safetensors"),
+        "--n",
+        "1",
+        "--out",
+        str(npz),
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "64",
+        "--labels",
+        "3",
+        "--cfg-scale",
+        "1.5",
+        "--t-break",
+        "0.5",
+    ]
     assert sample_main(args) == 0
     with np.load(npz) as z:
         assert z["samples"].shape == (1, 3, 32, 64) and np.isfinite(z["samples"]).all()
@@ -145,12 +171,26 @@ def test_converted_checkpoint_fine_tunes_with_resume(converted, tmp_path):
     data = tmp_path / "rgb.npz"
     # labels up to 9: the data's classes (the largest id + 1) must be the checkpoint's 10 (lego.checks.check_resume)
     np.savez(data, images=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), labels=np.array([0, 3, 6, 9]))
-    argv = ["--resume", "--out", str(run), "--data", str(data), "--steps", "1", "--batch", "2", "--sample-n", "0",
-            "--no-progress"]
+    argv = [
+        "--resume",
+        "--out",
+        str(run),
+        "--data",
+        str(data),
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--sample-n",
+        "0",
+        "--no-progress",
+    ]
     assert train_main(argv) == 0
     before, after = load_checkpoint(converted["lego_T_PG_32"]), load_checkpoint(run / "checkpoint.safetensors")
     assert after.step == 1 and after.model_config == before.model_config
-    assert not torch.equal(after.model["net.bricks.2.blocks.0.qkv.weight"], before.model["net.bricks.2.blocks.0.qkv.weight"])
+    assert not torch.equal(
+        after.model["net.bricks.2.blocks.0.qkv.weight"], before.model["net.bricks.2.blocks.0.qkv.weight"]
+    )
 
 
 @needs_fixtures
@@ -212,8 +252,13 @@ def _persistent_snapshot(monkeypatch, module_src):
     class Persistent:
         def __reduce__(self):
             state = {"_parameters": {"w": torch.randn(4, 3)}, "_buffers": {}, "_modules": {}}
-            meta = {"type": "class", "version": 6, "module_src": module_src, "class_name": "EDMPrecondLEGO",
-                    "state": state}
+            meta = {
+                "type": "class",
+                "version": 6,
+                "module_src": module_src,
+                "class_name": "EDMPrecondLEGO",
+                "state": state,
+            }
             return (_reconstruct_persistent_obj, (meta,))
 
     return pickle.dumps({"ema": Persistent(), "loss_fn": None, "augment_pipe": None, "dataset_kwargs": {}})

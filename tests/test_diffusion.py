@@ -80,8 +80,12 @@ class GaussianNet(PointNet):
 # (name, sampler call); `fine` asks for enough steps that discretization error is far below the test tolerance.
 SAMPLER_CASES = [
     ("heun", lambda net, z, g, fine: edm_sampler(net, z, num_steps=200 if fine else 18, generator=g)),
-    ("heun-churn", lambda net, z, g, fine: edm_sampler(net, z, num_steps=200 if fine else 18, S_churn=10, S_min=0.05,
-                                                       S_max=20, S_noise=1.0, generator=g)),
+    (
+        "heun-churn",
+        lambda net, z, g, fine: edm_sampler(
+            net, z, num_steps=200 if fine else 18, S_churn=10, S_min=0.05, S_max=20, S_noise=1.0, generator=g
+        ),
+    ),
     ("ddpm", lambda net, z, g, fine: ddpm_sampler(net, z, num_steps=1000 if fine else 100, generator=g)),
     ("ddim", lambda net, z, g, fine: ddim_sampler(net, z, num_steps=1000 if fine else 50, generator=g)),
     ("ddim-eta", lambda net, z, g, fine: ddim_sampler(net, z, num_steps=1000 if fine else 50, eta=1.0, generator=g)),
@@ -167,8 +171,9 @@ def test_samplers_on_a_tiny_lego_model(sampler):
 @pytest.mark.parametrize("precond", ["edm", "vp"])
 def test_loss_falls_when_overfitting_a_few_images(precond):
     torch.manual_seed(0)
-    model = LegoModel.from_name("LEGO-T-PG-16", in_channels=1, num_classes=2, hidden_size=48, num_heads=2,
-                                precond=precond)
+    model = LegoModel.from_name(
+        "LEGO-T-PG-16", in_channels=1, num_classes=2, hidden_size=48, num_heads=2, precond=precond
+    )
     images = torch.rand(4, 1, 16, 16) * 2 - 1
     labels = torch.tensor([0, 1, 0, 1])
     loss_fn = LegoLoss(patch_fraction=0.5, label_dropout=0.0)
@@ -176,8 +181,12 @@ def test_loss_falls_when_overfitting_a_few_images(precond):
 
     def mean_loss(seed0):  # the loss over a fixed set of noise draws
         with torch.no_grad():
-            return sum(loss_fn(model, images, labels, torch.Generator().manual_seed(seed0 + i))[0].item()
-                       for i in range(8)) / 8
+            return (
+                sum(
+                    loss_fn(model, images, labels, torch.Generator().manual_seed(seed0 + i))[0].item() for i in range(8)
+                )
+                / 8
+            )
 
     before = mean_loss(10_000)
     for step in range(80):
@@ -198,8 +207,9 @@ def test_loss_counts_processed_pixels_only():
         for p in model.parameters():
             p.normal_(0, 0.2)
     images = torch.rand(2, 1, 16, 16) * 2 - 1
-    loss, per_brick = LegoLoss(patch_fraction=0.25, label_dropout=0.0)(model, images, None,
-                                                                      torch.Generator().manual_seed(0))
+    loss, per_brick = LegoLoss(patch_fraction=0.25, label_dropout=0.0)(
+        model, images, None, torch.Generator().manual_seed(0)
+    )
     g = torch.Generator().manual_seed(0)
     p = model.precond
     sigma = p.sample_sigma(2, g, "cpu")

@@ -17,8 +17,26 @@ from lego.train import main as train_main
 
 # Every random draw of training is on: patch selection, label dropout, flips; the data are a memory-mapped uint8 .npy
 # of 28 x 28 digits, resized on the fly to the model's 16 x 16 canvas.
-FAST = ["--model", "LEGO-T-PG-16", "--batch", "8", "--log-every", "1", "--sample-n", "0", "--no-progress",
-        "--patch-fraction", "0.5", "--flip", "--workers", "1", "--lr", "3e-3", "--warmup", "1"]
+FAST = [
+    "--model",
+    "LEGO-T-PG-16",
+    "--batch",
+    "8",
+    "--log-every",
+    "1",
+    "--sample-n",
+    "0",
+    "--no-progress",
+    "--patch-fraction",
+    "0.5",
+    "--flip",
+    "--workers",
+    "1",
+    "--lr",
+    "3e-3",
+    "--warmup",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +63,26 @@ def one_process(tmp_path_factory, digits_npy):
 
 def _torchrun(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "lego.train", *args, "--device", "cpu"], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "lego.train",
+            *args,
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -90,8 +125,9 @@ def test_fsdp_with_grad_accum_resumes_a_one_process_run(tmp_path, one_process):
     at3, at5 = one_process
     run = tmp_path / "fsdp"
     shutil.copytree(at3, run)
-    done = _torchrun("--resume", "--out", str(run), "--steps", "5", "--no-progress", "--fsdp", "--grad-accum", "2",
-                     "--workers", "0")
+    done = _torchrun(
+        "--resume", "--out", str(run), "--steps", "5", "--no-progress", "--fsdp", "--grad-accum", "2", "--workers", "0"
+    )
     assert "steps 3..5" in done.stdout
     _assert_same_run(run, at5)
 
@@ -99,8 +135,12 @@ def test_fsdp_with_grad_accum_resumes_a_one_process_run(tmp_path, one_process):
 def test_grad_accum_keeps_the_global_batch(tmp_path, digits_npy, one_process):
     at3, _ = one_process
     run = tmp_path / "accum"
-    assert train_main([*FAST, "--data", digits_npy, "--steps", "3", "--out", str(run), "--grad-accum", "4",
-                       "--workers", "0"]) == 0
+    assert (
+        train_main(
+            [*FAST, "--data", digits_npy, "--steps", "3", "--out", str(run), "--grad-accum", "4", "--workers", "0"]
+        )
+        == 0
+    )
     _assert_same_run(run, at3)
 
 
@@ -123,8 +163,7 @@ def test_fsdp_needs_torchrun(capsys, tmp_path, digits_npy):
 def test_compiled_bricks_are_one_graph_with_the_fused_ops_as_single_nodes():
     """--compile's fullgraph compile of a brick: no graph break, each fused op one node of the graph, and the same
     loss and gradients as eager. The fused ops are the Triton ones here (run by the interpreter on the CPU)."""
-    from lego import LegoLoss
-    from lego import BrickSpec, LegoModel
+    from lego import BrickSpec, LegoLoss, LegoModel
     from lego.training.loop import compile_bricks
 
     graphs = []
@@ -133,8 +172,15 @@ def test_compiled_bricks_are_one_graph_with_the_fused_ops_as_single_nodes():
         graphs.append(gm)
         return gm.forward
 
-    model = LegoModel.from_name("LEGO-T-PG-16", in_channels=1, num_classes=3, hidden_size=32, num_heads=2,
-                                bricks=(BrickSpec(8, 4, 1), BrickSpec(16, 8, 1)), backend="triton")
+    model = LegoModel.from_name(
+        "LEGO-T-PG-16",
+        in_channels=1,
+        num_classes=3,
+        hidden_size=32,
+        num_heads=2,
+        bricks=(BrickSpec(8, 4, 1), BrickSpec(16, 8, 1)),
+        backend="triton",
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)

@@ -5,17 +5,14 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from lego import DiTModel, LegoLoss, build_model
 from lego.checkpoints.build import load_model
-
 from lego.checkpoints.format import load_checkpoint
-from lego import DiTModel
-from lego.networks.dit import DIT_MODELS, DiTConfig
-from lego import LegoLoss
-from lego.sample import main as sample_main
 from lego.diffusion.samplers import edm_sampler, skip_schedule
-from lego.train import main as train_main
-from lego import build_model
+from lego.networks.dit import DIT_MODELS, DiTConfig
 from lego.networks.registry import MODEL_NAMES, config_from_dict, model_config
+from lego.sample import main as sample_main
+from lego.train import main as train_main
 
 TINY = {"in_channels": 1, "num_classes": 10, "resolution": 8, "hidden_size": 32, "num_heads": 2, "num_layers": 2}
 

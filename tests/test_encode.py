@@ -23,9 +23,18 @@ def vae_dir(tmp_path_factory):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=SCALE)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=SCALE,
+    )
     path = tmp_path_factory.mktemp("vae") / "tiny-vae"
     vae.save_pretrained(path)
     return path
@@ -46,8 +55,24 @@ def test_encode_train_sample_with_a_real_autoencoder(tmp_path, vae_dir, image_fo
     from diffusers import AutoencoderKL
 
     latents_path = tmp_path / "latents.npy"
-    assert encode_main(["--vae", str(vae_dir), "--data", str(image_folder), "--out", str(latents_path),
-                        "--resolution", "32", "--batch", "5", "--no-progress"]) == 0
+    assert (
+        encode_main(
+            [
+                "--vae",
+                str(vae_dir),
+                "--data",
+                str(image_folder),
+                "--out",
+                str(latents_path),
+                "--resolution",
+                "32",
+                "--batch",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     latents = np.load(latents_path, mmap_mode="r")
     assert latents.shape == (12, 4, 16, 16) and latents.dtype == np.float32
     labels = np.load(tmp_path / "latents.labels.npy")
@@ -64,15 +89,53 @@ def test_encode_train_sample_with_a_real_autoencoder(tmp_path, vae_dir, image_fo
     assert labels.tolist() == [0] * 6 + [1] * 6
 
     run = tmp_path / "run"
-    assert train_main(["--data", str(latents_path), "--model", "LEGO-T-PG-16", "--batch", "4", "--steps", "2",
-                       "--sample-n", "0", "--no-progress", "--workers", "0", "--flip", "--out", str(run)]) == 0
+    assert (
+        train_main(
+            [
+                "--data",
+                str(latents_path),
+                "--model",
+                "LEGO-T-PG-16",
+                "--batch",
+                "4",
+                "--steps",
+                "2",
+                "--sample-n",
+                "0",
+                "--no-progress",
+                "--workers",
+                "0",
+                "--flip",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     ckpt = load_checkpoint(run / "checkpoint.safetensors", parts=())
     assert ckpt.model_config.in_channels == 4 and ckpt.model_config.num_classes == 2
     assert ckpt.train_config["latents"]["scaling_factor"] == pytest.approx(SCALE)
 
     png, npz = tmp_path / "s.png", tmp_path / "s.npz"
-    assert sample_main(["--ckpt", str(run / "checkpoint.safetensors"), "--vae", str(vae_dir), "--n", "2",
-                        "--steps", "2", "--out", str(png), "--npz", str(npz)]) == 0
+    assert (
+        sample_main(
+            [
+                "--ckpt",
+                str(run / "checkpoint.safetensors"),
+                "--vae",
+                str(vae_dir),
+                "--n",
+                "2",
+                "--steps",
+                "2",
+                "--out",
+                str(png),
+                "--npz",
+                str(npz),
+            ]
+        )
+        == 0
+    )
     with np.load(npz) as z:
         assert z["samples"].shape == (2, 3, 32, 32) and z["images"].shape == (2, 32, 32, 3)
         assert np.abs(z["samples"]).max() <= 1
@@ -84,8 +147,12 @@ def test_encode_a_grey_npy_to_fp16(tmp_path, vae_dir):
     np.save(tmp_path / "grey.npy", np.random.default_rng(1).integers(0, 256, (3, 16, 16), dtype=np.uint8))
     out = tmp_path / "z.npy"
     (tmp_path / "z.labels.npy").write_bytes(b"stale")  # from an earlier labelled encoding: must go
-    assert encode_main(["--vae", str(vae_dir), "--data", str(tmp_path / "grey.npy"), "--out", str(out), "--half",
-                        "--no-progress"]) == 0
+    assert (
+        encode_main(
+            ["--vae", str(vae_dir), "--data", str(tmp_path / "grey.npy"), "--out", str(out), "--half", "--no-progress"]
+        )
+        == 0
+    )
     z = np.load(out)
     assert z.shape == (3, 4, 8, 8) and z.dtype == np.float16 and not (tmp_path / "z.labels.npy").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.npy", "z.json", "z.npy"]  # no temporary left
@@ -94,19 +161,38 @@ def test_encode_a_grey_npy_to_fp16(tmp_path, vae_dir):
 def test_encode_and_sample_bad_input(capsys, monkeypatch, tmp_path, vae_dir, image_folder):
     out = str(tmp_path / "z.npy")
     monkeypatch.setattr("lego.data.vae.hub_reachable", lambda: False)  # as on this project's machines, without waiting
-    assert_one_line_error(capsys, encode_main(["--vae", "nobody/no-such-vae", "--data", str(image_folder), "--out", out]),
-                    "hub is not reachable", "save_pretrained")
-    assert_one_line_error(capsys, encode_main(["--vae", str(tmp_path / "no-vae"), "--data", str(image_folder), "--out",
-                                         out]), "no such folder")
-    assert_one_line_error(capsys, encode_main(["--vae", str(vae_dir), "--data", str(image_folder), "--out",
-                                         str(tmp_path / "z.npz")]), ".npy")
-    assert_one_line_error(capsys, encode_main(["--vae", str(vae_dir), "--data", str(image_folder), "--out", out,
-                                         "--resolution", "33"]), "downsampling factor 2")
+    assert_one_line_error(
+        capsys,
+        encode_main(["--vae", "nobody/no-such-vae", "--data", str(image_folder), "--out", out]),
+        "hub is not reachable",
+        "save_pretrained",
+    )
+    assert_one_line_error(
+        capsys,
+        encode_main(["--vae", str(tmp_path / "no-vae"), "--data", str(image_folder), "--out", out]),
+        "no such folder",
+    )
+    assert_one_line_error(
+        capsys,
+        encode_main(["--vae", str(vae_dir), "--data", str(image_folder), "--out", str(tmp_path / "z.npz")]),
+        ".npy",
+    )
+    assert_one_line_error(
+        capsys,
+        encode_main(["--vae", str(vae_dir), "--data", str(image_folder), "--out", out, "--resolution", "33"]),
+        "downsampling factor 2",
+    )
     np.save(tmp_path / "lat.npy", np.zeros((2, 4, 8, 8), np.float32))
-    assert_one_line_error(capsys, encode_main(["--vae", str(vae_dir), "--data", str(tmp_path / "lat.npy"), "--out", out]),
-                    "latents already")
+    assert_one_line_error(
+        capsys,
+        encode_main(["--vae", str(vae_dir), "--data", str(tmp_path / "lat.npy"), "--out", out]),
+        "latents already",
+    )
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{}")
-    assert_one_line_error(capsys, encode_main(["--vae", str(tmp_path / "broken"), "--data", str(image_folder), "--out",
-                                         out]), "could not load the autoencoder")
+    assert_one_line_error(
+        capsys,
+        encode_main(["--vae", str(tmp_path / "broken"), "--data", str(image_folder), "--out", out]),
+        "could not load the autoencoder",
+    )
     assert not (tmp_path / "z.npy").exists()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import assert_one_line_error, save_digits
 
-from lego.metrics.frechet import frechet_distance
 from lego.eval import main as eval_main
+from lego.metrics.frechet import frechet_distance
 
 
 def test_frechet_distance_closed_form():
@@ -83,8 +83,8 @@ def test_cli_report_and_cost(mnist_features, checkpoint, capsys):
 
 
 def test_cost_counts_the_bricks_that_ran():
-    from lego.metrics.cost import CostMeter
     from lego import LegoModel
+    from lego.metrics.cost import CostMeter
 
     net = LegoModel.from_name("LEGO-T-PG-16", in_channels=1, num_classes=10).eval()
     meter = CostMeter(net)
@@ -116,9 +116,14 @@ def test_missing_checkpoint(capsys, tmp_path):
 
 @pytest.mark.parametrize(
     ("option", "needle"),
-    [(["--steps", "0"], "--steps"), (["--steps", "-3"], "--steps"), (["--cfg-scale", "nan"], "--cfg-scale"),
-     (["--seed", "-1"], "--seed"), (["--device", "foo"], "--device"),
-     (["--sampler", "ddim", "--steps", "2000"], "1..1000")],
+    [
+        (["--steps", "0"], "--steps"),
+        (["--steps", "-3"], "--steps"),
+        (["--cfg-scale", "nan"], "--cfg-scale"),
+        (["--seed", "-1"], "--seed"),
+        (["--device", "foo"], "--device"),
+        (["--sampler", "ddim", "--steps", "2000"], "1..1000"),
+    ],
 )
 def test_bad_numbers_are_refused_before_sampling(checkpoint, capsys, option, needle):
     # lego.eval takes lego.sample's numbers and checks them the same way (--steps 0 used to run 18 steps silently,

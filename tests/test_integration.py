@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lego.checkpoints.format import load_checkpoint, save_checkpoint
 from lego import LegoModel, model_config
+from lego.checkpoints.format import load_checkpoint, save_checkpoint
 from lego.train import main as train_main
 
 
@@ -30,13 +30,28 @@ def test_a_converted_checkpoint_resumes_as_lego_train_would(tmp_path, digits, mo
     optimizer (AdamW without weight decay), not the defaults of the one the converter stored."""
     import lego.checkpoints.snapshots
 
-    config = dataclasses.replace(model_config("LEGO-T-PG-16", in_channels=1, num_classes=10), name="lego_T_PG_16",
-                                 time_scale=1.0)
+    config = dataclasses.replace(
+        model_config("LEGO-T-PG-16", in_channels=1, num_classes=10), name="lego_T_PG_16", time_scale=1.0
+    )
     monkeypatch.setattr(lego.checkpoints.snapshots, "convert_model", lambda *args, **kwargs: LegoModel(config).eval())
     run = tmp_path / "conv"
-    lego.checkpoints.snapshots.convert("lego_T_PG_16.pkl", run)  # (the snapshot is not read: convert_model stands in for it)
-    argv = ["--resume", "--out", str(run), "--data", digits, "--steps", "1", "--batch", "2", "--sample-n", "0",
-            "--no-progress"]
+    lego.checkpoints.snapshots.convert(
+        "lego_T_PG_16.pkl", run
+    )  # (the snapshot is not read: convert_model stands in for it)
+    argv = [
+        "--resume",
+        "--out",
+        str(run),
+        "--data",
+        digits,
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--sample-n",
+        "0",
+        "--no-progress",
+    ]
     assert train_main(argv) == 0
     after = load_checkpoint(run / "checkpoint.safetensors")
     assert after.step == 1 and after.model_config == config
@@ -46,12 +61,47 @@ def test_a_converted_checkpoint_resumes_as_lego_train_would(tmp_path, digits, mo
 def test_fsdp_shards_a_dit_and_matches_one_process(tmp_path):
     """--fsdp shards each brick; a DiT's one brick is its transformer (it has no .bricks), and the sample grid's
     gathered EMA is rebuilt as a DiT."""
-    args = ["--model", "DiT-T/2", "--resolution", "16", "--batch", "4", "--steps", "2", "--sample-n", "2",
-            "--sample-steps", "1", "--no-progress", "--device", "cpu", "--warmup", "1"]
+    args = [
+        "--model",
+        "DiT-T/2",
+        "--resolution",
+        "16",
+        "--batch",
+        "4",
+        "--steps",
+        "2",
+        "--sample-n",
+        "2",
+        "--sample-steps",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--warmup",
+        "1",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "lego.train", *args, "--fsdp", "--out", str(tmp_path / "fsdp")], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "lego.train",
+            *args,
+            "--fsdp",
+            "--out",
+            str(tmp_path / "fsdp"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "fsdp" / "samples.png").is_file()
     assert train_main([*args, "--sample-n", "0", "--out", str(tmp_path / "one")]) == 0
@@ -81,15 +131,37 @@ def test_resume_refuses_another_base_or_freezing(tmp_path, capsys, digits):
     config = model_config("LEGO-T-PG-16", in_channels=1, num_classes=10)
     base = LegoModel(config)
     for name in ("a", "b"):
-        save_checkpoint(tmp_path / name / "checkpoint.safetensors", base, LegoModel(config),
-                        torch.optim.AdamW(base.parameters()), 1, {"model": config.name})
+        save_checkpoint(
+            tmp_path / name / "checkpoint.safetensors",
+            base,
+            LegoModel(config),
+            torch.optim.AdamW(base.parameters()),
+            1,
+            {"model": config.name},
+        )
     run = tmp_path / "run"
     fast = ["--data", digits, "--batch", "2", "--sample-n", "0", "--no-progress"]
-    assert train_main(["--model", "LEGO-T-PR-16", "--base-ckpt", str(tmp_path / "a" / "checkpoint.safetensors"),
-                       "--steps", "1", "--out", str(run), *fast]) == 0
+    assert (
+        train_main(
+            [
+                "--model",
+                "LEGO-T-PR-16",
+                "--base-ckpt",
+                str(tmp_path / "a" / "checkpoint.safetensors"),
+                "--steps",
+                "1",
+                "--out",
+                str(run),
+                *fast,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    for option, needle in ((["--freeze-base"], "base is trained"),
-                           (["--base-ckpt", str(tmp_path / "b" / "checkpoint.safetensors")], "the checkpoint's base")):
+    for option, needle in (
+        (["--freeze-base"], "base is trained"),
+        (["--base-ckpt", str(tmp_path / "b" / "checkpoint.safetensors")], "the checkpoint's base"),
+    ):
         code = train_main(["--resume", "--out", str(run), "--steps", "2", *option, *fast])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
@@ -114,8 +186,14 @@ def test_eval_and_heldout_read_a_mapped_npy_as_train_does(tmp_path, capsys):
     config = model_config("LEGO-T-PG-16", in_channels=1, num_classes=10)
     model = LegoModel(config)
     ckpt = tmp_path / "run" / "checkpoint.safetensors"
-    save_checkpoint(ckpt, model, LegoModel(config), torch.optim.AdamW(model.parameters()), 1,
-                    {"model": config.name, "data": str(tmp_path / "d.npy")})
+    save_checkpoint(
+        ckpt,
+        model,
+        LegoModel(config),
+        torch.optim.AdamW(model.parameters()),
+        1,
+        {"model": config.name, "data": str(tmp_path / "d.npy")},
+    )
     fd = {}
     for data in ("npy", "npz"):
         argv = ["--ckpt", str(ckpt), "--n", "4", "--steps", "1", "--no-progress", "--data", str(tmp_path / f"d.{data}")]

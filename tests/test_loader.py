@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from lego import LegoLoss, LegoModel
 from lego.data import datasets, loader
 from lego.errors import LegoError
-from lego import LegoLoss
-from lego import LegoModel
 
 
 @pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (4, 2), (1, 8)])
@@ -39,8 +38,10 @@ def test_loss_of_a_split_batch_equals_the_whole():
     whole.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    halves = [loss_fn(model, images[i : i + 3], labels[i : i + 3], torch.Generator().manual_seed(3), share=(i, 6))
-              for i in (0, 3)]
+    halves = [
+        loss_fn(model, images[i : i + 3], labels[i : i + 3], torch.Generator().manual_seed(3), share=(i, 6))
+        for i in (0, 3)
+    ]
     ((halves[0][0] + halves[1][0]) / 2).backward()
     torch.testing.assert_close((halves[0][0] + halves[1][0]) / 2, whole)
     torch.testing.assert_close((halves[0][1] + halves[1][1]) / 2, per_whole)
@@ -119,8 +120,23 @@ def test_a_memory_mapped_dataset_is_never_loaded_whole(tmp_path):
     size_kb = (tmp_path / "big.npy").stat().st_size // 1024
     runs = {}
     for name in ("big", "small"):
-        args = ["--data", str(tmp_path / f"{name}.npy"), "--model", "LEGO-T-PG-16", "--batch", "16", "--steps", "3",
-                "--sample-n", "0", "--no-progress", "--workers", "1", "--out", str(tmp_path / f"run_{name}")]
+        args = [
+            "--data",
+            str(tmp_path / f"{name}.npy"),
+            "--model",
+            "LEGO-T-PG-16",
+            "--batch",
+            "16",
+            "--steps",
+            "3",
+            "--sample-n",
+            "0",
+            "--no-progress",
+            "--workers",
+            "1",
+            "--out",
+            str(tmp_path / f"run_{name}"),
+        ]
         runs[name] = subprocess.Popen([sys.executable, "-c", _MEASURE, *args], stdout=subprocess.PIPE, text=True)
     peaks = {}
     for name, proc in runs.items():

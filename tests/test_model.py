@@ -139,13 +139,19 @@ def test_registry_names_and_parameter_counts():
     assert {"LEGO-S-PG-64", "LEGO-L-PR-64", "LEGO-XL-PG-32", "LEGO-XL-U-32"} <= set(MODELS)
     u = model_config("LEGO-XL-U-32")
     assert [(b.brick_size, b.field_size, b.depth) for b in u.bricks] == [
-        (32, 2, 14), (16, 8, 10), (4, 2, 4), (16, 8, 10), (32, 2, 14)
+        (32, 2, 14),
+        (16, 8, 10),
+        (4, 2, 4),
+        (16, 8, 10),
+        (32, 2, 14),
     ]
     pr = model_config("LEGO-S-PR-64")
     assert [b.brick_size for b in pr.bricks] == [64, 16, 4]
     with torch.device("meta"):
-        counts = {n: sum(p.numel() for p in LegoModel.from_name(n, in_channels=3, num_classes=1000).parameters())
-                  for n in ("LEGO-S-PG-64", "LEGO-L-PG-64")}
+        counts = {
+            n: sum(p.numel() for p in LegoModel.from_name(n, in_channels=3, num_classes=1000).parameters())
+            for n in ("LEGO-S-PG-64", "LEGO-L-PG-64")
+        }
     assert abs(counts["LEGO-S-PG-64"] / 1e6 - 35) < 2.5  # paper, Table 5
     assert abs(counts["LEGO-L-PG-64"] / 1e6 - 464) < 5
     with pytest.raises(ValueError, match="unknown model"):
@@ -183,10 +189,9 @@ def test_one_token_brick_checkpoint_round_trip(tmp_path):
     outputs."""
     import copy
 
-    from lego.checkpoints.build import load_model
-
-    from lego.checkpoints.format import save_checkpoint
     from lego import BrickSpec
+    from lego.checkpoints.build import load_model
+    from lego.checkpoints.format import save_checkpoint
 
     model = randomize(tiny(bricks=(BrickSpec(4, 4, 1), BrickSpec(8, 4, 1), BrickSpec(16, 2, 1))))
     assert model.net.bricks[0].seq_len == 1

@@ -12,14 +12,23 @@ from lego.networks.interface import PatchDraw
 
 FUSED = "cuda" if torch.cuda.is_available() else "triton"
 # Ops the fused kernels replace: patchify/concat (unfold, im2col, cat), LayerNorm, and the un-patchify copy.
-UNFUSED = ("aten::unfold", "aten::im2col", "aten::cat", "aten::layer_norm", "aten::native_layer_norm",
-           "aten::convolution", "aten::index_put", "aten::index_put_")
+UNFUSED = (
+    "aten::unfold",
+    "aten::im2col",
+    "aten::cat",
+    "aten::layer_norm",
+    "aten::native_layer_norm",
+    "aten::convolution",
+    "aten::index_put",
+    "aten::index_put_",
+)
 
 
 def _models(device, backend="triton", **kw):
     torch.manual_seed(0)
-    ref = LegoModel.from_name("LEGO-T-PG-16", in_channels=2, num_classes=3, hidden_size=32, num_heads=2,
-                              backend="torch", **kw).to(device)
+    ref = LegoModel.from_name(
+        "LEGO-T-PG-16", in_channels=2, num_classes=3, hidden_size=32, num_heads=2, backend="torch", **kw
+    ).to(device)
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.2)  # no zero-initialized paths
@@ -53,8 +62,16 @@ def test_patch_sampling_on_the_fused_path(device):
     ref, fused = _models(device)
     x = torch.randn(2, 2, 16, 16, device=device)
     fill = torch.randn_like(x)
-    outs = [m.net(x, m.noise_level(torch.ones(2, device=device)), None, fill=fill,
-                  patches=PatchDraw(0.5, torch.Generator(device).manual_seed(1))) for m in (ref, fused)]
+    outs = [
+        m.net(
+            x,
+            m.noise_level(torch.ones(2, device=device)),
+            None,
+            fill=fill,
+            patches=PatchDraw(0.5, torch.Generator(device).manual_seed(1)),
+        )
+        for m in (ref, fused)
+    ]
     for a, b in zip(*outs):
         assert torch.equal(a.patch_index, b.patch_index) if a.patch_index is not None else b.patch_index is None
         torch.testing.assert_close(b.output, a.output, atol=2e-4, rtol=2e-4)
@@ -96,8 +113,9 @@ def test_compile_with_inductor_on_cpu():
     ref, model = _models("cpu", backend="torch")
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(2, 2, 16, 16)
-    torch.testing.assert_close(compiled(x, 1.0, torch.tensor([0, 1])), ref(x, 1.0, torch.tensor([0, 1])),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        compiled(x, 1.0, torch.tensor([0, 1])), ref(x, 1.0, torch.tensor([0, 1])), atol=1e-4, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

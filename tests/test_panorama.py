@@ -7,20 +7,20 @@ import pytest
 import torch
 from conftest import save_digits
 
-from lego import LegoModel
-from lego.errors import LegoError
-from lego import SlidingWindow, panorama
+from lego import LegoModel, SlidingWindow, panorama
 from lego.diffusion.exact import ExactDenoiser
-from lego.diffusion.window import coverage, parse_regions, region_map, window_starts
 from lego.diffusion.samplers import ddim_sampler, ddpm_sampler, edm_sampler, skip_schedule
+from lego.diffusion.window import coverage, parse_regions, region_map, window_starts
+from lego.errors import LegoError
 
 
 @pytest.fixture(scope="module")
 def model():
     """A tiny class-conditional model with random (not adaLN-zero) weights, so every brick's output matters."""
     torch.manual_seed(0)
-    net = LegoModel.from_name("LEGO-T-PR-16", in_channels=1, num_classes=3, depths=(1, 1, 1), hidden_size=32,
-                              num_heads=2, backend="torch")
+    net = LegoModel.from_name(
+        "LEGO-T-PR-16", in_channels=1, num_classes=3, depths=(1, 1, 1), hidden_size=32, num_heads=2, backend="torch"
+    )
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -33,7 +33,9 @@ def test_one_window_equal_to_the_canvas_is_plain_sampling(model, sampler):
     y = torch.tensor([0, 2])
     kw = {"num_steps": 3, "cfg_scale": 1.5, "skip": skip_schedule(model, 0.5)}
     plain = sampler(model, z, y, generator=torch.Generator().manual_seed(1), **kw)
-    windowed = sampler(SlidingWindow(model, window=16, stride=5), z, y, generator=torch.Generator().manual_seed(1), **kw)
+    windowed = sampler(
+        SlidingWindow(model, window=16, stride=5), z, y, generator=torch.Generator().manual_seed(1), **kw
+    )
     assert torch.equal(plain, windowed)
     # A uniform label map is the same thing as one label per image.
     maps = y[:, None, None].expand(-1, 16, 16).clone()
@@ -56,6 +58,7 @@ def test_coverage_counts_at_the_edges_non_square():
     rows = torch.tensor([1] * 8 + [2] * 8 + [1] * 8)
     cols = torch.tensor([1] * 8 + [2] * 8 + [2] * 8 + [2] * 2 + [3] * 6 + [2] * 8 + [1] * 2)
     assert torch.equal(count, rows[:, None] * cols[None, :])
+
     # SlidingWindow divides by exactly these counts: a denoiser returning ones everywhere averages to ones, and one
     # returning 1 per window sums to the count.
     class Ones:
@@ -82,8 +85,12 @@ def test_batched_windows_equal_one_window_at_a_time(model):
         count[:, :, top : top + 16, left : left + 16] += 1
     torch.testing.assert_close(got, out / count, rtol=1e-5, atol=1e-5)
     assert torch.equal(count[0, 0], coverage(32, 48, (16, 16), (6, 12)).float())
-    torch.testing.assert_close(SlidingWindow(model, window=16, stride=(6, 12), max_batch=1000)(x, sigma, y, skip=(2,)),
-                               got, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        SlidingWindow(model, window=16, stride=(6, 12), max_batch=1000)(x, sigma, y, skip=(2,)),
+        got,
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_each_pixel_takes_its_own_regions_prediction(model):
@@ -116,8 +123,18 @@ def test_regions_parse_and_check():
 
 def test_panorama_function(model):
     g = torch.Generator().manual_seed(0)
-    out = panorama(model, 16, 40, n=2, regions=[(0, 0, 16, 20, 1), (0, 20, 16, 40, 2)], stride=8, steps=2,
-                   cfg_scale=2.0, t_break=0.5, generator=g)
+    out = panorama(
+        model,
+        16,
+        40,
+        n=2,
+        regions=[(0, 0, 16, 20, 1), (0, 20, 16, 40, 2)],
+        stride=8,
+        steps=2,
+        cfg_scale=2.0,
+        t_break=0.5,
+        generator=g,
+    )
     assert out.shape == (2, 1, 16, 40) and torch.isfinite(out).all()
     with pytest.raises(LegoError, match="class ids"):
         panorama(model, 16, 40, labels=5, steps=2)
@@ -130,8 +147,26 @@ def tiny_ckpt(tmp_path_factory):
     from lego.train import main as train_main
 
     tmp = tmp_path_factory.mktemp("pano")
-    assert train_main(["--model", "LEGO-T-PR-16", "--data", save_digits(tmp / "d.npz", 32), "--batch", "4", "--steps", "1",
-                       "--sample-n", "0", "--no-progress", "--out", str(tmp / "run")]) == 0
+    assert (
+        train_main(
+            [
+                "--model",
+                "LEGO-T-PR-16",
+                "--data",
+                save_digits(tmp / "d.npz", 32),
+                "--batch",
+                "4",
+                "--steps",
+                "1",
+                "--sample-n",
+                "0",
+                "--no-progress",
+                "--out",
+                str(tmp / "run"),
+            ]
+        )
+        == 0
+    )
     return str(tmp / "run" / "checkpoint.safetensors")
 
 
@@ -142,16 +177,39 @@ def test_sample_cli_sliding_window_and_regions(tiny_ckpt, tmp_path, capsys):
 
     npz = tmp_path / "p.npz"
     base = ["--ckpt", tiny_ckpt, "--n", "2", "--steps", "2", "--height", "16", "--width", "40"]
-    assert sample_main([*base, "--out", str(npz), "--regions", "0:20=1,20:40=7", "--stride", "8", "--max-batch", "3",
-                        "--cfg-scale", "2", "--t-break", "0.5"]) == 0
+    assert (
+        sample_main(
+            [
+                *base,
+                "--out",
+                str(npz),
+                "--regions",
+                "0:20=1,20:40=7",
+                "--stride",
+                "8",
+                "--max-batch",
+                "3",
+                "--cfg-scale",
+                "2",
+                "--t-break",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     with np.load(npz) as z:
         assert z["samples"].shape == (2, 1, 16, 40)
         assert (z["labels"][:, :, :20] == 1).all() and (z["labels"][:, :, 20:] == 7).all()
     for sampler in ("ddpm", "ddim"):
         assert sample_main([*base, "--out", str(npz), "--window", "16", "--sampler", sampler]) == 0
-    for bad, needle in ((["--regions", "0:20=1"], "without a class"), (["--regions", "0:40=12"], "0..9"),
-                        (["--window", "8"], "multiples of 16"), (["--window", "32"], "larger than the canvas"),
-                        (["--regions", "a=1"], "cannot read"), (["--regions", "0:40=1", "--labels", "2"], "not both")):
+    for bad, needle in (
+        (["--regions", "0:20=1"], "without a class"),
+        (["--regions", "0:40=12"], "0..9"),
+        (["--window", "8"], "multiples of 16"),
+        (["--window", "32"], "larger than the canvas"),
+        (["--regions", "a=1"], "cannot read"),
+        (["--regions", "0:40=1", "--labels", "2"], "not both"),
+    ):
         code = sample_main([*base, "--out", str(npz), *bad])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
@@ -193,8 +251,18 @@ def region_reads(net, classify, stride, conditional=True):
     conditional, for nothing: the null class), sampled by the sliding window (window 16, Heun 12 steps, guidance 3)
     -> [8, 10] the class the CNN reads in each region."""
     regions = [(0, 16 * c, 16, 16 * c + 16, c) for c in range(10)]
-    out = panorama(net, 16, 160, n=8, regions=regions if conditional else None, window=16, stride=stride, steps=12,
-                   cfg_scale=3.0, generator=torch.Generator().manual_seed(0))  # (8, 1, 16, 160)
+    out = panorama(
+        net,
+        16,
+        160,
+        n=8,
+        regions=regions if conditional else None,
+        window=16,
+        stride=stride,
+        steps=12,
+        cfg_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+    )  # (8, 1, 16, 160)
     return torch.stack([classify(out[..., 16 * c : 16 * c + 16]) for c in range(10)], 1)  # (8, 10)
 
 

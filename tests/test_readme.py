@@ -21,7 +21,9 @@ def test_loading_example_runs(tmp_path, monkeypatch):
     """The second example loads the demo's checkpoint: here the tiny fixture, a model of the same kind."""
     assert len(EXAMPLES) == 2
     (tmp_path / "runs" / "lego").mkdir(parents=True)
-    shutil.copy(Path(__file__).parent / "fixtures" / "tiny_mnist.safetensors", tmp_path / "runs/lego/checkpoint.safetensors")
+    shutil.copy(
+        Path(__file__).parent / "fixtures" / "tiny_mnist.safetensors", tmp_path / "runs/lego/checkpoint.safetensors"
+    )
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(EXAMPLES[1], "README.md", "exec"), scope)  # noqa: S102

@@ -24,17 +24,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import lego.checkpoints.format as ckpt_mod
+from lego import LegoBrick, LegoLoss, LegoModel
 from lego.checkpoints.build import load_model
-from lego import LegoBrick, LegoModel
 from lego.checkpoints.format import load_checkpoint, save_checkpoint
-from lego.files import atomic_write
 from lego.data.datasets import open_dataset
 from lego.data.loader import prepare
-from lego import LegoLoss
-from lego.training.rundir import RunDir
+from lego.files import atomic_write
+from lego.networks.interface import PatchDraw
 from lego.sample import main as sample_main
 from lego.train import main as train_main
-from lego.networks.interface import PatchDraw
+from lego.training.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--model", "LEGO-T-PG-16", "--batch", "8", "--log-every", "1", "--sample-n", "0", "--no-progress"]
@@ -96,8 +95,9 @@ def nan_from(step_no):
 def test_divergence_between_log_steps_keeps_the_last_good_checkpoint(run, capsys, monkeypatch):
     before = (run / "checkpoint.safetensors").read_bytes()
     monkeypatch.setattr(LegoLoss, "__call__", nan_from(2))  # resumed at step 2: step 3 fine, step 4 on NaN
-    code = train_main(["--resume", "--out", str(run), "--steps", "8", "--ckpt-every", "4", "--log-every", "100",
-                       "--no-progress"])
+    code = train_main(
+        ["--resume", "--out", str(run), "--steps", "8", "--ckpt-every", "4", "--log-every", "100", "--no-progress"]
+    )
     assert_one_line_error(capsys, code, "not finite at step 4", "step 2", "kept")
     assert (run / "checkpoint.safetensors").read_bytes() == before and all_finite(run / "checkpoint.safetensors")
 
@@ -127,8 +127,9 @@ def test_sampling_a_checkpoint_with_nan_weights_fails(run, capsys, tmp_path):
         if k.startswith("ema/") and v.is_floating_point():
             tensors[k] = torch.full_like(v, float("nan"))
     save_file(tensors, str(path), metadata=meta)
-    assert_one_line_error(capsys, sample_main(["--ckpt", str(path), "--out", str(tmp_path / "a.png"), "--steps", "2"]),
-                   "NaN or inf")
+    assert_one_line_error(
+        capsys, sample_main(["--ckpt", str(path), "--out", str(tmp_path / "a.png"), "--steps", "2"]), "NaN or inf"
+    )
     assert not (tmp_path / "a.png").exists()
 
 
@@ -156,8 +157,13 @@ def test_resuming_a_checkpoint_with_a_nan_optimizer_state_names_it(run, digits, 
 # -- 2. a new run never overwrites a checkpoint; one run per folder ----------------------------------------------------
 def test_a_new_run_refuses_a_folder_with_a_checkpoint(run, digits, capsys):
     before = snapshot(run)
-    assert_one_line_error(capsys, train_main([*FAST, "--data", digits, "--steps", "1", "--out", str(run)]),
-                   "already holds a checkpoint (step 2)", "--resume", "--overwrite")
+    assert_one_line_error(
+        capsys,
+        train_main([*FAST, "--data", digits, "--steps", "1", "--out", str(run)]),
+        "already holds a checkpoint (step 2)",
+        "--resume",
+        "--overwrite",
+    )
     assert snapshot(run) == before
     assert train_main([*FAST, "--data", digits, "--steps", "1", "--out", str(run), "--overwrite"]) == 0
     assert load_checkpoint(run / "checkpoint.safetensors").step == 1
@@ -180,11 +186,14 @@ def test_a_second_run_is_kept_out_of_a_folder_in_use(run, digits, capsys):
 
 
 # -- 3. --resume refuses options that contradict the checkpoint --------------------------------------------------------
-@pytest.mark.parametrize(("option", "needle"), [
-    (["--model", "LEGO-T-PR-16"], "--model LEGO-T-PR-16 (the checkpoint holds LEGO-T-PG-16)"),
-    (["--resolution", "32"], "--resolution 32 (the checkpoint was trained at 16)"),
-    (["--precond", "vp"], "--precond vp"),
-])
+@pytest.mark.parametrize(
+    ("option", "needle"),
+    [
+        (["--model", "LEGO-T-PR-16"], "--model LEGO-T-PR-16 (the checkpoint holds LEGO-T-PG-16)"),
+        (["--resolution", "32"], "--resolution 32 (the checkpoint was trained at 16)"),
+        (["--precond", "vp"], "--precond vp"),
+    ],
+)
 def test_resume_refuses_contradicting_options(run, capsys, option, needle):
     before = snapshot(run)
     code = train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress", *option])
@@ -202,8 +211,20 @@ def test_resume_refuses_data_with_other_classes(run, capsys, tmp_path):
 # -- 4. no orphans; config.json follows the checkpoint -----------------------------------------------------------------
 def test_kill_9_during_saves_loses_nothing_and_the_next_start_cleans_up(tmp_path, digits):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lego.train", *FAST, "--data", digits, "--steps", "100000", "--ckpt-every", "1",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lego.train",
+        *FAST,
+        "--data",
+        digits,
+        "--steps",
+        "100000",
+        "--ckpt-every",
+        "1",
+        "--out",
+        str(out),
+    ]
     child = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
@@ -246,8 +267,12 @@ def test_a_full_disk_is_one_line_and_keeps_the_checkpoint(run, capsys, monkeypat
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(ckpt_mod, "save_file", full)
-    assert_one_line_error(capsys, train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress"]),
-                   "the disk is full", "step 2 is intact")
+    assert_one_line_error(
+        capsys,
+        train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress"]),
+        "the disk is full",
+        "step 2 is intact",
+    )
     assert (run / "checkpoint.safetensors").read_bytes() == before
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
 
@@ -255,8 +280,9 @@ def test_a_full_disk_is_one_line_and_keeps_the_checkpoint(run, capsys, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt_mod, "save_file", full_os)
-    assert_one_line_error(capsys, train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress"]),
-                   "the disk is full")
+    assert_one_line_error(
+        capsys, train_main(["--resume", "--out", str(run), "--steps", "3", "--no-progress"]), "the disk is full"
+    )
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -316,15 +342,23 @@ def test_a_folder_mixing_classes_and_loose_images_is_refused(tmp_path, capsys):
     for name in ("cats/a.png", "dogs/b.png", "stray.png"):
         (data / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros((16, 16), np.uint8)).save(data / name)
-    assert_one_line_error(capsys, train_main([*FAST, "--data", str(data), "--steps", "1", "--out", str(tmp_path / "o")]),
-                   "cats, dogs", "stray.png")
+    assert_one_line_error(
+        capsys,
+        train_main([*FAST, "--data", str(data), "--steps", "1", "--out", str(tmp_path / "o")]),
+        "cats, dogs",
+        "stray.png",
+    )
 
 
 def test_a_huge_label_id_is_refused(tmp_path, capsys):
     path = tmp_path / "d.npz"
     np.savez(path, images=np.zeros((3, 16, 16), np.uint8), labels=np.array([0, 1, 1_000_000]))
-    assert_one_line_error(capsys, train_main([*FAST, "--data", str(path), "--steps", "1", "--out", str(tmp_path / "o")]),
-                   "label id 1000000", "renumber")
+    assert_one_line_error(
+        capsys,
+        train_main([*FAST, "--data", str(path), "--steps", "1", "--out", str(tmp_path / "o")]),
+        "label id 1000000",
+        "renumber",
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -334,18 +368,41 @@ def test_non_finite_latents_name_the_file_and_index(tmp_path, capsys):
     latents[2, 0, 3, 5] = np.nan
     path = tmp_path / "lat.npz"
     np.savez(path, latents=latents)
-    err = assert_one_line_error(capsys, train_main([*FAST, "--data", str(path), "--steps", "1", "--out", str(tmp_path / "o")]),
-                         "lat.npz", "(2, 0, 3, 5)")
+    err = assert_one_line_error(
+        capsys,
+        train_main([*FAST, "--data", str(path), "--steps", "1", "--out", str(tmp_path / "o")]),
+        "lat.npz",
+        "(2, 0, 3, 5)",
+    )
     assert "--lr" not in err
 
 
 # -- 8. and issue 9: every number checked before any work --------------------------------------------------------------
-@pytest.mark.parametrize("bad", [
-    ["--steps", "0"], ["--steps", "-5"], ["--batch", "0"], ["--batch", "-4"], ["--ckpt-every", "0"],
-    ["--log-every", "0"], ["--ema", "2"], ["--ema", "-1"], ["--lr", "inf"], ["--lr", "nan"], ["--lr", "0"],
-    ["--resolution", "-16"], ["--resolution", "24"], ["--device", "tpu9"], ["--warmup", "-1"], ["--sample-steps", "0"], ["--seed", "-1"],
-    ["--label-dropout", "1"], ["--patch-fraction", "1.5"], ["--sample-n", "-1"],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--steps", "0"],
+        ["--steps", "-5"],
+        ["--batch", "0"],
+        ["--batch", "-4"],
+        ["--ckpt-every", "0"],
+        ["--log-every", "0"],
+        ["--ema", "2"],
+        ["--ema", "-1"],
+        ["--lr", "inf"],
+        ["--lr", "nan"],
+        ["--lr", "0"],
+        ["--resolution", "-16"],
+        ["--resolution", "24"],
+        ["--device", "tpu9"],
+        ["--warmup", "-1"],
+        ["--sample-steps", "0"],
+        ["--seed", "-1"],
+        ["--label-dropout", "1"],
+        ["--patch-fraction", "1.5"],
+        ["--sample-n", "-1"],
+    ],
+)
 def test_train_options_are_range_checked(run, capsys, bad):
     before = snapshot(run)
     err = assert_one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(run), *bad]), bad[0])
@@ -357,7 +414,9 @@ def test_out_must_be_a_writable_folder(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("mine")
     assert_one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(afile)]), "is a file")
-    assert_one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(afile / "sub")]), "cannot write there")
+    assert_one_line_error(
+        capsys, train_main([*FAST, "--steps", "1", "--out", str(afile / "sub")]), "cannot write there"
+    )
     assert afile.read_text() == "mine"
 
 
@@ -365,16 +424,35 @@ def test_out_must_be_a_writable_folder(tmp_path, capsys):
 def test_out_without_write_permission(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    assert_one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(locked / "run")]), "cannot write there")
+    assert_one_line_error(
+        capsys, train_main([*FAST, "--steps", "1", "--out", str(locked / "run")]), "cannot write there"
+    )
 
 
-@pytest.mark.parametrize("bad", [
-    ["--batch", "0"], ["--batch", "-1"], ["--steps", "0"], ["--steps", "-2"], ["--height", "-16"],
-    ["--width", "0"], ["--cfg-scale", "nan"], ["--churn", "-5"], ["--device", "tpu9"], ["--n", "0"],
-    ["--sampler", "ddpm", "--steps", "2000"], ["--sampler", "ddim", "--churn", "10"], ["--t-break", "2"],
-    ["--seed", "-1"], ["--window", "0"], ["--window", "-16"], ["--stride", "0"], ["--max-batch", "0"],
-    ["--npz", "also.png"],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--batch", "0"],
+        ["--batch", "-1"],
+        ["--steps", "0"],
+        ["--steps", "-2"],
+        ["--height", "-16"],
+        ["--width", "0"],
+        ["--cfg-scale", "nan"],
+        ["--churn", "-5"],
+        ["--device", "tpu9"],
+        ["--n", "0"],
+        ["--sampler", "ddpm", "--steps", "2000"],
+        ["--sampler", "ddim", "--churn", "10"],
+        ["--t-break", "2"],
+        ["--seed", "-1"],
+        ["--window", "0"],
+        ["--window", "-16"],
+        ["--stride", "0"],
+        ["--max-batch", "0"],
+        ["--npz", "also.png"],
+    ],
+)
 def test_sample_options_are_range_checked(trained, tmp_path, capsys, monkeypatch, bad):
     monkeypatch.chdir(tmp_path)  # a relative name (also.png) a regression would write lands here, not in the repo
     out = tmp_path / "a.png"
@@ -384,8 +462,18 @@ def test_sample_options_are_range_checked(trained, tmp_path, capsys, monkeypatch
 
 
 def test_a_window_the_bricks_do_not_divide_is_named(trained, tmp_path, capsys):
-    code = sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(tmp_path / "a.png"),
-                        "--window", "20", "--width", "48"])
+    code = sample_main(
+        [
+            "--ckpt",
+            str(trained / "checkpoint.safetensors"),
+            "--out",
+            str(tmp_path / "a.png"),
+            "--window",
+            "20",
+            "--width",
+            "48",
+        ]
+    )
     assert_one_line_error(capsys, code, "--window 20", "multiples of 16")
 
 
@@ -425,8 +513,18 @@ def test_guidance_without_a_trained_null_class_is_refused(digits, tmp_path, caps
     # untrained embedding silently
     out = tmp_path / "run"
     assert train_main([*FAST, "--data", digits, "--steps", "1", "--label-dropout", "0", "--out", str(out)]) == 0
-    code = sample_main(["--ckpt", str(out / "checkpoint.safetensors"), "--out", str(tmp_path / "a.png"), "--n", "1",
-                        "--cfg-scale", "2"])
+    code = sample_main(
+        [
+            "--ckpt",
+            str(out / "checkpoint.safetensors"),
+            "--out",
+            str(tmp_path / "a.png"),
+            "--n",
+            "1",
+            "--cfg-scale",
+            "2",
+        ]
+    )
     assert_one_line_error(capsys, code, "--cfg-scale 2", "--label-dropout 0")
 
 
@@ -435,18 +533,23 @@ def test_non_finite_samples_are_not_written(trained, tmp_path, capsys, monkeypat
 
     monkeypatch.setitem(sample_mod.SAMPLERS, "heun", lambda net, z, *a, **k: torch.full_like(z, float("nan")))
     out = tmp_path / "a.png"
-    assert_one_line_error(capsys, sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(out)]),
-                   "NaN or inf values; nothing was written")
+    assert_one_line_error(
+        capsys,
+        sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(out)]),
+        "NaN or inf values; nothing was written",
+    )
     assert not out.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_a_gpu(trained, tmp_path, capsys):
-    code = sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(tmp_path / "a.png"),
-                        "--device", "cuda"])
+    code = sample_main(
+        ["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(tmp_path / "a.png"), "--device", "cuda"]
+    )
     assert_one_line_error(capsys, code, "torch sees none")
-    assert_one_line_error(capsys, train_main([*FAST, "--steps", "1", "--out", str(tmp_path / "o"), "--device", "cuda"]),
-                   "torch sees none")
+    assert_one_line_error(
+        capsys, train_main([*FAST, "--steps", "1", "--out", str(tmp_path / "o"), "--device", "cuda"]), "torch sees none"
+    )
 
 
 # -- 9. the Python API -------------------------------------------------------------------------------------------------
@@ -510,8 +613,11 @@ def test_brick_patch_index_must_name_distinct_patches_of_the_canvas():
     brick = LegoBrick(8, 4, hidden_size=32, depth=1, num_heads=2, in_channels=1, has_prev=True)
     x, cond = torch.randn(2, 1, 16, 24), torch.randn(2, 32)
     assert brick(x, None, cond, patch_index=torch.tensor([[0, 5], [3, 1]])).shape == x.shape
-    for bad, needle in (([[0, -1], [1, 2]], r"patch_index holds -1, outside 0\.\.5"),
-                        ([[0, 6], [1, 2]], r"holds 6, outside 0\.\.5"), ([[1, 1], [1, 2]], "row 0 lists patch 1 twice")):
+    for bad, needle in (
+        ([[0, -1], [1, 2]], r"patch_index holds -1, outside 0\.\.5"),
+        ([[0, 6], [1, 2]], r"holds 6, outside 0\.\.5"),
+        ([[1, 1], [1, 2]], "row 0 lists patch 1 twice"),
+    ):
         with pytest.raises(ValueError, match=needle):
             brick(x, None, cond, patch_index=torch.tensor(bad))
 
@@ -548,8 +654,12 @@ def test_class_labels_are_integer_ids_one_per_image(tiny):
     # the loss checks them as the model does: one label used to broadcast over the batch silently, a float to be
     # truncated, an id out of range to end in "IndexError: index out of range in self"
     loss = LegoLoss()
-    for bad, needle in (([2], "1 class labels for a batch of 2"), ([0.5, 1.0], "integer class ids"),
-                        ([0, 4], r"in 0\.\.2 \(3: none\), got 0\.\.4"), ([-1, 0], r"got -1\.\.0")):
+    for bad, needle in (
+        ([2], "1 class labels for a batch of 2"),
+        ([0.5, 1.0], "integer class ids"),
+        ([0, 4], r"in 0\.\.2 \(3: none\), got 0\.\.4"),
+        ([-1, 0], r"got -1\.\.0"),
+    ):
         with pytest.raises(ValueError, match=needle):
             loss(tiny, x, torch.tensor(bad), torch.Generator().manual_seed(0))
     assert torch.isfinite(loss(tiny, x, torch.tensor([0, 3]), torch.Generator().manual_seed(0))[0])

@@ -159,9 +159,13 @@ def check_guidance(cfg_scale: float, num_classes: int, train_config: dict) -> No
     if cfg_scale == 1:
         return
     if not num_classes:
-        raise LegoError(f"--cfg-scale {cfg_scale:g}: the model is unconditional (trained without classes), so there is "
-                        "nothing to guide towards; drop --cfg-scale")
+        raise LegoError(
+            f"--cfg-scale {cfg_scale:g}: the model is unconditional (trained without classes), so there is "
+            "nothing to guide towards; drop --cfg-scale"
+        )
     if train_config.get("label_dropout") == 0:  # (converted checkpoints do not record it: their null class is trained)
-        raise LegoError(f"--cfg-scale {cfg_scale:g}: the model was trained with --label-dropout 0, so its null class, "
-                        "the unconditional half of guidance, never trained; drop --cfg-scale, or train with "
-                        "--label-dropout 0.1")
+        raise LegoError(
+            f"--cfg-scale {cfg_scale:g}: the model was trained with --label-dropout 0, so its null class, "
+            "the unconditional half of guidance, never trained; drop --cfg-scale, or train with "
+            "--label-dropout 0.1"
+        )

@@ -95,7 +95,9 @@ def load_checkpoint(path, parts: tuple[str, ...] = ("model", "ema", "optim")) ->
             wanted = [k for k in f.keys() if k.partition("/")[0] in parts]  # noqa: SIM118 -- not a dict
             tensors = {k: f.get_tensor(k) for k in wanted}
     except (SafetensorError, OSError, ValueError) as e:
-        raise LegoError(f"{path} is not a readable safetensors checkpoint ({e}); it may be corrupt or truncated") from None
+        raise LegoError(
+            f"{path} is not a readable safetensors checkpoint ({e}); it may be corrupt or truncated"
+        ) from None
     if metadata.get("format") != FORMAT:
         raise LegoError(f"{path} is a safetensors file but not a lego checkpoint (no '{FORMAT}' metadata)")
     try:
@@ -126,9 +128,11 @@ def check_finite(ckpt: Checkpoint, path) -> None:
         tensors.update({f"optim/{idx}/{k}": v for k, v in state.items()})
     bad = non_finite(tensors)
     if bad:
-        raise LegoError(f"{path}: {len(bad)} of its tensors hold NaN or inf (first {bad[0]}), so the run cannot "
-                        "continue from it (the file is damaged, or the run went wrong before this save); start a new "
-                        "run in another --out")
+        raise LegoError(
+            f"{path}: {len(bad)} of its tensors hold NaN or inf (first {bad[0]}), so the run cannot "
+            "continue from it (the file is damaged, or the run went wrong before this save); start a new "
+            "run in another --out"
+        )
 
 
 def load_weights(model, state: dict[str, torch.Tensor], path) -> None:
@@ -141,8 +145,10 @@ def load_weights(model, state: dict[str, torch.Tensor], path) -> None:
         first = (lines or [str(e)])[0].rstrip(".")
         first = first if len(first) <= 300 else first[:300] + "..."
         more = f"; {len(lines) - 1} more like it" if len(lines) > 1 else ""
-        raise LegoError(f"{path}: the weights do not fit the model in its config ({first}{more}); the checkpoint is "
-                        "damaged or from another version of lego: use another checkpoint") from None
+        raise LegoError(
+            f"{path}: the weights do not fit the model in its config ({first}{more}); the checkpoint is "
+            "damaged or from another version of lego: use another checkpoint"
+        ) from None
 
 
 BASE_PREFIX = "net.bricks.0."  # a stack's brick 0: its pretrained base, when it has one

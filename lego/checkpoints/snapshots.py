@@ -189,10 +189,17 @@ def _walk_module(obj, prefix, tensors, attrs, path):
 
 
 # Linears of a brick: (theirs, ours) names under model.model.<k>. / net.bricks.<k>.; a block's under blocks.<i>.
-BLOCK_LINEARS = (("attn.qkv", "qkv"), ("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"),
-                 ("adaLN_modulation.1", "adaLN_modulation.1"))
-FINAL_LINEARS = (("final_layer.linear", "final_layer.linear"),
-                 ("final_layer.adaLN_modulation.1", "final_layer.adaLN_modulation.1"))
+BLOCK_LINEARS = (
+    ("attn.qkv", "qkv"),
+    ("attn.proj", "proj"),
+    ("mlp.fc1", "fc1"),
+    ("mlp.fc2", "fc2"),
+    ("adaLN_modulation.1", "adaLN_modulation.1"),
+)
+FINAL_LINEARS = (
+    ("final_layer.linear", "final_layer.linear"),
+    ("final_layer.adaLN_modulation.1", "final_layer.adaLN_modulation.1"),
+)
 
 
 class _Source(dict):
@@ -240,8 +247,10 @@ def _convert_brick(src: _Source, k: int, channels: int, attrs: dict, out: dict) 
         src.linear(p + theirs, q + ours, out)
     values = out[q + "final_layer.linear.weight"].shape[0]
     if values != l * l * channels:
-        raise LegoError(f"brick {k} outputs {values} values per token, not l*l*C = {l * l * channels} "
-                        "(a learned-variance output is not supported)")
+        raise LegoError(
+            f"brick {k} outputs {values} values per token, not l*l*C = {l * l * channels} "
+            "(a learned-variance output is not supported)"
+        )
     return BrickSpec(l * grid, l, depth), d, heads, widths
 
 
@@ -306,10 +315,17 @@ def convert_state(snapshot: Snapshot, num_heads: int | None = None) -> tuple[Leg
         raise LegoError(f"the snapshot has tensors that this converter cannot place: {', '.join(sorted(src)[:8])}")
 
     config = LegoConfig(
-        name=str(kw.get("model_type") or "converted"), bricks=tuple(bricks), hidden_size=hidden,
-        num_heads=heads.pop(), mlp_ratio=widths.pop() / hidden if widths else 4.0, in_channels=channels,
-        num_classes=num_classes, resolution=int(_number(kw, "img_resolution", max(b.brick_size for b in bricks))),
-        precond="edm", sigma_data=float(_number(kw, "sigma_data", 0.5)), time_scale=1.0,
+        name=str(kw.get("model_type") or "converted"),
+        bricks=tuple(bricks),
+        hidden_size=hidden,
+        num_heads=heads.pop(),
+        mlp_ratio=widths.pop() / hidden if widths else 4.0,
+        in_channels=channels,
+        num_classes=num_classes,
+        resolution=int(_number(kw, "img_resolution", max(b.brick_size for b in bricks))),
+        precond="edm",
+        sigma_data=float(_number(kw, "sigma_data", 0.5)),
+        time_scale=1.0,
     )
     return config, out
 
@@ -333,8 +349,12 @@ def convert(snapshot_path, out, num_heads: int | None = None) -> Path:
     model = convert_model(snapshot_path, num_heads)
     ckpt = Path(out) / "checkpoint.safetensors"
     train_config = {
-        "model": model.config.name, "resolution": model.config.resolution, "precond": "edm", "steps": 0,
-        "out": str(out), "converted_from": str(snapshot_path),
+        "model": model.config.name,
+        "resolution": model.config.resolution,
+        "precond": "edm",
+        "steps": 0,
+        "out": str(out),
+        "converted_from": str(snapshot_path),
     }
     ema = copy.deepcopy(model)  # the same weights, stored twice: safetensors refuses shared memory
     opt = torch.optim.AdamW(model.parameters(), weight_decay=0.0)  # lego.train's (it sets the lr every step)

@@ -47,8 +47,17 @@ class Dataset:
 
     lazy = False
 
-    def __init__(self, name: str, channels: int, size: tuple[int, int], num_classes: int, latent: bool, count: int,
-                 labels: torch.Tensor | None = None, meta: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        channels: int,
+        size: tuple[int, int],
+        num_classes: int,
+        latent: bool,
+        count: int,
+        labels: torch.Tensor | None = None,
+        meta: dict | None = None,
+    ):
         self.name, self.channels, self.size = name, channels, size  # size: (H, W) as read
         self.num_classes, self.latent, self.count = num_classes, latent, count  # latents are never resized or clamped
         self.labels = labels  # [N] int64, or None
@@ -61,8 +70,9 @@ class Dataset:
 class ArrayData(Dataset):
     """Images or latents held in memory: ``images`` float32 [N, C, H, W]."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, num_classes: int, name: str,
-                 latent: bool = False):
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor | None, num_classes: int, name: str, latent: bool = False
+    ):
         super().__init__(name, images.shape[1], tuple(images.shape[-2:]), num_classes, latent, images.shape[0], labels)
         self.images = images
 
@@ -102,7 +112,8 @@ def _with_labels(x: torch.Tensor, labels, name: str, latent: bool = False) -> Ar
         return ArrayData(x, None, 0, name)
     labels = np.asarray(labels).reshape(-1)
     integral = labels.dtype.kind in "iub" or (
-        labels.dtype.kind == "f" and (np.isfinite(labels) & (labels == np.round(labels))).all())
+        labels.dtype.kind == "f" and (np.isfinite(labels) & (labels == np.round(labels))).all()
+    )
     if not integral:
         raise LegoError(f"{name}: labels must be integers, got {labels.dtype} values such as {labels[:3].tolist()}")
     y = torch.from_numpy(labels.astype(np.int64))
@@ -219,12 +230,16 @@ class FolderData(Dataset):
         if resolution is None:
             if len(sizes) > 1 or sizes[0][0] != sizes[0][1]:
                 shown = ", ".join(f"{w}x{h}" for w, h in sizes[:6])
-                raise LegoError(f"{path} holds images of {len(sizes)} sizes ({shown}); give a resolution to crop them to")
+                raise LegoError(
+                    f"{path} holds images of {len(sizes)} sizes ({shown}); give a resolution to crop them to"
+                )
             resolution = sizes[0][0]
         self.resolution = resolution
         name = path.name
         if sizes != [(resolution, resolution)]:
-            name = f"{path.name} ({len(sizes)} image sizes, each scaled and center-cropped to {resolution}x{resolution})"
+            name = (
+                f"{path.name} ({len(sizes)} image sizes, each scaled and center-cropped to {resolution}x{resolution})"
+            )
         y = None if labels is None else torch.tensor(labels, dtype=torch.long)
         num_classes = int(y.max()) + 1 if y is not None else 0
         super().__init__(name, 3, (resolution, resolution), num_classes, False, len(self.files), y)
@@ -234,7 +249,9 @@ class FolderData(Dataset):
         for i in idx.tolist():
             with _open_image(self.files[i]) as im:
                 im = im.convert("RGB")
-                arrays.append(np.asarray(im) if im.size == (self.resolution,) * 2 else center_crop_arr(im, self.resolution))
+                arrays.append(
+                    np.asarray(im) if im.size == (self.resolution,) * 2 else center_crop_arr(im, self.resolution)
+                )
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (b, 3, R, R) uint8, a view
         return x, None if self.labels is None else self.labels[idx]
 
@@ -251,8 +268,6 @@ def _open_image(path: Path):
 def _image_size(path: Path) -> tuple[int, int]:
     with _open_image(path) as im:
         return im.size
-
-
 
 
 class MappedData(Dataset):
@@ -274,8 +289,10 @@ class MappedData(Dataset):
             raise LegoError(f"{path}: expected [N, H, W], [N, H, W, C] or [N, C, H, W], got shape {array.shape}")
         latent = array.dtype != np.uint8
         if latent and (array.dtype.kind != "f" or self.layout != "NCHW"):
-            raise LegoError(f"{path}: a .npy holds uint8 images or float latents [N, C, H, W], "
-                            f"got {array.dtype} of shape {array.shape}")
+            raise LegoError(
+                f"{path}: a .npy holds uint8 images or float latents [N, C, H, W], "
+                f"got {array.dtype} of shape {array.shape}"
+            )
         shape = dict(zip(self.layout, array.shape))
         meta_path = path.with_suffix(".json")
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -284,12 +301,15 @@ class MappedData(Dataset):
         if labels_path.is_file():
             labels = np.load(labels_path)
             if labels.shape != (shape["N"],) or labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
-                raise LegoError(f"{labels_path}: expected {shape['N']} non-negative integer labels, "
-                                f"got {labels.dtype} of shape {labels.shape}")
+                raise LegoError(
+                    f"{labels_path}: expected {shape['N']} non-negative integer labels, "
+                    f"got {labels.dtype} of shape {labels.shape}"
+                )
             self.labels = torch.from_numpy(labels.astype(np.int64))
             num_classes = int(labels.max()) + 1 if labels.size else 0
-        super().__init__(path.name, shape.get("C", 1), (shape["H"], shape["W"]), num_classes, latent, shape["N"],
-                         self.labels, meta)
+        super().__init__(
+            path.name, shape.get("C", 1), (shape["H"], shape["W"]), num_classes, latent, shape["N"], self.labels, meta
+        )
         self._array = None  # opened again where it is read
 
     def _open(self) -> np.ndarray:

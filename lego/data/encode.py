@@ -35,14 +35,25 @@ def _images(spec: str, resolution: int | None):
         resolution = 256
     data = open_dataset(spec, resolution)
     if data.latent:
-        kind = "float latents already; lego.encode takes uint8 images" if isinstance(data, MappedData) else (
-            "latents already; lego.encode takes images")
+        kind = (
+            "float latents already; lego.encode takes uint8 images"
+            if isinstance(data, MappedData)
+            else ("latents already; lego.encode takes images")
+        )
         raise LegoError(f"{spec} holds {kind}")
     return data, resolution or data.size[0]
 
 
-def encode_dataset(vae: str, data: str, out: str, resolution: int | None = None, batch: int = 32, fp16: bool = False,
-                   device: str | None = None, progress: bool = True) -> Path:
+def encode_dataset(
+    vae: str,
+    data: str,
+    out: str,
+    resolution: int | None = None,
+    batch: int = 32,
+    fp16: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Encode ``data`` with the autoencoder ``vae`` into ``out`` (a .npy) and its sidecars; see the module docstring."""
     out = Path(out)
     if out.suffix != ".npy":
@@ -75,8 +86,17 @@ def encode_dataset(vae: str, data: str, out: str, resolution: int | None = None,
             atomic_write(labels_path, lambda t: np.save(open(t, "wb"), source.labels.numpy()))  # noqa: SIM115 -- np.save closes
         else:
             labels_path.unlink(missing_ok=True)  # a stale one would label these latents wrongly
-        meta = {"format": FORMAT, "vae": vae, "scaling_factor": scale, "shift_factor": shift, "resolution": side,
-                "source": data, "count": shape[0], "latent_shape": list(shape[1:]), "encoding": "posterior mean"}
+        meta = {
+            "format": FORMAT,
+            "vae": vae,
+            "scaling_factor": scale,
+            "shift_factor": shift,
+            "resolution": side,
+            "source": data,
+            "count": shape[0],
+            "latent_shape": list(shape[1:]),
+            "encoding": "posterior mean",
+        }
         atomic_write(meta_path, lambda t: Path(t).write_text(json.dumps(meta, indent=2)))
         os.replace(tmp, out)
     except BaseException:

@@ -45,15 +45,33 @@ class StepSampler(Sampler):
                 yield idx[c : c + self.chunk]
 
 
-def batches(data: Dataset, batch: int, seed: int, start: int, steps: int, rank: int, world: int, accum: int,
-            workers: int, device: torch.device):
+def batches(
+    data: Dataset,
+    batch: int,
+    seed: int,
+    start: int,
+    steps: int,
+    rank: int,
+    world: int,
+    accum: int,
+    workers: int,
+    device: torch.device,
+):
     """Batches for this rank, one per micro-step, as they come off the DataLoader (on the CPU)."""
     if batch % (world * accum):
-        raise LegoError(f"--batch {batch} does not split evenly over {world} rank(s) x --grad-accum {accum}; "
-                        f"use a multiple of {world * accum}")
+        raise LegoError(
+            f"--batch {batch} does not split evenly over {world} rank(s) x --grad-accum {accum}; "
+            f"use a multiple of {world * accum}"
+        )
     sampler = StepSampler(len(data), batch, seed, start, steps, rank, world, accum)
-    loader = DataLoader(data, batch_size=None, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    loader = DataLoader(
+        data,
+        batch_size=None,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
     return iter(loader)
 
 

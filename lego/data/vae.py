@@ -32,15 +32,19 @@ def load_vae(spec: str, device) -> torch.nn.Module:
         raise LegoError(f"--vae {spec}: no such folder; give a folder written by AutoencoderKL.save_pretrained")
     if local and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
         path = path / "vae"  # a whole pipeline's folder
-    offline = not local and not hub_reachable()  # then only the local hub cache can serve it, without a minute of retries
+    offline = (
+        not local and not hub_reachable()
+    )  # then only the local hub cache can serve it, without a minute of retries
     try:
         with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated: not the user's
             warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
             vae = AutoencoderKL.from_pretrained(str(path) if local else spec, local_files_only=offline)
     except Exception as e:  # noqa: BLE001 -- missing files, no network, a wrong format: all mean "cannot load it"
         if offline:
-            raise LegoError(f"--vae {spec}: the hub is not reachable from this machine and {spec} is not in its local "
-                            "cache; give a folder written by AutoencoderKL.save_pretrained") from None
+            raise LegoError(
+                f"--vae {spec}: the hub is not reachable from this machine and {spec} is not in its local "
+                "cache; give a folder written by AutoencoderKL.save_pretrained"
+            ) from None
         raise LegoError(f"could not load the autoencoder {spec!r}: {str(e).splitlines()[0]}") from None
     return vae.to(device).eval().requires_grad_(False)
 
@@ -79,8 +83,10 @@ def encode(vae, images: torch.Tensor, scale: float, shift: float) -> torch.Tenso
 def decode(vae, latents: torch.Tensor, scale: float, shift: float, batch: int = 16) -> torch.Tensor:
     """Latents [B, c, h, w] -> images [B, 3, h f, w f] in [-1, 1] (on the CPU)."""
     if latents.shape[1] != vae.config.latent_channels:
-        raise LegoError(f"the samples have {latents.shape[1]} channels but the autoencoder's latents have "
-                        f"{vae.config.latent_channels}; give the --vae the latents were made with")
+        raise LegoError(
+            f"the samples have {latents.shape[1]} channels but the autoencoder's latents have "
+            f"{vae.config.latent_channels}; give the --vae the latents were made with"
+        )
     out = []
     for chunk in latents.split(batch):
         z = chunk.to(vae.device, vae.dtype) / scale + shift

@@ -62,8 +62,17 @@ class Denoiser(nn.Module):
     def check_canvas(self, x: torch.Tensor) -> None:
         self.net.check_canvas(x)
 
-    def forward(self, x, sigma, class_labels=None, skip=(), *, patches: PatchDraw | None = None, x0=None,
-                every_brick: bool = False):
+    def forward(
+        self,
+        x,
+        sigma,
+        class_labels=None,
+        skip=(),
+        *,
+        patches: PatchDraw | None = None,
+        x0=None,
+        every_brick: bool = False,
+    ):
         """The denoiser D(x; sigma) [B, C, H, W] (fp32) of the top brick that runs; with ``every_brick`` a
         BrickOutput per brick that ran, bottom to top, its ``denoised`` D_k. ``x0`` (with ``patches``): the clean
         images whose brick output the unprocessed patches take."""
@@ -134,8 +143,14 @@ def build_model(config: LegoConfig | DiTConfig, base: nn.Module | None = None) -
     return DiTModel(config) if isinstance(config, DiTConfig) else LegoModel(config, base)
 
 
-def check_inputs(sigma: torch.Tensor, class_labels, batch: int, num_classes: int, values: bool = True,
-                 null: str = "none, for guidance") -> None:
+def check_inputs(
+    sigma: torch.Tensor,
+    class_labels,
+    batch: int,
+    num_classes: int,
+    values: bool = True,
+    null: str = "none, for guidance",
+) -> None:
     """A denoiser's call: sigma [B] finite and >= 0, class labels one id per image in 0..num_classes (num_classes:
     the null class, which the message calls ``null``), none for an unconditional model. ``values=False`` checks
     only what costs no device sync."""

@@ -19,8 +19,9 @@ from lego.errors import LegoError
 CHURN = {"S_min": 0.05, "S_max": 20.0, "S_noise": 1.003}  # with --churn: EDM's ImageNet settings (Karras et al.)
 
 
-def check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn, window=None,
-                         stride=None, max_batch=1) -> None:
+def check_sample_options(
+    n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn, window=None, stride=None, max_batch=1
+) -> None:
     """The numbers ``generate`` takes, checked before any work, each error naming its command-line option."""
     if sampler not in SAMPLERS:
         raise LegoError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -73,11 +74,14 @@ def generate(
     """n samples [n, C, H, W] (on the CPU) from the denoiser ``net``, and the labels they were drawn for.
 
     labels: class ids [n] (or one id for all), None for the null class (unconditional); regions: a [H, W] label map
-    or rectangles ``(top, left, bottom, right, class)`` covering the canvas (sliding window only). The canvas
+    or rectangles ``(top, left, bottom, right, class)`` covering the canvas (sliding window only); the model checks
+    the ids at its first call. The canvas
     (height x width, default: the training canvas) goes through the model whole, or by the sliding window when a
     window, stride or regions is given. ``generator`` (default: one seeded with ``seed``) draws every batch's noise
     in turn and the samplers' noise. ``device``: where the noise is drawn (default: the model's). Other keyword
     arguments go to the sampler (e.g. ``eta`` for DDIM)."""
+    if sampler not in SAMPLERS:
+        raise LegoError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if device is None:
         device = next(net.parameters()).device
     h, w = height or net.resolution, width or net.resolution
@@ -92,8 +96,6 @@ def generate(
         labels = labels.expand(n) if labels.numel() == 1 else labels  # (n,)
     if regions is not None:
         labels = region_map(h, w, regions).expand(n, -1, -1)  # (n, H, W)
-    if labels is not None and not 0 <= int(labels.min()) <= int(labels.max()) < net.num_classes:
-        raise LegoError(f"class ids must be in 0..{net.num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
     kwargs = {"num_steps": steps or DEFAULT_STEPS[sampler], "cfg_scale": cfg_scale, "skip": skip_schedule(net, t_break)}
     if churn:
         kwargs.update(S_churn=churn, **CHURN)
@@ -117,8 +119,6 @@ def panorama(
 
     labels: a class id or [n] ids; regions: a [H, W] label map or rectangles ``(top, left, bottom, right, class)``
     (overrides labels). The other options are ``generate``'s; the samples come back on the CPU."""
-    if sampler not in SAMPLERS:
-        raise LegoError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     images, _ = generate(
         net, n, sampler, steps, cfg_scale, None if regions is not None else labels, t_break, height, width,
         batch=n, window=window or net.resolution, stride=stride, max_batch=max_batch, regions=regions,

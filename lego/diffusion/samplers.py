@@ -66,14 +66,28 @@ def _skip_function(skip):
     if isinstance(skip, (tuple, list, range)):
         fixed = tuple(skip)
         return lambda t: fixed
-    raise TypeError(f"skip must be None, brick indices such as (2,), or a function of t/T such as "
-                    f"skip_schedule(model, 0.5); got {type(skip).__name__}")
+    raise TypeError(
+        f"skip must be None, brick indices such as (2,), or a function of t/T such as "
+        f"skip_schedule(model, 0.5); got {type(skip).__name__}"
+    )
 
 
 @torch.no_grad()
 def edm_sampler(
-    net, latents, class_labels=None, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0,
-    S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, cfg_scale=1.0, skip=None, generator=None,
+    net,
+    latents,
+    class_labels=None,
+    num_steps=18,
+    sigma_min=0.002,
+    sigma_max=80.0,
+    rho=7.0,
+    S_churn=0.0,
+    S_min=0.0,
+    S_max=float("inf"),
+    S_noise=1.0,
+    cfg_scale=1.0,
+    skip=None,
+    generator=None,
 ):
     """EDM Heun sampler (2 * num_steps - 1 network evaluations). Returns x0 samples [B, C, H, W] (fp32)."""
     if not num_steps >= 1:
@@ -82,7 +96,9 @@ def edm_sampler(
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
     i = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
-    t_steps = (sigma_max ** (1 / rho) + i / max(num_steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = (
+        sigma_max ** (1 / rho) + i / max(num_steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+    ) ** rho
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])  # t_N = 0
 
     def denoise(x, t, step):

@@ -1,7 +1,8 @@
 """Generation beyond the training canvas by a sliding window, with per-region class labels (Zheng et al., App. D.3).
 
-``SlidingWindow(net, window, stride)`` is itself called like a denoiser, D(x; sigma, class_labels, skip): at every call it cuts
-the canvas into windows of the training size, moved by ``stride`` and with the last window in each direction aligned
+``SlidingWindow(net, window, stride)`` is itself called like a denoiser, D(x; sigma, class_labels, skip): at every
+call it cuts the canvas into windows of the training size, moved by ``stride`` and with the last window in each
+direction aligned
 to the canvas edge, denoises all of them in batched calls of at most ``max_batch`` windows, and gives each pixel the
 average over the windows that cover it. The samplers call it like a model, so Heun / DDPM / DDIM, classifier-free
 guidance and brick skipping work unchanged.
@@ -54,7 +55,9 @@ def region_map(height: int, width: int, regions) -> torch.Tensor:
     labels = torch.full((height, width), -1, dtype=torch.long)
     for top, left, bottom, right, cls in regions:
         if not (0 <= top < bottom <= height and 0 <= left < right <= width):
-            raise LegoError(f"region rows {top}:{bottom}, columns {left}:{right} lies outside the {height}x{width} canvas")
+            raise LegoError(
+                f"region rows {top}:{bottom}, columns {left}:{right} lies outside the {height}x{width} canvas"
+            )
         labels[top:bottom, left:right] = cls
     holes = (labels < 0).nonzero()
     if len(holes):
@@ -99,8 +102,10 @@ class SlidingWindow:
         big = net.max_brick
         if min(self.window) <= 0 or self.window[0] % big or self.window[1] % big:
             side = "x".join(map(str, dict.fromkeys(self.window)))  # "20", or "16x20" for a non-square window
-            raise LegoError(f"--window {side}: the window's height and width must be positive multiples of {big}, the "
-                            "model's largest brick")
+            raise LegoError(
+                f"--window {side}: the window's height and width must be positive multiples of {big}, the "
+                "model's largest brick"
+            )
         net.check_canvas(torch.empty(1, net.in_channels, *self.window, device="meta"))
 
     # What the samplers read of a denoiser: the wrapped one's.
@@ -142,7 +147,9 @@ class SlidingWindow:
         label, mask = None, None
         if class_labels is not None and class_labels.dim() == 3:
             if class_labels.shape != (batch, height, width):
-                raise LegoError(f"the label map is {tuple(class_labels.shape)} for a canvas batch {(batch, height, width)}")
+                raise LegoError(
+                    f"the label map is {tuple(class_labels.shape)} for a canvas batch {(batch, height, width)}"
+                )
             maps = class_labels.to(x.device).long()[image[:, None, None], rows[:, :, None], cols[:, None, :]]
             present = torch.zeros(batch * n_win, int(maps.max()) + 1, dtype=torch.bool, device=x.device)
             present.scatter_(1, maps.flatten(1), True)  # (B nW, classes)

@@ -51,19 +51,24 @@ def evaluate(
     res = net.resolution
     latent = bool(info.train_config.get("latents"))  # trained on lego.encode's latents: its samples are not images
     if latent and inception:
-        raise LegoError(f"--inception: {ckpt} draws autoencoder latents (it was trained on {data}), and lego.eval scores "
-                        "images; drop --inception to measure the sampling cost alone")
+        raise LegoError(
+            f"--inception: {ckpt} draws autoencoder latents (it was trained on {data}), and lego.eval scores "
+            "images; drop --inception to measure the sampling cost alone"
+        )
     mnist = MnistFeatures(device) if net.in_channels == 1 and not latent else None  # before sampling: fail fast
     incep = InceptionFeatures(inception_weights, device) if inception else None
     if (mnist or incep) and n < 2:
-        raise LegoError(f"--n {n}: a Fréchet distance needs the covariance of at least 2 samples; give --n 2 or more "
-                        "(thousands for a stable score)")
+        raise LegoError(
+            f"--n {n}: a Fréchet distance needs the covariance of at least 2 samples; give --n 2 or more "
+            "(thousands for a stable score)"
+        )
 
     wall, cpu = time.perf_counter(), time.process_time()
     with CostMeter(net) as meter:
         labels = parse_labels(None, n, net.num_classes)
-        images, labels = generate(net, n, sampler, steps, cfg_scale, labels, t_break, seed=seed, batch=batch,
-                                  device=device, progress=progress)
+        images, labels = generate(
+            net, n, sampler, steps, cfg_scale, labels, t_break, seed=seed, batch=batch, device=device, progress=progress
+        )
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     flops = meter.flops(res, res)
     full = meter.flops_per_image(res, res) * sum(meter.images.values())  # the same calls with nothing skipped

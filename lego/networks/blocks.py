@@ -115,7 +115,7 @@ def _split(v: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
 
 
 def sincos_pos_embed_2d(hidden_size: int, grid_size: int) -> np.ndarray:
-    """Fixed 2-D sin-cos position embedding over a grid_size x grid_size token grid -> [grid_size^2, d] (from MAE/DiT)."""
+    """Fixed 2-D sin-cos position embedding over a grid_size x grid_size token grid -> [grid_size^2, d] (MAE, DiT)."""
     grid_h, grid_w = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64))
     grid = np.stack([grid_h, grid_w]).reshape(2, 1, grid_size, grid_size)  # w goes first, as in MAE/DiT
     emb_h = _sincos_1d(hidden_size // 2, grid[0])

@@ -100,20 +100,30 @@ class LegoBrick(nn.Module):
             prev = torch.zeros_like(x)
         elif not self.has_prev:
             prev = None
-        # Under autocast the linears emit the autocast dtype; the fused ops want one dtype, so the whole brick runs in it.
+        # Under autocast the linears emit the autocast dtype; the fused ops want one dtype: the whole brick runs in it.
         dev = x.device.type
         autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
         dt = torch.get_autocast_dtype(dev) if autocast else x.dtype
         if not autocast and dt != self.embed_weight.dtype:
-            raise ValueError(f"LegoBrick: x is {dt} but its weights are {self.embed_weight.dtype}; convert one to the "
-                             "other (brick.to(x.dtype) or x.to(...)), or run the brick under torch.autocast")
+            raise ValueError(
+                f"LegoBrick: x is {dt} but its weights are {self.embed_weight.dtype}; convert one to the "
+                "other (brick.to(x.dtype) or x.to(...)), or run the brick under torch.autocast"
+            )
         cond = self.cond_proj(cond)  # (B, d)
         mods = [[v.to(dt) for v in block.modulation(cond)] for block in self.blocks]  # per image: depth x 6 x (B, d)
         final_shift, final_scale = (v.to(dt) for v in self.final_layer.modulation(cond))  # (B, d) each
         be = self.backend
         tokens = lk.patch_embed(
-            x.to(dt), None if prev is None else prev.to(dt), self.embed_weight.to(dt), self.embed_bias.to(dt),
-            self.pos_embed.to(dt), self.brick_size, self.field_size, patch_index, backend=be, check_ids=check,
+            x.to(dt),
+            None if prev is None else prev.to(dt),
+            self.embed_weight.to(dt),
+            self.embed_bias.to(dt),
+            self.pos_embed.to(dt),
+            self.brick_size,
+            self.field_size,
+            patch_index,
+            backend=be,
+            check_ids=check,
         )  # (N, S, d)
         if self.depth:
             h_mod = lk.adaln_modulate(tokens, mods[0][0], mods[0][1], backend=be)  # (N, S, d)

@@ -129,8 +129,9 @@ class DiT(nn.Module):
     def brick_modules(self) -> list[nn.Module]:
         return [self.dit]
 
-    def forward(self, x, noise: NoiseLevel, class_labels=None, skip=frozenset(), patches: PatchDraw | None = None,
-                fill=None) -> list[BrickOutput]:
+    def forward(
+        self, x, noise: NoiseLevel, class_labels=None, skip=frozenset(), patches: PatchDraw | None = None, fill=None
+    ) -> list[BrickOutput]:
         """The raw output F [B, C, H, W] as one BrickOutput (see lego.networks.interface). A DiT has no patch-bricks
         and makes no random draws."""
         if skip:

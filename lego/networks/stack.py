@@ -114,7 +114,7 @@ def model_config(name: str, **overrides) -> LegoConfig:
 class BaseBrick(nn.Module):
     """Brick 0 of a stack on a pretrained base (Zheng et al., Sec. 3.3): runs ``denoiser`` (any D(x; sigma, labels)
     in EDM's view) and returns the raw output F_0 = (D - c_skip x) / c_out that reproduces its prediction, so the
-    bricks above refine it as they refine an image-brick. lego.checkpoints.build loads bases and records their origin."""
+    bricks above refine it as they refine an image-brick. lego.checkpoints.build loads bases, records their origin."""
 
     def __init__(self, denoiser: nn.Module):
         super().__init__()
@@ -190,8 +190,9 @@ class LegoStack(nn.Module):
             c = c + self.y_embedder(torch.as_tensor(class_labels, device=c.device).reshape(-1).long())  # (B, d)
         return c
 
-    def forward(self, x, noise: NoiseLevel, class_labels=None, skip=frozenset(), patches: PatchDraw | None = None,
-                fill=None) -> list[BrickOutput]:
+    def forward(
+        self, x, noise: NoiseLevel, class_labels=None, skip=frozenset(), patches: PatchDraw | None = None, fill=None
+    ) -> list[BrickOutput]:
         """The raw outputs of the bricks that run, bottom to top (see lego.networks.interface).
 
         With ``patches`` (training), each patch-brick (one with more than one patch on this canvas) processes

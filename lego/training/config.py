@@ -25,8 +25,7 @@ class TrainConfig:
     ema: float = 0.995  # EMA decay per step (ramped up over the first steps); ~0.9999 for long runs
     precision: str = "fp32"  # or "bf16" (autocast)
     # Share of each patch-brick's patches trained per image (paper: 0.5 CelebA, 0.75 ImageNet). The tiny demo uses
-    # all of them: the bricks above see x0 in the others, and a tiny model learns to lean on it (measured on the
-    # demo: held-out loss 0.315 at 0.5 vs 0.283 at 1.0 after 500 steps, and grainy samples at 0.5).
+    # all of them: the bricks above see x0 in the others, and a tiny model learns to lean on it (README, "Training").
     patch_fraction: float = 1.0
     label_dropout: float = 0.1  # for classifier-free guidance
     seed: int = 0
@@ -42,13 +41,11 @@ class TrainConfig:
     compile: str | None = None  # torch.compile the bricks with this backend ("inductor"; "aot_eager" to debug)
     fsdp: bool = False  # shard parameters and optimizer state over the ranks (FSDP2) instead of replicating them
     workers: int | None = None  # DataLoader workers (default: 4 for .npy datasets, none for data held in memory)
-    base_ckpt: str | None = None  # a pretrained denoiser as brick 0 of the PR stack --model (lego.base)
+    base_ckpt: str | None = None  # a pretrained denoiser as brick 0 of the PR stack --model (lego.checkpoints.build)
     freeze_base: bool = False  # train only the bricks on top of it
 
 
 RUNTIME_OPTIONS = ("grad_accum", "compile", "fsdp", "workers")  # not taken from the checkpoint on --resume
-
-
 
 
 def resolve_config(given: dict, resume: bool = False) -> TrainConfig:
@@ -102,13 +99,16 @@ def check_train_config(cfg, resume: bool = False) -> None:
         raise LegoError(f"--precond must be edm or vp, got {cfg.precond!r}")
     checks.integer("--grad-accum", cfg.grad_accum, 1, meaning=" (micro-steps per step)")
     if cfg.fsdp and cfg.freeze_base:  # checkpoints index the optimizer's state by every parameter's name
-        raise LegoError("--fsdp with --freeze-base is not supported: drop --fsdp (DDP handles a frozen base) or train "
-                        "the base too")
+        raise LegoError(
+            "--fsdp with --freeze-base is not supported: drop --fsdp (DDP handles a frozen base) or train the base too"
+        )
     if cfg.workers is not None:
         checks.integer("--workers", cfg.workers, 0, meaning=" (DataLoader worker processes)")
     if cfg.compile and cfg.compile not in _compile_backends():
-        raise LegoError(f"--compile {cfg.compile}: not a torch.compile backend; use inductor (the default) or one of "
-                        f"{', '.join(_compile_backends())}")
+        raise LegoError(
+            f"--compile {cfg.compile}: not a torch.compile backend; use inductor (the default) or one of "
+            f"{', '.join(_compile_backends())}"
+        )
 
 
 def check_resume(cfg, saved, saved_step: int, resolution: int, channels: int, num_classes: int) -> None:
@@ -125,14 +125,18 @@ def check_resume(cfg, saved, saved_step: int, resolution: int, channels: int, nu
         clash.append(f"--data {cfg.data}: its {channels} channels (the checkpoint's model takes {saved.in_channels})")
     if num_classes != saved.num_classes:
         clash.append(f"--data {cfg.data}: its {num_classes} classes (the checkpoint's model has {saved.num_classes})")
-    base = getattr(saved, "base", None) or {}  # brick 0 from a pretrained model (lego.base); DiTs have none
+    base = (
+        getattr(saved, "base", None) or {}
+    )  # brick 0 from a pretrained model (lego.checkpoints.build); DiTs have none
     given, recorded = Path(cfg.base_ckpt or "").expanduser(), Path(base.get("path") or "")
     # (a relative --base-ckpt saved with the run may not resolve from here: only two files that exist are compared)
     if cfg.base_ckpt and (not base or given.exists() and recorded.exists() and not given.samefile(recorded)):
         clash.append(f"--base-ckpt {cfg.base_ckpt} (the checkpoint's base is {base.get('path') or 'none'})")
     if base and bool(cfg.freeze_base) != bool(base.get("frozen")):
-        clash.append(f"--freeze-base {'given' if cfg.freeze_base else 'not given'} (the checkpoint's base is "
-                     f"{'frozen' if base.get('frozen') else 'trained'})")
+        clash.append(
+            f"--freeze-base {'given' if cfg.freeze_base else 'not given'} (the checkpoint's base is "
+            f"{'frozen' if base.get('frozen') else 'trained'})"
+        )
     if clash:
         raise LegoError(
             f"--resume: {'; '.join(clash)} contradict the checkpoint in {cfg.out}; drop those options to continue it, "

@@ -66,8 +66,10 @@ def setup(device_name: str | None, resolve) -> tuple[Dist, torch.device, bool]:
     else:
         device = resolve(device_name)
         if device.type == "cuda" and world > 1:
-            raise LegoError(f"--device {device_name} under torchrun: give --device cuda (each rank takes the GPU "
-                            "of its LOCAL_RANK) or leave --device out")
+            raise LegoError(
+                f"--device {device_name} under torchrun: give --device cuda (each rank takes the GPU "
+                "of its LOCAL_RANK) or leave --device out"
+            )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     created = not dist.is_initialized()
@@ -213,8 +215,9 @@ def save(path, model, ema, opt, step: int, train_config: dict, ranks: Dist, root
             "state": {index[name]: s for name, s in opt_state["state"].items()},
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in opt_state["param_groups"]],
         }
-        save_checkpoint(path, _State(model_state, model.config), _State(ema_state), _State(opt_state), step,
-                        train_config)
+        save_checkpoint(
+            path, _State(model_state, model.config), _State(ema_state), _State(opt_state), step, train_config
+        )
 
 
 def load_optimizer(opt, root: nn.Module, state: dict, fsdp: bool) -> None:

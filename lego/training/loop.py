@@ -57,8 +57,9 @@ def _ema_update(ema, model, decay):
 def sample_grid(model, path, n, steps, num_classes, resolution, device, seed=0):
     """The run's final grid: n EMA samples by Heun, one class per column (0, 1, 2, ... cycled)."""
     labels = torch.arange(n) % num_classes if num_classes else None
-    images, _ = generate(model, n, "heun", steps, labels=labels, height=resolution, width=resolution, seed=seed,
-                         batch=n, device=device)
+    images, _ = generate(
+        model, n, "heun", steps, labels=labels, height=resolution, width=resolution, seed=seed, batch=n, device=device
+    )
     save_grid(images, path, nrow=num_classes if 1 < num_classes <= 16 else None)
     return images
 
@@ -81,8 +82,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         distributed.teardown(created)
 
 
-def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: distributed.Dist,
-           device: torch.device) -> Path:
+def _train(
+    cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: distributed.Dist, device: torch.device
+) -> Path:
     out, ckpt_path = run.out, run.ckpt_path
     resolution = cfg.resolution or model_config(cfg.model).resolution  # (an unknown name fails here, clearly)
     data = open_dataset(cfg.data, resolution)
@@ -95,16 +97,39 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: d
         check_resume(cfg, ckpt.model_config, ckpt.step, resolution, channels, data.num_classes)
         model = build_model(ckpt.model_config)
     elif cfg.base_ckpt:
-        model = stack_on_base(cfg.model, cfg.base_ckpt, cfg.freeze_base, in_channels=channels,
-                              num_classes=data.num_classes, precond=cfg.precond, resolution=resolution)
+        model = stack_on_base(
+            cfg.model,
+            cfg.base_ckpt,
+            cfg.freeze_base,
+            in_channels=channels,
+            num_classes=data.num_classes,
+            precond=cfg.precond,
+            resolution=resolution,
+        )
     else:
-        model = build_model(model_config(
-            cfg.model, in_channels=channels, num_classes=data.num_classes, precond=cfg.precond, resolution=resolution
-        ))
+        model = build_model(
+            model_config(
+                cfg.model,
+                in_channels=channels,
+                num_classes=data.num_classes,
+                precond=cfg.precond,
+                resolution=resolution,
+            )
+        )
     model.check_canvas(torch.empty(1, channels, resolution, resolution, device="meta"))
     loss_fn = LegoLoss(cfg.patch_fraction, cfg.label_dropout)
-    batches = loader.batches(data, cfg.batch, cfg.seed, ckpt.step if ckpt else 0, cfg.steps, ranks.rank, ranks.world,
-                             cfg.grad_accum, _workers(cfg, data), device)
+    batches = loader.batches(
+        data,
+        cfg.batch,
+        cfg.seed,
+        ckpt.step if ckpt else 0,
+        cfg.steps,
+        ranks.rank,
+        ranks.world,
+        cfg.grad_accum,
+        _workers(cfg, data),
+        device,
+    )
     if ckpt is not None:
         load_weights(model, with_base_weights(model, ckpt.model), ckpt_path)
     model.to(device).train()
@@ -143,8 +168,11 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: d
         for k in range(cfg.grad_accum):  # micro-steps: this rank's chunks of the global batch
             x, y = next(batches)
             first = (k * ranks.world + ranks.rank) * chunk  # where the chunk sits in the global batch
-            x = loader.prepare(x.to(device, non_blocking=True), resolution,
-                               None if flips is None else flips[first : first + chunk].to(device))
+            x = loader.prepare(
+                x.to(device, non_blocking=True),
+                resolution,
+                None if flips is None else flips[first : first + chunk].to(device),
+            )
             y = y.to(device) if y is not None else None
             g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
             with distributed.grad_sync(net, k == cfg.grad_accum - 1), autocast:
@@ -164,8 +192,13 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: d
                 torch.cuda.synchronize()
             rate = seen / (time.perf_counter() - tick)
             tick, seen = time.perf_counter(), 0
-            record = {"step": step + 1, "loss": round(value, 5), "per_brick": [round(v, 5) for v in per_brick.tolist()],
-                      "img_per_s": round(rate, 1), "lr": opt.param_groups[0]["lr"]}
+            record = {
+                "step": step + 1,
+                "loss": round(value, 5),
+                "per_brick": [round(v, 5) for v in per_brick.tolist()],
+                "img_per_s": round(rate, 1),
+                "lr": opt.param_groups[0]["lr"],
+            }
             if ranks.main:
                 with open(out / "log.jsonl", "a") as log:
                     log.write(json.dumps(record) + "\n")
@@ -175,12 +208,20 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool, ranks: d
         stop = distributed.stop_signal(run.stop_signal, ranks)  # every rank stops at the same step
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop:
             train_config = {**dataclasses.asdict(cfg), "latents": data.meta} if data.meta else dataclasses.asdict(cfg)
-            run.save(step + 1, hint, functools.partial(distributed.save, ckpt_path, model, ema, opt, step + 1,
-                                                       train_config, ranks, net, cfg.fsdp))
+            run.save(
+                step + 1,
+                hint,
+                functools.partial(
+                    distributed.save, ckpt_path, model, ema, opt, step + 1, train_config, ranks, net, cfg.fsdp
+                ),
+            )
         if stop:
             bar.close()
-            raise Stopped(stop, f"stopped by {signal.Signals(stop).name} after step {step + 1}; saved {ckpt_path} "
-                                "(continue with --resume)")
+            raise Stopped(
+                stop,
+                f"stopped by {signal.Signals(stop).name} after step {step + 1}; saved {ckpt_path} "
+                "(continue with --resume)",
+            )
     bar.close()
     run.release_signals()  # from here on Ctrl-C interrupts the sample grid at once; the checkpoint is saved
     if cfg.fsdp and cfg.sample_n > 0:

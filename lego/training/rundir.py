@@ -169,8 +169,11 @@ class RunDir:
         """Raise (keeping the last checkpoint) if a loss since the last save was not finite."""
         bad = -1 if self._bad_step is None else int(distributed.first_step(self._bad_step, self.ranks))
         if bad >= 0:
-            kept = f"the checkpoint of step {self.saved_step} in {self.out} is kept" if self.saved_step else \
-                "no checkpoint was written"
+            kept = (
+                f"the checkpoint of step {self.saved_step} in {self.out} is kept"
+                if self.saved_step
+                else "no checkpoint was written"
+            )
             raise LegoError(f"the training loss is not finite at step {bad}: the run diverged; {kept}. {hint}")
 
     def save(self, step: int, hint: str, write) -> None:
