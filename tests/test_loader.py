@@ -149,3 +149,26 @@ def test_a_memory_mapped_dataset_is_never_loaded_whole(tmp_path):
         print(key, grew, size_kb)
         assert grew < size_kb / 8, f"{key}: {grew} KiB more for a {size_kb} KiB file"
     (tmp_path / "big.npy").unlink()
+
+
+def test_training_and_encoding_crop_a_folder_alike(tmp_path):
+    """One crop: a folder's images reach training and lego.encode through the same dataset, cropped by ADM's
+    center_crop_arr wherever they are not resolution x resolution (a same-size non-square set is cropped, not
+    squashed)."""
+    from PIL import Image
+
+    from lego.data.datasets import center_crop_arr
+    from lego.data.encode import _images
+
+    rng = np.random.default_rng(1)
+    for i, (w, h) in enumerate([(40, 24), (40, 24), (16, 16)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    train = datasets.open_dataset(str(tmp_path), 16)
+    encode, side = _images(str(tmp_path), 16)
+    assert side == 16 and type(encode) is type(train) is datasets.FolderData
+    x, _ = train[torch.arange(3)]
+    assert torch.equal(x, encode[torch.arange(3)][0]) and x.shape == (3, 3, 16, 16)
+    for i in range(3):
+        with Image.open(tmp_path / f"{i}.png") as im:
+            want = center_crop_arr(im.convert("RGB"), 16)
+        assert np.array_equal(x[i].permute(1, 2, 0).numpy(), want)

@@ -220,54 +220,51 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
 class FolderData(Dataset):
     """Every image below a folder, read (as RGB) when a batch asks for it; one sub-folder per class gives labels.
     Images that are not ``resolution`` x ``resolution`` are cropped by ``center_crop_arr``. Without a resolution, the
-    images must all have one square size."""
+    images must all have one square size (read from their headers)."""
 
     lazy = True
 
     def __init__(self, path: Path, resolution: int | None = None):
         self.files, labels = image_files(path)
-        sizes = sorted({_image_size(p) for p in self.files})  # (width, height), from the headers
+        name = path.name
         if resolution is None:
+            sizes = sorted({_image_size(p) for p in self.files})  # (width, height)
             if len(sizes) > 1 or sizes[0][0] != sizes[0][1]:
                 shown = ", ".join(f"{w}x{h}" for w, h in sizes[:6])
                 raise LegoError(
                     f"{path} holds images of {len(sizes)} sizes ({shown}); give a resolution to crop them to"
                 )
             resolution = sizes[0][0]
+        else:
+            name = f"{path.name} (scaled and center-cropped to {resolution}x{resolution} where they differ)"
         self.resolution = resolution
-        name = path.name
-        if sizes != [(resolution, resolution)]:
-            name = (
-                f"{path.name} ({len(sizes)} image sizes, each scaled and center-cropped to {resolution}x{resolution})"
-            )
         y = None if labels is None else torch.tensor(labels, dtype=torch.long)
         num_classes = int(y.max()) + 1 if y is not None else 0
         super().__init__(name, 3, (resolution, resolution), num_classes, False, len(self.files), y)
 
     def __getitem__(self, idx: torch.Tensor):
-        arrays = []
+        side, arrays = self.resolution, []
         for i in idx.tolist():
-            with _open_image(self.files[i]) as im:
-                im = im.convert("RGB")
-                arrays.append(
-                    np.asarray(im) if im.size == (self.resolution,) * 2 else center_crop_arr(im, self.resolution)
-                )
+            im = _read_image(self.files[i])
+            arrays.append(np.asarray(im) if im.size == (side, side) else center_crop_arr(im, side))
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (b, 3, R, R) uint8, a view
         return x, None if self.labels is None else self.labels[idx]
 
 
-def _open_image(path: Path):
+def _read_image(path: Path) -> Image.Image:
     try:
-        im = Image.open(path)
-        im.load()
+        with Image.open(path) as im:
+            return im.convert("RGB")
     except Exception as e:  # noqa: BLE001 -- PIL raises many types for one meaning: unreadable
         raise LegoError(f"could not read the image {path} ({e})") from None
-    return im
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    with _open_image(path) as im:
-        return im.size
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except Exception as e:  # noqa: BLE001 -- as above
+        raise LegoError(f"could not read the image {path} ({e})") from None
 
 
 class MappedData(Dataset):

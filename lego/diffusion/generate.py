@@ -75,11 +75,10 @@ def generate(
 
     labels: class ids [n] (or one id for all), None for the null class (unconditional); regions: a [H, W] label map
     or rectangles ``(top, left, bottom, right, class)`` covering the canvas (sliding window only); the model checks
-    the ids at its first call. The canvas
-    (height x width, default: the training canvas) goes through the model whole, or by the sliding window when a
-    window, stride or regions is given. ``generator`` (default: one seeded with ``seed``) draws every batch's noise
-    in turn and the samplers' noise. ``device``: where the noise is drawn (default: the model's). Other keyword
-    arguments go to the sampler (e.g. ``eta`` for DDIM)."""
+    the ids at its first call. The canvas (height x width, default: the training canvas) goes through the model
+    whole, or by the sliding window when a window, stride or regions is given. ``generator`` (default: one seeded
+    with ``seed``) draws every batch's noise in turn and the samplers' noise. ``device``: where the noise is drawn
+    (default: the model's). Other keyword arguments go to the sampler (e.g. ``eta`` for DDIM)."""
     if sampler not in SAMPLERS:
         raise LegoError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if device is None:
