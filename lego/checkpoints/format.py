@@ -40,11 +40,18 @@ class Checkpoint:
 
 
 def save_checkpoint(path, model, ema, optimizer, step: int, train_config: dict) -> None:
-    """Write a checkpoint; refuses (LegoError, nothing written) when the model's or the EMA's weights are not finite,
-    so a diverged run never replaces a good checkpoint. A failed write (OSError) leaves the old file as it was."""
-    tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in stored_state(model).items()}
-    tensors.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in stored_state(ema).items()})
-    opt_state = optimizer.state_dict()
+    """Write a checkpoint of a model, its EMA copy and its optimizer; see ``write_checkpoint``."""
+    write_checkpoint(path, model.config, model.state_dict(), ema.state_dict(), optimizer.state_dict(), step,
+                     train_config)  # fmt: skip
+
+
+def write_checkpoint(path, config, model_state: dict, ema_state: dict, opt_state: dict, step: int,
+                     train_config: dict) -> None:  # fmt: skip
+    """Write a checkpoint from state dicts (a model's ``config``, whose frozen base's weights are left out); refuses
+    (LegoError, nothing written) when a weight or optimizer tensor is not finite, so a diverged run never replaces a
+    good checkpoint. A failed write (OSError) leaves the old file as it was."""
+    tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in stored_state(config, model_state).items()}
+    tensors.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in stored_state(config, ema_state).items()})
     for idx, state in opt_state["state"].items():
         for key, value in state.items():
             tensors[f"optim/{idx}/{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
@@ -57,12 +64,12 @@ def save_checkpoint(path, model, ema, optimizer, step: int, train_config: dict) 
     metadata = {
         "format": FORMAT,
         "step": str(step),
-        "model_config": json.dumps(model.config.to_dict()),
+        "model_config": json.dumps(config.to_dict()),
         "train_config": json.dumps(train_config),
         "param_groups": json.dumps(opt_state["param_groups"]),
     }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    write_config_json(path, step, model.config.to_dict(), train_config)
+    write_config_json(path, step, config.to_dict(), train_config)
 
 
 def write_config_json(path, step: int, model_config: dict, train_config: dict) -> None:
@@ -154,18 +161,17 @@ def load_weights(model, state: dict[str, torch.Tensor], path) -> None:
 BASE_PREFIX = "net.bricks.0."  # a stack's brick 0: its pretrained base, when it has one
 
 
-def base_is_frozen(model) -> bool:
-    return bool(getattr(model.config, "base", None) and model.config.base.get("frozen"))
+def base_is_frozen(config) -> bool:
+    return bool(getattr(config, "base", None) and config.base.get("frozen"))
 
 
-def stored_state(model) -> dict[str, torch.Tensor]:
-    """The state dict a checkpoint holds: all of it but a frozen base's weights."""
-    state = model.state_dict()
-    return {k: v for k, v in state.items() if not (base_is_frozen(model) and k.startswith(BASE_PREFIX))}
+def stored_state(config, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The part of a model's state dict a checkpoint holds: all of it but a frozen base's weights."""
+    return {k: v for k, v in state.items() if not (base_is_frozen(config) and k.startswith(BASE_PREFIX))}
 
 
 def with_base_weights(model, state: dict) -> dict:
     """A checkpoint's state dict completed with the frozen base's weights the model was built with."""
-    if not base_is_frozen(model):
+    if not base_is_frozen(model.config):
         return state
     return {**{BASE_PREFIX + k: v for k, v in model.net.bricks[0].state_dict().items()}, **state}

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 
 from lego.checkpoints.build import build_model
-from lego.checkpoints.format import save_checkpoint
+from lego.checkpoints.format import save_checkpoint, write_checkpoint
 from lego.errors import LegoError
 
 
@@ -177,16 +177,6 @@ def _full_state_options():
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-class _State:
-    """What save_checkpoint reads from a model or an optimizer: its state dict (and a model's config)."""
-
-    def __init__(self, state: dict, config=None):
-        self.state, self.config = state, config
-
-    def state_dict(self) -> dict:
-        return self.state
-
-
 def shard_like(ema: nn.Module, model: nn.Module) -> None:
     """Shard the EMA copy as ``wrap`` sharded the model, so that its update stays local to each rank."""
     for brick in ema.net.brick_modules():
@@ -215,9 +205,7 @@ def save(path, model, ema, opt, step: int, train_config: dict, ranks: Dist, root
             "state": {index[name]: s for name, s in opt_state["state"].items()},
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in opt_state["param_groups"]],
         }
-        save_checkpoint(
-            path, _State(model_state, model.config), _State(ema_state), _State(opt_state), step, train_config
-        )
+        write_checkpoint(path, model.config, model_state, ema_state, opt_state, step, train_config)
 
 
 def load_optimizer(opt, root: nn.Module, state: dict, fsdp: bool) -> None:
@@ -225,7 +213,7 @@ def load_optimizer(opt, root: nn.Module, state: dict, fsdp: bool) -> None:
     if not fsdp:
         opt.load_state_dict(state)
         return
-    names = [name for name, _ in root.named_parameters()]
+    names = _names(root)
     by_name = {
         "state": {names[int(i)]: s for i, s in state["state"].items()},
         "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]],
