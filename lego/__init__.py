@@ -6,7 +6,8 @@ lego.convert, lego.heldout); lego.errors, lego.checks and lego.files under all o
 is laid out"). This module gathers the public names.
 """
 
-from lego.checkpoints.build import build_model, load, stack_on_base
+from lego.checkpoints.build import build_model, stack_on_base
+from lego.checkpoints.build import load_model as load
 from lego.diffusion.denoiser import Denoiser, DiTModel, LegoModel
 from lego.diffusion.diffusers import DiffusersDenoiser
 from lego.diffusion.generate import generate, panorama

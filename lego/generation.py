@@ -23,6 +23,7 @@ def sample(
 ):  # fmt: skip
     """Draw n samples [n, C, H, W] (and their labels) from the checkpoint ``ckpt``. ``labels`` and ``regions`` are
     lego.sample's texts ("3", "0,1,2"; "0:64=3,64:128=7"); the rest is lego.diffusion.generate's."""
+    # generate() checks these too; here they are checked before a checkpoint is loaded (seconds for a large one)
     check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn, window, stride,
                          max_batch)  # fmt: skip
     device = checks.device(device)

@@ -46,12 +46,14 @@ def _train_flops_per_step(cfg) -> int:
 
     from lego import LegoLoss, build_model
     from lego.data.datasets import open_dataset
+    from lego.data.loader import prepare
     from lego.networks.registry import model_config
 
     data = open_dataset(cfg.data, 16)
+    images, labels = data[torch.arange(4)]
     net = build_model(model_config(cfg.model, in_channels=1, num_classes=10, resolution=16))
     with FlopCounterMode(display=False) as counter:
-        loss, _ = LegoLoss(cfg.patch_fraction)(net, data.images[:4], data.labels[:4], torch.Generator().manual_seed(0))
+        loss, _ = LegoLoss(cfg.patch_fraction)(net, prepare(images, 16, None), labels, torch.Generator().manual_seed(0))
         loss.backward()
     return counter.get_total_flops() * cfg.batch // 4
 

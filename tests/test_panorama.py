@@ -1,4 +1,4 @@
-"""Sliding-window sampling (lego.panorama): equal to plain sampling with one window, coverage at the edges, batching,
+"""Sliding-window sampling (lego.diffusion.window, lego.panorama): equal to plain sampling with one window, coverage at the edges, batching,
 per-region labels, and the command line."""
 
 from pathlib import Path
@@ -301,3 +301,18 @@ def test_the_fixture_is_an_ema_only_checkpoint():
     assert load_model(TINY_MNIST).net.t_embedder.mlp[0].weight.dtype == torch.float32  # cast back on loading
     with pytest.raises(LegoError, match="no raw weights.*drop --raw"):
         load_model(TINY_MNIST, use_ema=False)
+
+
+def test_panorama_checks_its_labels_and_window_and_follows_the_global_seed(model):
+    # A class id the model lacks, the null class included, or a region of one, is refused by name.
+    for labels, regions in ((3, None), (-1, None), (None, [(0, 0, 16, 16, 0), (0, 16, 16, 32, 3)])):
+        with pytest.raises(LegoError, match=r"class ids must be in 0\.\.2"):
+            panorama(model, 16, 32, n=1, labels=labels, regions=regions, steps=1)
+    with pytest.raises(LegoError, match="--window must be an integer at least 1"):
+        panorama(model, 16, 32, n=1, window=0, steps=1)
+    # Without a generator it draws from torch's global one: other seeds, other panoramas; the same seed, the same.
+    draws = []
+    for seed in (1, 2, 1):
+        torch.manual_seed(seed)
+        draws.append(panorama(model, 16, 32, n=1, steps=1))
+    assert not torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])

@@ -34,7 +34,6 @@ from torch import nn
 
 from lego.checkpoints.format import load_checkpoint, load_weights, non_finite, with_base_weights
 from lego.diffusion.denoiser import DiTModel, LegoModel
-from lego.diffusion.denoiser import build_model as build_denoiser
 from lego.diffusion.diffusers import DIFFUSERS_CLASSES, DiffusersDenoiser
 from lego.errors import LegoError
 from lego.networks.dit import DiTConfig
@@ -94,9 +93,10 @@ def build_base(record: dict) -> nn.Module:
 
 
 def build_model(config: LegoConfig | DiTConfig) -> LegoModel | DiTModel:
-    """The denoiser a config describes, its recorded base loaded (lego.diffusion.build_model takes a base module)."""
-    base = build_base(config.base) if getattr(config, "base", None) else None
-    return build_denoiser(config, base)
+    """The denoiser a config describes: a DiT, or a LEGO stack with the base its config records loaded."""
+    if isinstance(config, DiTConfig):
+        return DiTModel(config)
+    return LegoModel(config, build_base(config.base) if config.base else None)
 
 
 def stack_on_base(name: str, base, freeze: bool = False, refine: bool = True, **options) -> LegoModel:
@@ -128,7 +128,8 @@ def stack_on_base(name: str, base, freeze: bool = False, refine: bool = True, **
 
 
 def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel | DiTModel:
-    """The model stored in a checkpoint (its EMA weights by default), in eval mode on ``device``."""
+    """The denoiser in a checkpoint written by lego.train or lego.convert, ready to sample (``lego.load``): its EMA
+    weights (``use_ema`` False: the raw ones), in eval mode on ``device``. ``D = model(x, sigma, labels)``."""
     ckpt = load_checkpoint(path, parts=("ema",) if use_ema else ("model",))
     weights = ckpt.ema if use_ema else ckpt.model
     if not weights:  # e.g. tests/fixtures' models, which keep the EMA only
@@ -145,12 +146,6 @@ def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel | DiTModel
     model = build_model(ckpt.model_config)
     load_weights(model, with_base_weights(model, weights), path)
     return model.to(device).eval()
-
-
-def load(path, ema: bool = True, device="cpu") -> LegoModel | DiTModel:
-    """The denoiser in a checkpoint written by lego.train or lego.convert, ready to sample: its EMA weights (``ema``
-    False: the raw ones), in eval mode on ``device``. Call it as ``D = model(x, sigma, class_labels)``."""
-    return load_model(path, use_ema=ema, device=device)
 
 
 def check_guidance(cfg_scale: float, num_classes: int, train_config: dict) -> None:

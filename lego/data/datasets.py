@@ -43,9 +43,7 @@ MAX_CLASSES = 100_000
 
 class Dataset:
     """What a reader needs to know of a dataset, and ``data[indices] -> (images [b, C, H, W], labels [b] or None)``
-    (uint8 or float32, on the CPU). ``lazy``: read from disk batch by batch (DataLoader workers help)."""
-
-    lazy = False
+    (uint8 or float32, on the CPU)."""
 
     def __init__(
         self,
@@ -220,24 +218,26 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
 class FolderData(Dataset):
     """Every image below a folder, read (as RGB) when a batch asks for it; one sub-folder per class gives labels.
     Images that are not ``resolution`` x ``resolution`` are cropped by ``center_crop_arr``. Without a resolution, the
-    images must all have one square size (read from their headers)."""
-
-    lazy = True
+    images must all have one square size. Every image's header is read when the folder is opened, so that a file
+    that is not an image stops a run before it starts."""
 
     def __init__(self, path: Path, resolution: int | None = None):
         self.files, labels = image_files(path)
-        name = path.name
+        sizes = sorted({_image_size(p) for p in self.files})  # (width, height)
         if resolution is None:
-            sizes = sorted({_image_size(p) for p in self.files})  # (width, height)
-            if len(sizes) > 1 or sizes[0][0] != sizes[0][1]:
+            if len(sizes) > 1:
                 shown = ", ".join(f"{w}x{h}" for w, h in sizes[:6])
                 raise LegoError(
-                    f"{path} holds images of {len(sizes)} sizes ({shown}); give a resolution to crop them to"
+                    f"{path} holds images of {len(sizes)} sizes ({shown}); give a resolution to resize them to"
                 )
+            if sizes[0][0] != sizes[0][1]:
+                raise LegoError(f"{path} holds {sizes[0][0]}x{sizes[0][1]} images; give a resolution to crop them to")
             resolution = sizes[0][0]
-        else:
-            name = f"{path.name} (scaled and center-cropped to {resolution}x{resolution} where they differ)"
         self.resolution = resolution
+        name = path.name
+        if sizes != [(resolution, resolution)]:
+            count = f"{len(sizes)} image sizes, each" if len(sizes) > 1 else f"{sizes[0][0]}x{sizes[0][1]} images"
+            name = f"{path.name} ({count} scaled and center-cropped to {resolution}x{resolution})"
         y = None if labels is None else torch.tensor(labels, dtype=torch.long)
         num_classes = int(y.max()) + 1 if y is not None else 0
         super().__init__(name, 3, (resolution, resolution), num_classes, False, len(self.files), y)
@@ -270,8 +270,6 @@ def _image_size(path: Path) -> tuple[int, int]:
 class MappedData(Dataset):
     """A memory-mapped ``.npy``. The map is opened lazily in each process that reads it: a DataLoader worker gets
     the path, never a pickled copy of the array."""
-
-    lazy = True
 
     def __init__(self, path: Path):
         self.path = path

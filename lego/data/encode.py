@@ -30,10 +30,9 @@ FORMAT = "lego-latents-1"
 
 def _images(spec: str, resolution: int | None):
     """The images to encode as open_dataset reads them (a folder's at 256 unless told, cropped as for training), and
-    the side they are encoded at."""
-    if resolution is None and Path(spec).expanduser().is_dir():
-        resolution = 256
-    data = open_dataset(spec, resolution)
+    the side they are encoded at. Other sources are read at their size and resized batch by batch."""
+    folder = Path(spec).expanduser().is_dir()
+    data = open_dataset(spec, (resolution or 256) if folder else None)
     if data.latent:
         kind = (
             "float latents already; lego.encode takes uint8 images"

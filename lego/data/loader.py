@@ -76,13 +76,13 @@ def batches(
 
 
 def prepare(x: torch.Tensor, resolution: int, flips: torch.Tensor | None) -> torch.Tensor:
-    """A batch already on its device -> float32 [b, C, R, R]: uint8 to [-1, 1], resized to the resolution (images
-    only), mirrored where ``flips`` [b] is True."""
+    """A batch already on its device -> float32 [b, C, R, R]: uint8 to [-1, 1], images resized to the resolution
+    (open_dataset has made sure that latents need none), mirrored where ``flips`` [b] is True."""
     if x.dtype == torch.uint8:
         x = x.float() / 127.5 - 1  # the conversion of datasets held in memory, so both paths give the same floats
-        if x.shape[-2:] != (resolution, resolution):
-            x = F.interpolate(x.contiguous(), size=(resolution, resolution), mode="bilinear", antialias=True)
-            x = x.clamp(-1, 1)
+    if x.shape[-2:] != (resolution, resolution):
+        x = F.interpolate(x.contiguous(), size=(resolution, resolution), mode="bilinear", antialias=True)
+        x = x.clamp(-1, 1)
     x = x.contiguous()
     if flips is not None:
         x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)

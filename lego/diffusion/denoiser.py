@@ -7,9 +7,9 @@ sigma must be >= 0; sigma = 0 returns x. Every caller, the loss, the samplers, g
 training step and lego.eval, goes through this call: with ``every_brick=True`` it returns every brick's own D_k (the
 joint loss), and ``patches`` / ``x0`` ask for training's patch sampling, the unprocessed patches taking x0.
 
-``LegoModel(config)`` is the LEGO stack so wrapped, ``DiTModel(config)`` the DiT; ``build_model(config)`` builds
-either from its config. The backbone sits at ``.net`` (state-dict keys ``net.*``); checkpoints written before that
-(keys without the prefix) load unchanged.
+``LegoModel(config)`` is the LEGO stack so wrapped, ``DiTModel(config)`` the DiT (lego.checkpoints.build_model
+builds either from its config). The backbone sits at ``.net`` (state-dict keys ``net.*``); checkpoints written
+before that (keys without the prefix) load unchanged.
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ class Denoiser(nn.Module):
         batch = x.shape[0]
         sigma = as_batch_sigma(sigma, batch, x.device)
         skip = self._skip_set(skip)
-        # Value checks cost a device sync: made on eager calls on data, and in training only where they are free.
+        # Value checks cost a device sync: made on eager calls on data, not on training's (LegoLoss checks those).
         if not torch.compiler.is_compiling() and x.device.type != "meta":
-            check_inputs(sigma, class_labels, batch, self.num_classes, values=not every_brick or x.device.type == "cpu")
+            check_inputs(sigma, class_labels, batch, self.num_classes, values=patches is None)
         zero = sigma == 0  # D(x; 0) = x: there is no noise to remove (and c_noise = log 0 would poison the batch)
         noise = self.noise_level(torch.where(zero, torch.ones_like(sigma), sigma))
         c_skip, c_out, zero = noise.c_skip.view(-1, 1, 1, 1), noise.c_out.view(-1, 1, 1, 1), zero.view(-1, 1, 1, 1)
@@ -138,11 +138,6 @@ class DiTModel(Denoiser):
         super().__init__(DiT(config), make_precond(config.precond, config.sigma_data))
 
 
-def build_model(config: LegoConfig | DiTConfig, base: nn.Module | None = None) -> LegoModel | DiTModel:
-    """The denoiser a config describes (``base``: a LEGO stack's pretrained brick 0, if its config has one)."""
-    return DiTModel(config) if isinstance(config, DiTConfig) else LegoModel(config, base)
-
-
 def check_inputs(
     sigma: torch.Tensor,
     class_labels,
@@ -187,4 +182,4 @@ def check_label_ids(class_labels, batch: int, num_classes: int) -> torch.Tensor:
     return labels
 
 
-__all__ = ["BrickOutput", "Denoiser", "DiTModel", "LegoModel", "build_model", "check_inputs", "check_label_ids"]
+__all__ = ["BrickOutput", "Denoiser", "DiTModel", "LegoModel", "check_inputs", "check_label_ids"]

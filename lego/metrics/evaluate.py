@@ -42,7 +42,8 @@ def evaluate(
 ) -> dict:  # fmt: skip
     """Sample n images from ``ckpt`` and score them (see the module docstring); returns the report as a dict, and
     writes it to ``json_path`` too if given."""
-    check_sample_options(n, sampler, steps, cfg_scale, t_break, None, None, seed, batch, 0.0)  # as lego.sample
+    # as lego.sample: before the checkpoint and the feature networks load (generate() checks them again)
+    check_sample_options(n, sampler, steps, cfg_scale, t_break, None, None, seed, batch, 0.0)
     device = checks.device(device)
     info = load_checkpoint(ckpt, parts=())
     data = data or info.train_config.get("data", "default")
@@ -67,7 +68,18 @@ def evaluate(
     with CostMeter(net) as meter:
         labels = parse_labels(None, n, net.num_classes)
         images, labels = generate(
-            net, n, sampler, steps, cfg_scale, labels, t_break, seed=seed, batch=batch, device=device, progress=progress
+            net,
+            n,
+            sampler,
+            steps,
+            cfg_scale,
+            labels,
+            t_break,
+            seed=seed,
+            batch=batch,
+            device=device,
+            progress=progress,
+            desc="lego.eval: sampling",
         )
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     flops = meter.flops(res, res)

@@ -81,7 +81,7 @@ class LegoBrick(nn.Module):
     def num_patches(self, height: int, width: int) -> int:
         return (height // self.brick_size) * (width // self.brick_size)
 
-    def forward(self, x, prev, cond, patch_index=None, fill=None, *, check=True):
+    def forward(self, x, prev, cond, patch_index=None, fill=None, *, check=True, check_ids=None):
         """
         x: [B, C, H, W] canvas (already scaled by the preconditioning's c_in).
         prev: [B, C, H, W] previous brick's output, or None for a bottom brick (zeros are used if it has_prev).
@@ -90,9 +90,10 @@ class LegoBrick(nn.Module):
         fill: [B, C, H, W] values for patches not processed (zeros when None).
         check: check the inputs: shapes, and that patch_index's ids are patches of the canvas, none twice in a row
             (lk.patch_embed does that one: a host sync on a GPU). The LEGO stack, which checked the canvas and drew the
-            ids itself, passes False.
+            ids itself, passes False. ``check_ids``: the name it had before (it takes precedence when given).
         Returns the brick's output on the full canvas, [B, C, H, W].
         """
+        check = check if check_ids is None else check_ids
         if check:
             self._check(x, prev, cond, patch_index, fill)
         c, h, w = x.shape[1:]

@@ -134,8 +134,6 @@ class DiT(nn.Module):
     ) -> list[BrickOutput]:
         """The raw output F [B, C, H, W] as one BrickOutput (see lego.networks.interface). A DiT has no patch-bricks
         and makes no random draws."""
-        if skip:
-            raise ValueError(f"{self.config.name} has no bricks to skip; brick skipping (--t-break) is for LEGO models")
         if patches is not None and patches.fraction < 1:
             raise ValueError(f"{self.config.name} has no patch-bricks; --patch-fraction < 1 is for LEGO models")
         batch = x.shape[0]

@@ -22,7 +22,7 @@ from lego import checks
 from lego.checkpoints.build import build_model, stack_on_base
 from lego.checkpoints.format import check_finite, load_checkpoint, load_weights, with_base_weights
 from lego.data import loader
-from lego.data.datasets import open_dataset
+from lego.data.datasets import MappedData, open_dataset
 from lego.data.images import save_grid
 from lego.diffusion.denoiser import Denoiser
 from lego.diffusion.generate import generate
@@ -45,7 +45,7 @@ def compile_bricks(model: Denoiser, backend: str = "inductor") -> None:
 def _workers(cfg: TrainConfig, data) -> int:
     if cfg.workers is not None:
         return cfg.workers
-    return 4 if data.lazy else 0  # data in memory is sliced faster than workers start
+    return 4 if isinstance(data, MappedData) else 0  # data in memory is sliced faster than workers start
 
 
 @torch.no_grad()
