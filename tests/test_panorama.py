@@ -1,5 +1,5 @@
-"""Sliding-window sampling (lego.diffusion.window, lego.panorama): equal to plain sampling with one window, coverage at the edges, batching,
-per-region labels, and the command line."""
+"""Sliding-window sampling (lego.diffusion.window, lego.panorama): equal to plain sampling with one window, coverage
+at the edges, batching, per-region labels, and the command line."""
 
 from pathlib import Path
 
