@@ -8,8 +8,13 @@ Every public op takes ``backend="auto" | "cuda" | "triton" | "torch"``:
 - ``cuda``: the hand-written kernels of ``lego_kernels._C`` (csrc/), for the ops that have them.
 - ``auto``: ``torch`` for CPU tensors; for CUDA tensors the fastest measured backend present (see ``AUTO_PREFERS_CUDA``).
 
-The environment variable ``LEGO_KERNELS_BACKEND`` overrides ``auto`` (never an explicit choice); an op without a kernel
-of that backend (patch_embed and patch_unembed have no ``cuda``) keeps ``auto``'s choice.
+The environment variable ``LEGO_KERNELS_BACKEND`` overrides ``auto`` (never an explicit choice).
+
+A backend names a preference for a whole brick or model, not only for one op: an op without a kernel of the requested
+backend (patch_embed and patch_unembed have no ``cuda``) takes ``auto``'s choice for it, so ``backend="cuda"`` on a
+``LegoBrick`` runs the CUDA kernels where they exist and the Triton ones elsewhere, whether it comes from the argument
+or from ``LEGO_KERNELS_BACKEND``. A backend that cannot run on the tensors' device at all (``cuda`` or ``triton`` for
+CPU tensors without the interpreter, ``cuda`` without the built extension) is refused with a ValueError that says why.
 """
 
 from __future__ import annotations
@@ -69,8 +74,9 @@ def available_backends(device: torch.device | str) -> list[str]:
 def resolve_backend(backend: str, device: torch.device, op: str, implemented: tuple[str, ...]) -> str:
     """Turn ``backend`` into the concrete backend that runs ``op`` on ``device``.
 
-    ``implemented`` lists the backends the op has besides ``torch``. An explicit request that cannot be met raises a
-    ValueError that says why and what to do instead.
+    ``implemented`` lists the backends the op has besides ``torch``. A request for a backend the device cannot run
+    raises a ValueError that says why and what to do instead; a backend the device runs but the op has no kernel of
+    falls back to ``auto``'s choice for the op (see the module docstring).
     """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -80,6 +86,10 @@ def resolve_backend(backend: str, device: torch.device, op: str, implemented: tu
             raise ValueError(f"LEGO_KERNELS_BACKEND={backend!r} is not a backend; use one of {', '.join(BACKENDS)}")
         if backend not in implemented + ("torch",):
             backend = "auto"  # the op has no kernel of that backend: auto's choice for it, not a refusal
+    if backend not in ("auto", "torch"):
+        _check_available(backend, device, op)
+        if backend not in implemented:
+            backend = "auto"  # as for the environment override: the op's best kernel instead, not a refusal
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
@@ -89,23 +99,24 @@ def resolve_backend(backend: str, device: torch.device, op: str, implemented: tu
         if "triton" in implemented and "triton" in present:
             return "triton"
         return "torch"
-    if backend == "torch":
-        return backend
-    if backend not in implemented:
-        raise ValueError(f"{op}: there is no {backend!r} kernel for this op; it has {', '.join(implemented + ('torch',))}")
-    if backend not in available_backends(device):
-        if backend == "cuda":
-            why = (
-                "the CUDA extension lego_kernels._C is not built (reinstall with nvcc on PATH)"
-                if cuda_extension() is None
-                else f"the tensors are on {device}, not on a CUDA device"
-            )
-        elif not triton_importable():
-            why = "triton is not installed (pip install triton)"
-        else:
-            why = f"the tensors are on {device}; Triton needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter"
-        raise ValueError(f"{op}: backend {backend!r} is not available: {why}")
     return backend
+
+
+def _check_available(backend: str, device: torch.device, op: str) -> None:
+    """Raise a ValueError that says why when ``backend`` cannot run on ``device`` (whatever the op)."""
+    if backend in available_backends(device):
+        return
+    if backend == "cuda":
+        why = (
+            "the CUDA extension lego_kernels._C is not built (reinstall with nvcc on PATH)"
+            if cuda_extension() is None
+            else f"the tensors are on {device}, not on a CUDA device"
+        )
+    elif not triton_importable():
+        why = "triton is not installed (pip install triton)"
+    else:
+        why = f"the tensors are on {device}; Triton needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter"
+    raise ValueError(f"{op}: backend {backend!r} is not available: {why}")
 
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
