@@ -460,6 +460,7 @@ def test_cuda_through_public_ops(dtype):
 def test_cuda_runs_on_the_current_stream():
     qkv = torch.randn(64, 4, 3 * 128, device="cuda")
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # qkv is made on the current stream: read it only once it is done
     with torch.cuda.stream(stream):
         o, _ = _cuda.short_attention_fwd(qkv, 2)
     stream.synchronize()
