@@ -19,6 +19,8 @@ CPU tensors without the interpreter, ``cuda`` without the built extension) is re
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 
@@ -117,6 +119,91 @@ def _check_available(backend: str, device: torch.device, op: str) -> None:
     else:
         why = f"the tensors are on {device}; Triton needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter"
     raise ValueError(f"{op}: backend {backend!r} is not available: {why}")
+
+
+def device_guard(device: torch.device):
+    """The context a kernel launch on ``device`` runs in: that CUDA device made current (Triton launches on the current
+    device, whatever its pointers' device; a custom op sets no device guard), nothing for other devices."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_tensor_device(launcher):
+    """Decorator for a Triton launcher: it runs under ``device_guard`` of its first tensor argument's device, as the
+    CUDA path passes its tensors' device and stream, so that tensors on cuda:1 are not launched on cuda:0."""
+
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if tensor is None:
+            return launcher(*args, **kwargs)
+        with device_guard(tensor.device):
+            return launcher(*args, **kwargs)
+
+    return launch
+
+
+# fp32 precision. PyTorch lets fp32 matmuls and cuDNN convolutions round their inputs to TF32 (10-bit mantissa), per
+# torch.backends.cuda.matmul.fp32_precision and torch.backends.cudnn.conv.fp32_precision (what
+# torch.set_float32_matmul_precision and the older allow_tf32 flags set); cuDNN's default allows it. The references are
+# the ground truth, so they run exact fp32 whatever those say; the Triton kernels follow the matmul setting.
+_FP32_PRECISION_KNOBS = (("cuda", "matmul"), ("cudnn", "conv"), ("mkldnn", "matmul"), ("mkldnn", "conv"))
+
+
+def _fp32_knobs() -> list:
+    """The torch.backends objects with an ``fp32_precision`` setting that can round fp32 matmuls and convolutions."""
+    knobs = []
+    for backend, op in _FP32_PRECISION_KNOBS:
+        knob = getattr(getattr(torch.backends, backend, None), op, None)
+        if knob is not None and hasattr(knob, "fp32_precision"):
+            knobs.append(knob)
+    return knobs
+
+
+def exact_fp32(dtype: torch.dtype = torch.float32):
+    """A context in which fp32 matmuls and convolutions run in IEEE fp32, whatever the user's TF32 settings (restored
+    on exit); a no-op for other dtypes, and under torch.compile (the compiled graph runs with its caller's settings).
+
+    Set and restored through ``fp32_precision`` (PyTorch's current API: reading the legacy ``allow_tf32`` flags after
+    a user set the new API raises), or through the legacy flags on a PyTorch without it."""
+    if dtype != torch.float32 or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _exact_fp32()
+
+
+@contextlib.contextmanager
+def _exact_fp32():
+    knobs = _fp32_knobs()
+    if not knobs:  # a PyTorch before the fp32_precision API: its allow_tf32 flags
+        knobs = [torch.backends.cudnn, torch.backends.cuda.matmul]
+        saved = [knob.allow_tf32 for knob in knobs]
+        try:
+            for knob in knobs:
+                knob.allow_tf32 = False
+            yield
+        finally:
+            for knob, value in zip(knobs, saved):
+                knob.allow_tf32 = value
+        return
+    saved = [knob.fp32_precision for knob in knobs]
+    try:
+        for knob in knobs:
+            knob.fp32_precision = "ieee"
+        yield
+    finally:
+        for knob, value in zip(knobs, saved):
+            knob.fp32_precision = value
+
+
+def fp32_dot_precision() -> str:
+    """``tl.dot``'s input_precision for fp32 operands: "tf32" where PyTorch's fp32 matmul setting allows TF32
+    (``torch.set_float32_matmul_precision("high")`` or ``"medium"``, ``torch.backends.cuda.matmul.allow_tf32 = True``
+    or ``fp32_precision = "tf32"``), "ieee" otherwise (PyTorch's default)."""
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if matmul is None:  # a PyTorch before the fp32_precision API
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if matmul == "none":  # not set for matmuls: the global setting
+        matmul = getattr(torch.backends, "fp32_precision", "none")
+    return "tf32" if matmul in ("tf32", "bf16") else "ieee"
 
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

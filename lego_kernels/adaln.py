@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lego_kernels._checks import check_float, check_image_ids, check_index, check_same
-from lego_kernels._dispatch import interpreting, new_output, resolve_backend
+from lego_kernels._dispatch import interpreting, new_output, on_tensor_device, resolve_backend
 
 try:
     import triton
@@ -331,6 +331,7 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+@on_tensor_device
 def _fwd(x, y, gate, shift, scale, image_index):
     """Shared launcher: y/gate given -> the gated residual; shift/scale given -> the modulated LN."""
     n, s, d = x.shape
@@ -372,6 +373,7 @@ def _fwd(x, y, gate, shift, scale, image_index):
     return x_out, h, mean, rstd
 
 
+@on_tensor_device
 def _bwd(dh, dx_out, x, y, gate, scale, image_index, mean, rstd, vec_dtype, shift=None):
     """Shared launcher: returns (dx, dy, [dshift, dscale] (HAS_NORM) + [dgate] (HAS_RESIDUAL)). ``shift`` (an input of
     adaln_modulate_bwd that the kernels do not read) only counts toward the op's minimum bytes."""

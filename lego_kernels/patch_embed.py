@@ -33,7 +33,15 @@ import torch
 import torch.nn.functional as F
 
 from lego_kernels._checks import check_canvas, check_float, check_index, check_patch_ids, check_same
-from lego_kernels._dispatch import interpreting, new_output, resolve_backend, triton_importable
+from lego_kernels._dispatch import (
+    exact_fp32,
+    fp32_dot_precision,
+    interpreting,
+    new_output,
+    on_tensor_device,
+    resolve_backend,
+    triton_importable,
+)
 
 if triton_importable():
     import triton
@@ -65,7 +73,8 @@ def patch_embed_ref(x, prev, weight, bias, pos_embed, brick_size, field_size, pa
     patches = patches.reshape(b, (h // r) * (w // r), c_in, r, r)  # (B, P_all, C', r, r)
     if patch_index is not None:  # select first, so unprocessed patches cost no embedding compute
         patches = patches[torch.arange(b, device=x.device)[:, None], patch_index]  # (B, P, C', r, r)
-    emb = F.conv2d(patches.reshape(-1, c_in, r, r), weight, bias, stride=l)  # (N, d, r/l, r/l): a token per field
+    with exact_fp32(x.dtype):  # cuDNN's default would round fp32 to TF32: the reference stays fp32
+        emb = F.conv2d(patches.reshape(-1, c_in, r, r), weight, bias, stride=l)  # (N, d, r/l, r/l): a token per field
     return emb.flatten(2).transpose(1, 2) + pos_embed  # (N, S, d), tokens row-major within the patch
 
 
@@ -152,7 +161,7 @@ def _patch_embed_fwd_kernel(
     HAS_PREV: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_INDEX: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32 rounding), ignored for 16-bit inputs
+    DOT_PRECISION: tl.constexpr,  # fp32 inputs: "tf32" where PyTorch's matmul setting allows it, else "ieee"; 16-bit: unused
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -452,7 +461,10 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """tl.dot's input_precision: for fp32 what PyTorch's fp32 matmul setting allows (TF32 where the user allowed it, as
+    torch.matmul would; IEEE by default), read at each launch (a CUDA graph keeps the one of its capture); 16-bit
+    inputs ignore it."""
+    return fp32_dot_precision() if dtype == torch.float32 else "tf32"
 
 
 # fp32 runs its tl.dot as FMAs (no TF32 rounding): a smaller N tile keeps its registers and compile time in check.
@@ -547,6 +559,7 @@ def _inverse_patch_index(patch_index, num_patches):
     return inv.scatter_(0, flat, torch.arange(b * p, dtype=torch.int32, device=patch_index.device))
 
 
+@on_tensor_device
 def _patch_embed_fwd_triton(x, prev, weight, bias, pos_embed, patch_index, brick_size, field_size):
     b, c, h, w, nh, nw, p, d, k, t, (row_step, col_step) = _geometry(x, weight, brick_size, field_size, patch_index)
     n = b * p
@@ -566,6 +579,7 @@ def _patch_embed_fwd_triton(x, prev, weight, bias, pos_embed, patch_index, brick
     return out
 
 
+@on_tensor_device
 def _patch_embed_bwd_triton(dtokens, x, prev, weight, patch_index, brick_size, field_size, input_grad):
     """(dcanvas [1 or 2, B, C, H, W] or an empty tensor when not input_grad, dweight, dbias, dpos_embed).
 

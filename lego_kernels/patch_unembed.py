@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from lego_kernels._checks import check_canvas, check_float, check_index, check_patch_ids, check_same
-from lego_kernels._dispatch import new_output, resolve_backend, triton_importable
+from lego_kernels._dispatch import new_output, on_tensor_device, resolve_backend, triton_importable
 
 if triton_importable():
     import triton
@@ -158,6 +158,7 @@ def _block(height, width):
     return min(_BLOCK, 1 << max(0, height * width - 1).bit_length())
 
 
+@on_tensor_device
 def _patch_unembed_fwd_triton(tokens, patch_index, fill, brick_size, field_size, channels, height, width):
     nh, nw = height // brick_size, width // brick_size
     batch = patch_index.shape[0] if patch_index is not None else tokens.shape[0] // (nh * nw)
@@ -175,6 +176,7 @@ def _patch_unembed_fwd_triton(tokens, patch_index, fill, brick_size, field_size,
     return out
 
 
+@on_tensor_device
 def _patch_unembed_bwd_triton(dcanvas, patch_index, brick_size, field_size, has_fill):
     """(dtokens [N, S, l*l*C], dfill [B, C, H, W] or an empty tensor when not has_fill)."""
     batch, channels, height, width = dcanvas.shape

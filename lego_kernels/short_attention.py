@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from lego_kernels._checks import check_float
-from lego_kernels._dispatch import interpreting, new_output, resolve_backend
+from lego_kernels._dispatch import exact_fp32, interpreting, new_output, on_tensor_device, resolve_backend
 
 try:
     import triton
@@ -77,8 +77,9 @@ def _split_heads(qkv: torch.Tensor, num_heads: int):
 def short_attention_ref(qkv, num_heads):
     """The textbook formula in qkv's dtype (use fp64 inputs for a ground truth)."""
     q, k, v = _split_heads(qkv, num_heads)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (N, H, S, S)
-    o = scores.softmax(dim=-1) @ v  # (N, H, S, d_head)
+    with exact_fp32(qkv.dtype):  # fp32 stays fp32 whatever the user's TF32 setting: the reference
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (N, H, S, S)
+        o = scores.softmax(dim=-1) @ v  # (N, H, S, d_head)
     return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)  # (N, S, d)
 
 
@@ -278,6 +279,7 @@ def _launch_config(num_pairs: int, seq: int, d_head: int, backward: bool):
     return block_p, block_s, block_dh, num_warps * 2 if backward else num_warps
 
 
+@on_tensor_device
 def _short_attention_fwd_triton(qkv: torch.Tensor, num_heads: int):
     """qkv [N, S, 3d] contiguous, S <= MAX_SHORT_SPAN -> (o [N, S, d], lse fp32 [N, H, S])."""
     n, s, three_d = qkv.shape
@@ -300,6 +302,7 @@ def _short_attention_fwd_triton(qkv: torch.Tensor, num_heads: int):
     return o, lse
 
 
+@on_tensor_device
 def _short_attention_bwd_triton(do, qkv, o, lse, num_heads: int):
     """do, o [N, S, d] and qkv [N, S, 3d] contiguous, lse fp32 [N, H, S] -> dqkv [N, S, 3d] in qkv's dtype."""
     n, s, three_d = qkv.shape
