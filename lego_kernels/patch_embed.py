@@ -630,7 +630,10 @@ def _accumulators(d: int, k: int, s: int, device) -> tuple[torch.Tensor, torch.T
 def _from_accumulators(dw_acc, dpos_acc, db_acc, weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dweight, dbias, dpos_embed) in weight's dtype from the accumulators of _accumulators."""
     k, dtype = weight[0].numel(), weight.dtype
-    return dw_acc[:, :k].to(dtype).reshape(weight.shape), db_acc.to(dtype), dpos_acc.to(dtype)
+    # Contiguous, as the fake says: for fp32 with K not a multiple of 4 (l = 1) the slice would be a strided view, and
+    # Inductor asserts the fake's strides (torch.compile + fp32 + l = 1 failed in the backward).
+    dweight = dw_acc[:, :k].to(dtype).contiguous().reshape(weight.shape)
+    return dweight, db_acc.to(dtype), dpos_acc.to(dtype)
 
 
 def _bwd_atomic_bytes(grid, args) -> dict[str, int]:
