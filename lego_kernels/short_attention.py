@@ -157,6 +157,10 @@ def _short_attention_fwd_kernel(
     if PRELOAD_KV:
         k = tl.load(QKV + D + tile, mask=tile_mask, other=0.0).to(tl.float32)
         v = tl.load(QKV + 2 * D + tile, mask=tile_mask, other=0.0).to(tl.float32)
+        # A barrier right after the loads: no global load moves across it, and it does not wait for them, so all three
+        # are in flight before the first use. Without it Triton 3.6's schedule issued q's load after k's first use
+        # (k's registers reused): two dependent round trips.
+        tl.debug_barrier()
 
     m = tl.full((BLOCK_P, BLOCK_S), float("-inf"), tl.float32)  # running max of the scores
     l_sum = tl.zeros((BLOCK_P, BLOCK_S), tl.float32)  # running sum of exp(score - m)
@@ -230,6 +234,7 @@ def _short_attention_bwd_kernel(
     do = tl.load(DO + o_tile, mask=tile_mask, other=0.0).to(tl.float32)
     o = tl.load(O + o_tile, mask=tile_mask, other=0.0).to(tl.float32)
     lse = tl.load(LSE + pairs[:, None] * SEQ + rows[None, :], mask=row_mask, other=0.0)
+    tl.debug_barrier()  # every load in flight before the first use (see the forward): one round trip on Triton 3.6 too
     delta = tl.sum(do * o, axis=2)  # (BLOCK_P, BLOCK_S) D_i = rowsum(do * o)
 
     dq = tl.zeros((BLOCK_P, BLOCK_S, BLOCK_DH), tl.float32)
@@ -257,10 +262,12 @@ def _short_attention_bwd_kernel(
 # Launchers (same signatures and return conventions as lego_kernels._cuda's)
 
 
-def _launch_config(num_pairs: int, seq: int, d_head: int, backward: bool):
-    """(BLOCK_P, BLOCK_S, BLOCK_DH, num_warps) for a launch.
+def _launch_config(num_pairs: int, seq: int, d_head: int, backward: bool, elem_bytes: int = 2):
+    """(BLOCK_P, BLOCK_S, BLOCK_DH, num_warps) for a launch; elem_bytes is qkv's element size.
 
-    On a GPU: about 1024 elements per [BLOCK_P, BLOCK_S, BLOCK_DH] register tile for 4 warps (8 per thread), twice
+    On a GPU: about 1024 elements per [BLOCK_P, BLOCK_S, BLOCK_DH] register tile for 4 warps (8 per thread); for the fp32
+    forward 512 (2 KB, one 16-byte load per thread and tensor: at two, Triton 3.6's ptxas reused the first loads'
+    registers for the last one, a second round trip before the first store), twice
     the warps where one pair alone is bigger, and twice the warps for the backward, which holds eight such tiles
     (q, k, v, do, o, dq, dk, dv) to the forward's four (q, k, v, acc). Every load of a program is issued before the
     first is used, so more tiles per program would only trade occupancy for the same bytes in flight. Under the
@@ -268,7 +275,7 @@ def _launch_config(num_pairs: int, seq: int, d_head: int, backward: bool):
     """
     block_s = triton.next_power_of_2(seq)
     block_dh = triton.next_power_of_2(d_head)
-    budget = 32768 if interpreting() else 1024
+    budget = 32768 if interpreting() else 1024 if backward else 2048 // elem_bytes
     block_p = max(1, min(budget // (block_s * block_dh), triton.next_power_of_2(num_pairs)))
     num_warps = 4 if block_p * block_s * block_dh <= 1024 else 8
     if not backward and seq <= 8 and block_p >= num_warps and not interpreting():
@@ -290,7 +297,7 @@ def _short_attention_fwd_triton(qkv: torch.Tensor, num_heads: int):
     num_pairs = n * num_heads
     if num_pairs * s == 0:
         return o, lse
-    block_p, block_s, block_dh, num_warps = _launch_config(num_pairs, s, d_head, backward=False)
+    block_p, block_s, block_dh, num_warps = _launch_config(num_pairs, s, d_head, False, qkv.element_size())
     _short_attention_fwd_kernel[(triton.cdiv(num_pairs, block_p),)](
         qkv, o, lse, num_pairs,
         qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1),

@@ -204,7 +204,7 @@ def test_kernels_compile_for_gpu(monkeypatch):
     for kernel in (_short_attention_fwd_kernel, _short_attention_bwd_kernel):
         for s, dtype, cc in COMPILE_JOBS:
             block_p, block_s, block_dh, num_warps = _launch_config(
-                256 * 64 * 16, s, 72, kernel is _short_attention_bwd_kernel
+                256 * 64 * 16, s, 72, kernel is _short_attention_bwd_kernel, 4 if dtype == "fp32" else 2
             )
             assert block_dh == 128
             constexprs = {"NUM_HEADS": 16, "HEAD_DIM": 72, "SEQ": s}
