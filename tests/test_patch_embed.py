@@ -404,7 +404,9 @@ def _compile_spec(kernel, dtype, shape):
                 "DB_ACC": "*fp32"}  # fmt: skip
         atomic = kernel.endswith("atomic")
         constexprs = {**flags, "ATOMIC": atomic, "ACC_STRIDE": -(-k // 4) * 4 if atomic else k}
-        return fn, _signature(fn, ptrs, steps), {**constexprs, **pe._bwd_weight_config(d, k, torch_dtype)}
+        cfg = pe._bwd_weight_config(d, k, torch_dtype)
+        options = {"num_warps": cfg.pop("num_warps")} if "num_warps" in cfg else {}
+        return fn, _signature(fn, ptrs, steps), {**constexprs, **cfg}, options
     fn = pe._patch_embed_bwd_input_kernel
     ptrs = {"DTOK": t, "WEIGHT": t, "INV": "*i32", "DCANVAS": t}
     del flags["HAS_PREV"]
