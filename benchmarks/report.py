@@ -11,7 +11,8 @@ Writes <stem>.json (device, driver, versions, shapes, every figure and ratio), <
 the targets, each met or missed), <stem>.png (speed-up against batch size; share of the roofline), and keeps the raw
 pytest-benchmark JSON and the session facts beside them (<stem>.pytest-benchmark.json, <stem>.session.json).
 --quick builds the CUDA extension in place when it is missing (lego_kernels/_C*.so is not in git), runs the GPU tests
-(pytest -m cuda), then only the rows marked quick: the fused ops and the eager reference at the op shape and at each
+(pytest -m cuda) and the static kernel gate under the installed Triton (tests/test_static_profile.py), then only the
+rows marked quick: the fused ops and the eager reference at the op shape and at each
 brick shape, and LEGO-XL-PG-32 against DiT-XL/2 (training at the group's batch and at 256, Heun sampling at t_break 0
 and 0.5), within a 5-minute budget whose real use it prints at the end.
 Every ratio is between two measurements of the same run on the same device. A missed target is a finding, not a
@@ -86,8 +87,10 @@ def run_suite(
 
 
 def quick_setup(smoke: bool) -> None:
-    """--quick's first steps: the CUDA extension (built in place when missing and nvcc is there), then the GPU tests.
-    Neither stops the run: what failed is printed, and the benchmarks skip what cannot run."""
+    """--quick's first steps: the CUDA extension (built in place when missing and nvcc is there), then the GPU tests
+    and the static kernel gate under the installed Triton (tests/test_static_profile.py: spills, waves, bytes, load
+    round trips of every launch, compiled for sm_90 and sm_80 in bf16 and fp32). None stops the run: what failed is
+    printed, and the benchmarks skip what cannot run."""
     built = sorted((REPO / "lego_kernels").glob("_C*.so"))
     if built:
         print(f"report: CUDA extension present ({built[0].name})", flush=True)
@@ -103,6 +106,24 @@ def quick_setup(smoke: bool) -> None:
     done = subprocess.run(cmd, cwd=REPO, env=env, check=False)
     # exit status 5: nothing selected ran (no GPU: every cuda test skips)
     print(f"report: pytest -m cuda exit status {done.returncode}", flush=True)
+    if smoke:
+        print(
+            "report: --smoke: the static kernel gate (tests/test_static_profile.py) is left to the test suite",
+            flush=True,
+        )
+        return
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(REPO / "tests" / "test_static_profile.py"),
+    ]
+    print("report: running", " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, cwd=REPO, env=env, check=False)
+    print(f"report: static kernel gate exit status {done.returncode}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

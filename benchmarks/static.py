@@ -1,11 +1,16 @@
 """Static kernel profile: every Triton launch of a real training and sampling step, compiled and read, with no GPU.
 
-Usage: python -m benchmarks.static [--arch 90 80] [--batch 64 256] [--model LEGO-XL-PG-32 ...] [--out DIR] [--no-cuda]
+Usage: python -m benchmarks.static [--arch 90 80] [--dtype bf16 fp32] [--batch 64 256] [--model LEGO-XL-PG-32 ...]
+       [--out DIR] [--no-cuda]
+
+One profile per Triton version: it profiles the Triton that Python imports (run it once more with another Triton first
+on PYTHONPATH, e.g. ``pip install --target DIR triton==3.6.0``, for that version) and writes
+``static-profile-triton<major.minor>.json`` / ``.md``. Every row names its Triton version, dtype and target.
 
 What it does, step by step:
 
-1. Capture. The models run on the ``meta`` device in bf16 (what bf16 autocast hands the fused ops) with every fused op
-   forced to its Triton backend. Each ``lego::`` custom op runs its real implementation (the Triton launchers) in place
+1. Capture. The models run on the ``meta`` device in each dtype, bf16 (what bf16 autocast hands the fused ops) and
+   fp32 (the default training precision), with every fused op forced to its Triton backend. Each ``lego::`` custom op runs its real implementation (the Triton launchers) in place
    of its fake one, and ``JITFunction.run`` records the launch (kernel, grid, arguments, constexprs, options) instead
    of launching. A training step is LegoLoss (all patches) forward + backward; a sampling step is one denoiser call
    under no_grad (one Heun half-step; classifier-free guidance would double the batch).
@@ -40,7 +45,7 @@ It leans on a few private hooks, checked with torch 2.13 and Triton 3.9: ``Custo
 ``JITFunction.run``'s signature, ``triton.runtime.jit.create_function_from_signature``; a version that moves them
 breaks the capture visibly: an error, or a profile without launches, which tests/test_static_profile.py rejects.
 
-Writes ``static-profile.json`` and ``static-profile.md`` under ``--out`` (default ``benchmarks/results``). Nothing here
+Writes ``static-profile-triton<major.minor>.json`` and ``.md`` under ``--out`` (default ``benchmarks/results``). Nothing here
 is a timing: waves, occupancy and round trips are read from compiled code; GPU times are not measured.
 """
 
@@ -67,6 +72,7 @@ MODELS = {"LEGO-XL-PG-32": (4, 32), "LEGO-XL-U-32": (4, 32), "LEGO-S-PG-64": (3,
 BATCHES = (64, 256)
 STEPS = ("train", "sample")
 ARCHS = (90, 80)
+DTYPES = ("bf16", "fp32")  # the fused ops' dtype: bf16 autocast, or fp32 (the default training precision)
 NUM_CLASSES = 1000
 
 # Per-SM limits (CUDA occupancy tables) and the SM counts waves are counted over: H100/H200 SXM 132, A100 108.
@@ -338,10 +344,26 @@ def _custom_ops():
                 yield obj
 
 
-@contextlib.contextmanager
-def capturing(calls: list):
-    """Within: lego ops on meta tensors run their Triton launchers, whose launches are appended to ``calls``."""
+def torch_dtype(name: str):
     import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def triton_version() -> str:
+    """major.minor of the Triton this process imports: the profile's file name and every row's "triton"."""
+    import triton
+
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+def profile_stem(version: str) -> str:
+    return f"static-profile-triton{version}"
+
+
+@contextlib.contextmanager
+def capturing(calls: list, dtype: str = "bf16"):
+    """Within: lego ops on meta tensors run their Triton launchers, whose launches are appended to ``calls``."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from triton.runtime.jit import JITFunction
 
@@ -392,9 +414,9 @@ def capturing(calls: list):
         def wrapped(self, x, prev, *args, **kwargs):
             current["brick"] = f"r{self.brick_size} l{self.field_size} S{self.seq_len} d{self.hidden_size}"
             # bf16 autocast makes a brick run its fused ops in bf16 (LegoBrick.forward); meta tensors have no
-            # autocast, so the canvases come in as bf16 instead.
-            prev = None if prev is None else prev.to(torch.bfloat16)
-            out = forward(self, x.to(torch.bfloat16), prev, *args, **kwargs)
+            # autocast, so the canvases come in as the profiled dtype instead.
+            prev = None if prev is None else prev.to(torch_dtype(dtype))
+            out = forward(self, x.to(torch_dtype(dtype)), prev, *args, **kwargs)
             if out.requires_grad:
                 # The gradient of a brick's output is complete just before autograd enters that brick's backward
                 # (its nodes are older than those of the bricks above): from here on, backward ops are this brick's.
@@ -427,20 +449,21 @@ def capturing(calls: list):
                     os.environ[k] = v
 
 
-def capture(model_name: str, batch: int, step: str) -> list[OpCall]:
-    """Every lego op call (with its Triton launches) of one training or sampling step of a model at a batch size."""
+def capture(model_name: str, batch: int, step: str, dtype: str = "bf16") -> list[OpCall]:
+    """Every lego op call (with its Triton launches) of one training or sampling step of a model at a batch size, its
+    fused ops in ``dtype`` ("bf16" or "fp32")."""
     import torch
 
     from lego import LegoLoss, LegoModel
 
     channels, canvas = MODELS[model_name]
     with torch.device("meta"):
-        model = LegoModel.from_name(model_name, in_channels=channels, num_classes=NUM_CLASSES).to(torch.bfloat16)
-        x = torch.empty(batch, channels, canvas, canvas, dtype=torch.bfloat16)
+        model = LegoModel.from_name(model_name, in_channels=channels, num_classes=NUM_CLASSES).to(torch_dtype(dtype))
+        x = torch.empty(batch, channels, canvas, canvas, dtype=torch_dtype(dtype))
         labels = torch.zeros(batch, dtype=torch.long)
         sigma = torch.ones(batch)
     calls: list[OpCall] = []
-    with capturing(calls):
+    with capturing(calls, dtype):
         if step == "train":
             loss, _ = LegoLoss()(model, x, labels)
             loss.backward()
@@ -514,8 +537,9 @@ def compile_kernel(fn, spec: tuple, options: dict, cc: int) -> dict:
         for i, (kind, value) in enumerate(spec)
         if kind != "constexpr" and isinstance(value, str)
     }
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32),
-                              options=options)
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32), options=options
+    )
     meta = compiled.metadata
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
@@ -589,53 +613,55 @@ def compile_all(jobs: list[tuple], workers: int, log=print) -> list[dict]:
         return list(pool.map(_compile_job, jobs))
 
 
-def build_profile(models=tuple(MODELS), batches=BATCHES, archs=ARCHS, workers=1, log=print) -> dict:
+def build_profile(models=tuple(MODELS), batches=BATCHES, archs=ARCHS, workers=1, log=print, dtypes=DTYPES) -> dict:
     import torch
     import triton
+
+    version = triton_version()
 
     # 1. Capture every scenario; specialize each launch as Triton's binder would.
     specs: dict[tuple, tuple] = {}  # compile key -> (module, kernel, spec, options)
     launches: dict[tuple, dict] = {}
     ops: dict[tuple, dict] = {}
     pending = []  # (op entry key, launch entry key, used-argument tensors per compile key)
-    for model in models:
-        for batch in batches:
-            for step in STEPS:
-                scenario = f"{model} b{batch} {step}"
-                calls = capture(model, batch, step)
-                log(f"{scenario}: {len(calls)} op calls, {sum(len(c.launches) for c in calls)} launches")
-                for call in calls:
-                    launch_keys = []
-                    for launch in call.launches:
-                        spec, options = specialize(launch)
-                        fn = _unwrap(launch.fn)
-                        kid = _kernel_id(fn, spec)
-                        ckey = (kid, repr(spec), repr(sorted(options.items())))
-                        specs.setdefault(ckey, (fn.__module__, fn.__name__, spec, options))
-                        lkey = (ckey, launch.grid, call.brick)
-                        entry = launches.setdefault(lkey, {
-                            "kernel": fn.__name__, "specialization": kid, "op": call.name, "brick": call.brick,
-                            "grid": list(launch.grid), "num_warps": options.get("num_warps", 4), "scenarios": [],
-                        })  # fmt: skip
-                        if scenario not in entry["scenarios"]:
-                            entry["scenarios"].append(scenario)
-                        names = [p.name for p in fn.params]
-                        bound = dict(zip(names, launch.args)) | launch.kwargs
-                        if fn.__name__ in REDUCTIONS:
-                            entry["reduction"] = REDUCTIONS[fn.__name__](bound)  # (groups, partial bytes)
-                        launch_keys.append((lkey, bound))
-                    okey = (call.name, call.brick, tuple(k for k, _ in launch_keys), _nbytes(call.inputs + call.outputs))
-                    if okey not in ops:
-                        ops[okey] = {
-                            "op": call.name, "brick": call.brick,
-                            "launches": [f"{k[0][0]} grid {tuple(k[1])}" for k, _ in launch_keys],
-                            "torch_bytes": call.torch_bytes, "torch_ops": sorted(set(call.torch_ops)),
-                            "min_bytes": okey[3], "scenarios": [],
-                        }  # fmt: skip
-                        pending.append((okey, launch_keys))
-                    if scenario not in ops[okey]["scenarios"]:
-                        ops[okey]["scenarios"].append(scenario)
-                del calls  # the meta tensors of this scenario
+    for model, batch, dtype, step in ((m, b, t, s) for m in models for b in batches for t in dtypes for s in STEPS):
+        scenario = f"{model} b{batch} {dtype} {step}"
+        calls = capture(model, batch, step, dtype)
+        log(f"{scenario}: {len(calls)} op calls, {sum(len(c.launches) for c in calls)} launches")
+        for call in calls:
+            launch_keys = []
+            for launch in call.launches:
+                spec, options = specialize(launch)
+                fn = _unwrap(launch.fn)
+                kid = _kernel_id(fn, spec)
+                ckey = (kid, repr(spec), repr(sorted(options.items())))
+                specs.setdefault(ckey, (fn.__module__, fn.__name__, spec, options))
+                lkey = (ckey, launch.grid, call.brick, dtype)
+                entry = launches.setdefault(lkey, {
+                    "kernel": fn.__name__, "specialization": kid, "op": call.name, "brick": call.brick,
+                    "dtype": dtype, "triton": version, "grid": list(launch.grid),
+                    "num_warps": options.get("num_warps", 4), "scenarios": [],
+                })  # fmt: skip
+                if scenario not in entry["scenarios"]:
+                    entry["scenarios"].append(scenario)
+                names = [p.name for p in fn.params]
+                bound = dict(zip(names, launch.args)) | launch.kwargs
+                if fn.__name__ in REDUCTIONS:
+                    entry["reduction"] = REDUCTIONS[fn.__name__](bound)  # (groups, partial bytes)
+                launch_keys.append((lkey, bound))
+            okey = (call.name, call.brick, dtype, tuple(k for k, _ in launch_keys),
+                    _nbytes(call.inputs + call.outputs))  # fmt: skip
+            if okey not in ops:
+                ops[okey] = {
+                    "op": call.name, "brick": call.brick, "dtype": dtype, "triton": version,
+                    "launches": [f"{k[0][0]} grid {tuple(k[1])}" for k, _ in launch_keys],
+                    "torch_bytes": call.torch_bytes, "torch_ops": sorted(set(call.torch_ops)),
+                    "min_bytes": okey[4], "scenarios": [],
+                }  # fmt: skip
+                pending.append((okey, launch_keys))
+            if scenario not in ops[okey]["scenarios"]:
+                ops[okey]["scenarios"].append(scenario)
+        del calls  # the meta tensors of this scenario
 
     # 2. Compile each distinct specialization once per architecture.
     keys = list(specs)
@@ -652,7 +678,7 @@ def build_profile(models=tuple(MODELS), batches=BATCHES, archs=ARCHS, workers=1,
             used = [bound[n] for n in compiled[lkey[0]][archs[0]]["used_args"] if isinstance(bound.get(n), torch.Tensor)
                     and n not in atomics]  # fmt: skip
             launches[lkey]["bytes"] = _nbytes(used)
-            launches[lkey]["op_min_bytes"] = min(launches[lkey].get("op_min_bytes", okey[3]), okey[3])
+            launches[lkey]["op_min_bytes"] = min(launches[lkey].get("op_min_bytes", okey[4]), okey[4])
             total += launches[lkey]["bytes"]
             launches[lkey]["atomic_bytes"] = sum(atomics.values())
             atomic += launches[lkey]["atomic_bytes"]
@@ -662,7 +688,7 @@ def build_profile(models=tuple(MODELS), batches=BATCHES, archs=ARCHS, workers=1,
         entry["ratio"] = round(entry["bytes"] / entry["min_bytes"], 3) if entry["min_bytes"] else None
 
     launch_rows = []
-    for (ckey, _, _), entry in launches.items():
+    for (ckey, _, _, _), entry in launches.items():
         programs = math.prod(entry["grid"])
         entry["programs"] = programs
         entry["arch"] = {}
@@ -685,11 +711,13 @@ def build_profile(models=tuple(MODELS), batches=BATCHES, archs=ARCHS, workers=1,
     return {
         "what": "static profile of the Triton launches of LEGO training and sampling steps (no GPU; not a timing)",
         "versions": {"triton": triton.__version__, "torch": torch.__version__},
+        "triton": version,
         "models": list(models),
         "batches": list(batches),
+        "dtypes": list(dtypes),
         "archs": [f"sm_{cc}" for cc in archs],
-        "launches": sorted(launch_rows, key=lambda e: (e["op"], e["brick"], e["kernel"], e["programs"])),
-        "ops": sorted(ops.values(), key=lambda e: (e["op"], e["brick"], e["min_bytes"])),
+        "launches": sorted(launch_rows, key=lambda e: (e["op"], e["brick"], e["dtype"], e["kernel"], e["programs"])),
+        "ops": sorted(ops.values(), key=lambda e: (e["op"], e["brick"], e["dtype"], e["min_bytes"])),
     }
 
 
@@ -769,9 +797,10 @@ def _mb(n: int) -> str:
 MAX_BYTES_RATIO = 1.1
 
 
-def case_name(name: str, brick: str) -> str:
-    """'_adaln_bwd_kernel', 'r4 l4 S1 d1152' -> 'adaln_bwd_kernel@r4-l4-S1-d1152': one kernel or op at one brick shape."""
-    return f"{name.removeprefix('lego::').strip('_')}@{brick.replace(' ', '-')}"
+def case_name(name: str, brick: str, dtype: str | None = None) -> str:
+    """'_adaln_bwd_kernel', 'r4 l4 S1 d1152', 'fp32' -> 'adaln_bwd_kernel@r4-l4-S1-d1152@fp32': one kernel or op at one
+    brick shape in one dtype."""
+    return f"{name.removeprefix('lego::').strip('_')}@{brick.replace(' ', '-')}" + (f"@{dtype}" if dtype else "")
 
 
 def violations(profile: dict, arch: str = "sm_90") -> dict[str, dict[str, str]]:
@@ -783,7 +812,7 @@ def violations(profile: dict, arch: str = "sm_90") -> dict[str, dict[str, str]]:
             out[check][case] = (value, text)
 
     for e in profile["launches"]:
-        a, case = e["arch"][arch], case_name(e["kernel"], e["brick"])
+        a, case = e["arch"][arch], case_name(e["kernel"], e["brick"], e["dtype"])
         if a["spill_bytes"] or a["spill_instructions"]:
             worst("spills", case, a["spill_bytes"], f"{a['spill_bytes']} B local memory, {a['registers']} registers")
         if e["programs"] < a["programs_needed"]:
@@ -793,7 +822,8 @@ def violations(profile: dict, arch: str = "sm_90") -> dict[str, dict[str, str]]:
             worst("rounds", case, a["rounds_before_store"], f"{a['rounds_before_store']} round trips before the store")
     for e in profile["ops"]:
         if e["ratio"] and e["ratio"] > MAX_BYTES_RATIO:
-            worst("bytes", case_name(e["op"], e["brick"]), e["ratio"], f"{e['ratio']}x the minimum ({e['scenarios'][0]})")
+            worst("bytes", case_name(e["op"], e["brick"], e["dtype"]), e["ratio"],
+                  f"{e['ratio']}x the minimum ({e['scenarios'][0]})")  # fmt: skip
     return {check: {case: text for case, (_, text) in sorted(found.items())} for check, found in out.items()}
 
 
@@ -804,7 +834,8 @@ def markdown(profile: dict) -> str:
         "",
         (
             f"{profile['what']}. Triton {profile['versions']['triton']}, torch {profile['versions']['torch']}. Models "
-            f"{', '.join(profile['models'])} at batch {', '.join(map(str, profile['batches']))}; a training step "
+            f"{', '.join(profile['models'])} at batch {', '.join(map(str, profile['batches']))} in "
+            f"{' and '.join(profile.get('dtypes', ['bf16']))}; a training step "
             "(forward + backward) and a sampling step (one denoiser call). Generated by `python -m benchmarks.static`; "
             "columns are explained in benchmarks/README.md."
         ),
@@ -812,31 +843,36 @@ def markdown(profile: dict) -> str:
     ]
     checks = {
         "spills": "local-memory spills",
-        "waves": ("under two waves where the work allows more (>= 8 KB per program; for a reduction, as many programs "
-                  f"as its partial sums allow within {MAX_BYTES_RATIO}x the op's minimum bytes)"),
+        "waves": (
+            "under two waves where the work allows more (>= 8 KB per program; for a reduction, as many programs "
+            f"as its partial sums allow within {MAX_BYTES_RATIO}x the op's minimum bytes)"
+        ),
         "bytes": f"more than {MAX_BYTES_RATIO}x the op's minimum bytes",
         "rounds": "S <= 16 attention forward: more than one load round trip before its first store",
     }
-    lines += [f"## Check failures on {archs[0]} (what tests/test_static_profile.py gates)", ""]
-    for check, found in violations(profile, archs[0]).items():
-        lines.append(f"- **{check}** ({checks[check]}): {len(found) or 'none'}")
-        lines += [f"  - `{case}`: {text}" for case, text in found.items()]
-    lines.append("")
+    triton_version = profile.get("triton", profile["versions"]["triton"])
+    for arch in archs:
+        lines += [f"## Check failures, Triton {triton_version}, {arch} (what tests/test_static_profile.py gates)", ""]
+        for check, found in violations(profile, arch).items():
+            lines.append(f"- **{check}** ({checks[check]}): {len(found) or 'none'}")
+            lines += [f"  - `{case}`: {text}" for case, text in found.items()]
+        lines.append("")
     for arch in archs:
         lines += [
             f"## Triton launches, {arch}",
             "",
             (
-                "| op | brick | kernel | grid | programs | warps | regs | spill B | smem B | CTAs/SM (limit) | waves | "
-                "LDG bits | STG bits | load rounds before 1st store / total | bars before store | MB moved | "
-                "atomic MB (L2) | scenarios |"
+                "| triton | dtype | target | op | brick | kernel | grid | programs | warps | regs | spill B | smem B | "
+                "CTAs/SM (limit) | waves | LDG bits | STG bits | load rounds before 1st store / total | bars before store | "
+                "MB moved | atomic MB (L2) | scenarios |"
             ),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for e in profile["launches"]:
             a = e["arch"][arch]
             lines.append(
-                f"| {e['op'].removeprefix('lego::')} | {e['brick']} | `{e['specialization']}` | {tuple(e['grid'])} | "
+                f"| {e.get('triton', triton_version)} | {e.get('dtype', 'bf16')} | {arch} | "
+                f"{e['op'].removeprefix('lego::')} | {e['brick']} | `{e['specialization']}` | {tuple(e['grid'])} | "
                 f"{e['programs']} | {a['num_warps']} | {a['registers']} | {a['spill_bytes']} | {a['shared_bytes']} | "
                 f"{a['ctas_per_sm']} ({a['occupancy_limit']}) | {a['waves']:g} | {_widths(a['loads'])} | "
                 f"{_widths(a['stores'])} | {a['rounds_before_store']} / {a['rounds_total']} | "
@@ -848,14 +884,15 @@ def markdown(profile: dict) -> str:
         "## Bytes per op call against the minimum",
         "",
         (
-            "| op | brick | MB moved | of which PyTorch steps | minimum MB | ratio | atomic MB (L2) | PyTorch steps | "
-            "scenarios |"
+            "| triton | dtype | target | op | brick | MB moved | of which PyTorch steps | minimum MB | ratio | "
+            "atomic MB (L2) | PyTorch steps | scenarios |"
         ),
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in profile["ops"]:
         lines.append(
-            f"| {e['op'].removeprefix('lego::')} | {e['brick']} | {_mb(e['bytes'])} | {_mb(e['torch_bytes'])} | "
+            f"| {e.get('triton', triton_version)} | {e.get('dtype', 'bf16')} | {archs[0]} (bytes read from its code) | "
+            f"{e['op'].removeprefix('lego::')} | {e['brick']} | {_mb(e['bytes'])} | {_mb(e['torch_bytes'])} | "
             f"{_mb(e['min_bytes'])} | {e['ratio']} | {_mb(e.get('atomic_bytes', 0))} | "
             f"{', '.join(e['torch_ops']) or '-'} | "
             f"{'; '.join(e['scenarios'])} |"
@@ -864,8 +901,10 @@ def markdown(profile: dict) -> str:
     lines += ["", "## CUDA kernels (csrc/), nvcc -O3 -arch=sm_90a -Xptxas -v", ""]
     if isinstance(cuda, list):
         lines += [
-            ("| file | kernel | regs | spill stores B | spill loads B | stack B | static smem B | atomics (float) | "
-            "load rounds before 1st store / total |"),
+            (
+                "| file | kernel | regs | spill stores B | spill loads B | stack B | static smem B | atomics (float) | "
+                "load rounds before 1st store / total |"
+            ),
             "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
@@ -893,10 +932,31 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to profile")
     p.add_argument("--batch", nargs="+", type=int, default=list(BATCHES), help="batch sizes")
-    p.add_argument("--arch", nargs="+", type=int, default=list(ARCHS), choices=list(SM_LIMITS),
-                   help="compute capabilities to compile for (the first one drives the byte count)")
-    p.add_argument("--out", default=str(_RESULTS), help="folder for static-profile.json and static-profile.md")
-    p.add_argument("--no-cuda", action="store_true", help="skip the nvcc -Xptxas -v pass over csrc/ (keeps the csrc figures of a profile in --out)")
+    p.add_argument(
+        "--arch",
+        nargs="+",
+        type=int,
+        default=list(ARCHS),
+        choices=list(SM_LIMITS),
+        help="compute capabilities to compile for (the first one drives the byte count)",
+    )
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        default=list(DTYPES),
+        choices=list(DTYPES),
+        help="dtypes the fused ops run in (bf16: autocast; fp32: the default training precision)",
+    )
+    p.add_argument(
+        "--out",
+        default=str(_RESULTS),
+        help="folder for static-profile-triton<version>.json and .md (the version of the Triton imported)",
+    )
+    p.add_argument(
+        "--no-cuda",
+        action="store_true",
+        help="skip the nvcc -Xptxas -v pass over csrc/ (keeps the csrc figures of a profile in --out)",
+    )
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: every core)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
@@ -907,13 +967,14 @@ def main(argv=None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    profile = build_profile(tuple(args.model), tuple(args.batch), tuple(args.arch), args.jobs, log)
+    profile = build_profile(tuple(args.model), tuple(args.batch), tuple(args.arch), args.jobs, log, tuple(args.dtype))
     out = Path(args.out)
-    profile["cuda"] = _kept_cuda_section(out / "static-profile.json") if args.no_cuda else cuda_resources()
+    stem = profile_stem(profile["triton"])
+    profile["cuda"] = _kept_cuda_section(out / f"{stem}.json") if args.no_cuda else cuda_resources()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "static-profile.json").write_text(json.dumps(profile, indent=1) + "\n")
-    (out / "static-profile.md").write_text(markdown(profile))
-    print(f"wrote {out / 'static-profile.json'} and {out / 'static-profile.md'}")
+    (out / f"{stem}.json").write_text(json.dumps(profile, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(profile))
+    print(f"wrote {out / stem}.json and {out / stem}.md")
     return 0
 
 

@@ -1,8 +1,11 @@
 """The static kernel profile (benchmarks/static.py) as a CI gate, with no GPU.
 
-Once per session a child process runs ``python -m benchmarks.static --arch 90`` (every Triton launch of a training and
-a sampling step of LEGO-XL-PG-32, LEGO-XL-U-32 and LEGO-S-PG-64 at batch 64 and 256, compiled for sm_90 with the real
-specialization; Triton's on-disk cache makes a rerun quick). Every real launch configuration then has to pass:
+Once per session and per Triton version a child process runs ``python -m benchmarks.static --no-cuda`` (every Triton
+launch of a training and a sampling step of LEGO-XL-PG-32, LEGO-XL-U-32 and LEGO-S-PG-64 at batch 64 and 256, in bf16
+and fp32, compiled for sm_90 and sm_80 with the real specialization; Triton's on-disk cache makes a rerun quick). The
+Triton versions: the one installed, and each folder in LEGO_STATIC_TRITONS (os.pathsep-separated ``pip install
+--target`` folders put first on the child's PYTHONPATH; .ci/run installs Triton 3.6, the GPU machine's, there). Every
+real launch configuration then has to pass, on each target:
 
 - spills: no local-memory spills;
 - waves: a memory-bound launch whose work would fill two waves (>= 8 KB per program) runs at least two waves, or,
@@ -13,14 +16,17 @@ specialization; Triton's on-disk cache makes a rerun quick). Every real launch c
 - bytes: an op call moves at most 1.1x its minimum bytes (inputs read once, outputs written once);
 - rounds: the S <= 16 attention forward issues at most one group of dependent global loads before its first store.
 
-A case is one kernel (or op) at one brick shape, over every model, batch and step that launches it. The cases are
-read from the committed profile (benchmarks/results/static-profile.json); test_committed_profile_is_current fails when
-the code launches kernels that file does not list (regenerate it). The known violations are KNOWN_VIOLATIONS, one line
-each, as strict xfails: when a fix lands the case XPASSes, which fails, and its line has to go.
+A case is one kernel (or op) at one brick shape in one dtype, over every model, batch and step that launches it; a
+test is one case on one target under one Triton version (its id: ``triton3.6-sm_90-<case>``). The cases are read from
+the committed profiles (benchmarks/results/static-profile-triton<version>.json, one per version);
+test_committed_profile_is_current fails when the code launches kernels a file does not list (regenerate it). A version
+with a committed profile that is not available in this run skips its cases. The known violations are KNOWN_VIOLATIONS,
+one line each, as strict xfails: when a fix lands the case XPASSes, which fails, and its line has to go.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -43,10 +49,20 @@ from benchmarks.static import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-COMMITTED = REPO / "benchmarks" / "results" / "static-profile.json"
-ARCH = "sm_90"
+RESULTS = REPO / "benchmarks" / "results"
+ARCHS = ("sm_90", "sm_80")
 
-# Today's violations, one line per case: a strict xfail each. Remove a line when its fix lands (the case XPASSes).
+
+def _committed() -> dict[str, Path]:
+    """Triton version -> its committed profile."""
+    prefix = static.profile_stem("")
+    return {p.stem.removeprefix(prefix): p for p in sorted(RESULTS.glob(f"{prefix}*.json"))}
+
+
+COMMITTED = _committed()
+
+# Today's violations, one line per (Triton version, target, case) under its reason: a strict xfail each. Remove a line
+# when its fix lands (the case XPASSes).
 ITEM5_BWD_GRID = (
     "issue 8 item 5: the fused patch_embed backward (with input gradients: each program spans d for dx, so each token "
     "tile adds d x K to dweight with atomics) runs as many programs as that L2 atomic traffic allows (<= dtok's bytes, "
@@ -59,68 +75,182 @@ ITEM5_BYTES = (
 ITEM5_FEW_TOKENS = (
     "issue 8 item 5: XL-U-32's 16 x 16 brick has few tokens against K (1024 at B 64, K 640): at B 64 the patch_embed "
     "backward reads dtok twice (2 T d bytes, less than the fused kernel's fp32 accumulator, 8 d K), dweight in one "
-    "piece on d/64 x K/64 = 180 programs; at B 256 the fused kernel's accumulator is still 29% of the minimum"
+    "piece on d/64 x K/64 = 180 programs (bf16); at B 256 the fused kernel's accumulator is still 29% of the minimum"
 )
-KNOWN_VIOLATIONS = {
-    ("waves", "patch_embed_bwd_kernel@r16-l8-S4-d384"): ITEM5_BWD_GRID,
-    ("waves", "patch_embed_bwd_kernel@r32-l2-S256-d1152"): ITEM5_BWD_GRID,
-    ("waves", "patch_embed_bwd_kernel@r4-l2-S4-d1152"): ITEM5_BWD_GRID,
-    ("waves", "patch_embed_bwd_kernel@r64-l2-S1024-d384"): ITEM5_BWD_GRID,
-    ("waves", "patch_embed_bwd_kernel@r8-l4-S4-d1152"): ITEM5_BWD_GRID,
-    ("waves", "patch_embed_bwd_weight_kernel@r16-l8-S4-d1152"): ITEM5_FEW_TOKENS,
-    ("bytes", "patch_embed_bwd@r16-l8-S4-d1152"): ITEM5_FEW_TOKENS,
-    ("bytes", "patch_embed_bwd@r16-l8-S4-d384"): ITEM5_BYTES,
-    ("bytes", "patch_embed_bwd@r8-l4-S4-d1152"): ITEM5_BYTES,
-}
+FP32_ADALN_STACK = (
+    "issue 20: the fp32 adaLN forward (2 rows x 2048 on 8 warps, where S is a multiple of 16) keeps an 8-byte local "
+    "frame at 40 registers on sm_90 (ptxas's choice under Triton 3.6 and 3.9, not a register shortage); not yet retiled"
+)
+SM80_PATCH_EMBED_SPILLS = (
+    "issue 20: on sm_80 Triton 3.9 compiles the fused patch_embed backward (l = 2) and the bf16 weight kernel at 128 "
+    "registers with 8 to 32 B of spills; sm_80 was not gated before, and no A100 is at hand to measure a retile"
+)
+SM80_WAVES = (
+    "issue 20: on sm_80 (A100, 108 SMs and fewer resident CTAs at fp32's registers) at B 64 these fp32 grids, sized for "
+    "sm_90, run under two waves; no A100 is at hand to measure a retile"
+)
+
+
+def _known(table: dict[str, str]) -> dict[tuple[str, str, str, str], str]:
+    """{(check, triton, target, case): reason} from {reason: lines of "<check> <triton> <target> <case>"}."""
+    return {tuple(line.split()): reason for reason, lines in table.items() for line in lines.strip().splitlines()}
+
+
+KNOWN_VIOLATIONS = _known(
+    {
+        FP32_ADALN_STACK: """
+            spills 3.6 sm_90 adaln_fwd_kernel@r32-l2-S256-d1152@fp32
+            spills 3.6 sm_90 adaln_fwd_kernel@r4-l4-S1-d1152@fp32
+            spills 3.9 sm_90 adaln_fwd_kernel@r32-l2-S256-d1152@fp32
+            spills 3.9 sm_90 adaln_fwd_kernel@r4-l4-S1-d1152@fp32
+        """,
+        ITEM5_BWD_GRID: """
+            waves 3.6 sm_80 patch_embed_bwd_kernel@r32-l2-S256-d1152@bf16
+            waves 3.6 sm_80 patch_embed_bwd_kernel@r32-l2-S256-d1152@fp32
+            waves 3.6 sm_80 patch_embed_bwd_kernel@r4-l2-S4-d1152@bf16
+            waves 3.6 sm_80 patch_embed_bwd_kernel@r8-l4-S4-d1152@bf16
+            waves 3.6 sm_80 patch_embed_bwd_kernel@r8-l4-S4-d1152@fp32
+            waves 3.6 sm_90 patch_embed_bwd_kernel@r16-l8-S4-d384@bf16
+            waves 3.6 sm_90 patch_embed_bwd_kernel@r16-l8-S4-d384@fp32
+            waves 3.6 sm_90 patch_embed_bwd_kernel@r32-l2-S256-d1152@bf16
+            waves 3.6 sm_90 patch_embed_bwd_kernel@r32-l2-S256-d1152@fp32
+            waves 3.6 sm_90 patch_embed_bwd_kernel@r4-l2-S4-d1152@bf16
+            waves 3.6 sm_90 patch_embed_bwd_kernel@r4-l2-S4-d1152@fp32
+            waves 3.6 sm_90 patch_embed_bwd_kernel@r64-l2-S1024-d384@bf16
+            waves 3.6 sm_90 patch_embed_bwd_kernel@r64-l2-S1024-d384@fp32
+            waves 3.6 sm_90 patch_embed_bwd_kernel@r8-l4-S4-d1152@bf16
+            waves 3.6 sm_90 patch_embed_bwd_kernel@r8-l4-S4-d1152@fp32
+            waves 3.9 sm_80 patch_embed_bwd_kernel@r32-l2-S256-d1152@bf16
+            waves 3.9 sm_80 patch_embed_bwd_kernel@r4-l2-S4-d1152@bf16
+            waves 3.9 sm_80 patch_embed_bwd_kernel@r8-l4-S4-d1152@bf16
+            waves 3.9 sm_80 patch_embed_bwd_kernel@r8-l4-S4-d1152@fp32
+            waves 3.9 sm_90 patch_embed_bwd_kernel@r16-l8-S4-d384@bf16
+            waves 3.9 sm_90 patch_embed_bwd_kernel@r16-l8-S4-d384@fp32
+            waves 3.9 sm_90 patch_embed_bwd_kernel@r32-l2-S256-d1152@bf16
+            waves 3.9 sm_90 patch_embed_bwd_kernel@r32-l2-S256-d1152@fp32
+            waves 3.9 sm_90 patch_embed_bwd_kernel@r4-l2-S4-d1152@bf16
+            waves 3.9 sm_90 patch_embed_bwd_kernel@r4-l2-S4-d1152@fp32
+            waves 3.9 sm_90 patch_embed_bwd_kernel@r64-l2-S1024-d384@bf16
+            waves 3.9 sm_90 patch_embed_bwd_kernel@r64-l2-S1024-d384@fp32
+            waves 3.9 sm_90 patch_embed_bwd_kernel@r8-l4-S4-d1152@bf16
+            waves 3.9 sm_90 patch_embed_bwd_kernel@r8-l4-S4-d1152@fp32
+        """,
+        ITEM5_BYTES: """
+            bytes 3.6 sm_90 patch_embed_bwd@r16-l8-S4-d384@bf16
+            bytes 3.6 sm_90 patch_embed_bwd@r8-l4-S4-d1152@bf16
+            bytes 3.9 sm_90 patch_embed_bwd@r16-l8-S4-d384@bf16
+            bytes 3.9 sm_90 patch_embed_bwd@r8-l4-S4-d1152@bf16
+        """,
+        ITEM5_FEW_TOKENS: """
+            bytes 3.6 sm_90 patch_embed_bwd@r16-l8-S4-d1152@bf16
+            bytes 3.6 sm_90 patch_embed_bwd@r16-l8-S4-d1152@fp32
+            bytes 3.9 sm_90 patch_embed_bwd@r16-l8-S4-d1152@bf16
+            bytes 3.9 sm_90 patch_embed_bwd@r16-l8-S4-d1152@fp32
+            waves 3.6 sm_80 patch_embed_bwd_weight_kernel@r16-l8-S4-d1152@bf16
+            waves 3.6 sm_90 patch_embed_bwd_weight_kernel@r16-l8-S4-d1152@bf16
+            waves 3.9 sm_80 patch_embed_bwd_weight_kernel@r16-l8-S4-d1152@bf16
+            waves 3.9 sm_90 patch_embed_bwd_weight_kernel@r16-l8-S4-d1152@bf16
+        """,
+        SM80_PATCH_EMBED_SPILLS: """
+            spills 3.9 sm_80 patch_embed_bwd_kernel@r32-l2-S256-d1152@bf16
+            spills 3.9 sm_80 patch_embed_bwd_kernel@r32-l2-S256-d1152@fp32
+            spills 3.9 sm_80 patch_embed_bwd_kernel@r4-l2-S4-d1152@bf16
+            spills 3.9 sm_80 patch_embed_bwd_kernel@r64-l2-S1024-d384@fp32
+            spills 3.9 sm_80 patch_embed_bwd_weight_kernel@r32-l2-S256-d1152@bf16
+        """,
+        SM80_WAVES: """
+            waves 3.6 sm_80 adaln_fwd_kernel@r16-l8-S4-d1152@fp32
+            waves 3.6 sm_80 adaln_fwd_kernel@r16-l8-S4-d384@fp32
+            waves 3.6 sm_80 patch_embed_bwd_input_kernel@r16-l8-S4-d1152@fp32
+            waves 3.6 sm_80 patch_embed_fwd_kernel@r16-l8-S4-d1152@fp32
+            waves 3.9 sm_80 adaln_fwd_kernel@r16-l8-S4-d1152@fp32
+            waves 3.9 sm_80 adaln_fwd_kernel@r16-l8-S4-d384@fp32
+            waves 3.9 sm_80 patch_embed_bwd_input_kernel@r16-l8-S4-d1152@fp32
+            waves 3.9 sm_80 patch_embed_fwd_kernel@r16-l8-S4-d1152@fp32
+        """,
+    }
+)
 
 pytest.importorskip("triton", reason="the static profile compiles Triton kernels")
 
 
-def _child_env() -> dict:
+def _tritons() -> dict[str, str]:
+    """The Triton environments of this run: PYTHONPATH prefix ("" for the installed one) -> major.minor version."""
+    prefixes = [""] + [p for p in os.environ.get("LEGO_STATIC_TRITONS", "").split(os.pathsep) if p]
+    found = {}
+    for prefix in prefixes:
+        done = subprocess.run([sys.executable, "-c", "from benchmarks.static import triton_version as v; print(v())"],
+                              cwd=REPO, env=_child_env(prefix), capture_output=True, text=True, timeout=300,
+                              check=False)  # fmt: skip
+        assert done.returncode == 0, f"Triton at {prefix or 'the installed one'}: {done.stderr[-2000:]}"
+        found.setdefault(done.stdout.strip(), prefix)
+    return {prefix: version for version, prefix in found.items()}
+
+
+def _child_env(prefix: str = "") -> dict:
     # The profile compiles real kernels: no interpreter (conftest turns it on for the rest of the suite).
-    return dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(REPO))
+    path = os.pathsep.join(p for p in (prefix, str(REPO)) if p)
+    return dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=path)
 
 
 @pytest.fixture(scope="session")
-def profile(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("static-profile")
-    cmd = [sys.executable, "-m", "benchmarks.static", "--arch", "90", "--no-cuda", "--quiet", "--out", str(out)]
-    done = subprocess.run(cmd, cwd=REPO, env=_child_env(), capture_output=True, text=True, timeout=900,
-                          check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads((out / "static-profile.json").read_text())
+def tritons() -> dict[str, str]:
+    """major.minor version -> PYTHONPATH prefix, for the Triton versions available to this run."""
+    return {version: prefix for prefix, version in _tritons().items()}
+
+
+@pytest.fixture(scope="session")
+def profiles(tmp_path_factory, tritons):
+    """version -> its fresh profile, built on first use (a child process per version)."""
+
+    @functools.cache
+    def build(version: str) -> dict:
+        if version not in tritons:
+            pytest.skip(f"Triton {version} is not available here (install it with pip install --target DIR "
+                        f"triton=={version}.* and set LEGO_STATIC_TRITONS=DIR)")  # fmt: skip
+        out = tmp_path_factory.mktemp(f"static-profile-{version}")
+        cmd = [sys.executable, "-m", "benchmarks.static", "--no-cuda", "--quiet", "--out", str(out)]
+        done = subprocess.run(cmd, cwd=REPO, env=_child_env(tritons[version]), capture_output=True, text=True,
+                              timeout=3600, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-4000:]
+        return json.loads((out / f"{static.profile_stem(version)}.json").read_text())
+
+    return build
 
 
 def _cases(profile: dict) -> dict[str, set[str]]:
     """check -> the cases a profile holds."""
     launches = profile["launches"]
     return {
-        "spills": {case_name(e["kernel"], e["brick"]) for e in launches},
-        "waves": {case_name(e["kernel"], e["brick"]) for e in launches},
-        "bytes": {case_name(e["op"], e["brick"]) for e in profile["ops"]},
-        "rounds": {case_name(e["kernel"], e["brick"]) for e in launches if e["kernel"] == "_short_attention_fwd_kernel"},
+        "spills": {case_name(e["kernel"], e["brick"], e["dtype"]) for e in launches},
+        "waves": {case_name(e["kernel"], e["brick"], e["dtype"]) for e in launches},
+        "bytes": {case_name(e["op"], e["brick"], e["dtype"]) for e in profile["ops"]},
+        "rounds": {
+            case_name(e["kernel"], e["brick"], e["dtype"])
+            for e in launches
+            if e["kernel"] == "_short_attention_fwd_kernel"
+        },
     }
 
 
 def _params(check: str):
-    if not COMMITTED.exists():
-        return []
-    cases = sorted(_cases(json.loads(COMMITTED.read_text()))[check])
-    return [
-        pytest.param(
-            case,
-            id=case,
-            marks=[pytest.mark.xfail(strict=True, reason=KNOWN_VIOLATIONS[(check, case)])]
-            if (check, case) in KNOWN_VIOLATIONS
-            else [],
-        )
-        for case in cases
-    ]
+    # The bytes come from the first target's compiled code (which arguments it loads): one test per op case there.
+    archs = ARCHS[:1] if check == "bytes" else ARCHS
+    params = []
+    for version, path in COMMITTED.items():
+        for case in sorted(_cases(json.loads(path.read_text()))[check]):
+            for arch in archs:
+                key = (check, version, arch, case)
+                marks = (
+                    [pytest.mark.xfail(strict=True, reason=KNOWN_VIOLATIONS[key])] if key in KNOWN_VIOLATIONS else []
+                )
+                params.append(pytest.param(version, arch, case, id=f"triton{version}-{arch}-{case}", marks=marks))
+    return params
 
 
 def _launches(profile: dict, case: str) -> list[dict]:
-    found = [e for e in profile["launches"] if case_name(e["kernel"], e["brick"]) == case]
-    assert found, f"{case}: no such launch in the fresh profile (regenerate benchmarks/results/static-profile.json)"
+    found = [e for e in profile["launches"] if case_name(e["kernel"], e["brick"], e["dtype"]) == case]
+    assert found, f"{case}: no such launch in the fresh profile (regenerate {static.profile_stem(profile['triton'])})"
     return found
 
 
@@ -128,60 +258,75 @@ def _where(e: dict) -> str:
     return f"{e['specialization']} grid {tuple(e['grid'])} in {'; '.join(e['scenarios'])}"
 
 
-def test_committed_profile_is_current(profile):
-    """The committed profile lists exactly the cases the code launches today (python -m benchmarks.static)."""
-    assert COMMITTED.exists(), "no committed profile: run python -m benchmarks.static"
-    committed, fresh = _cases(json.loads(COMMITTED.read_text())), _cases(profile)
-    for check in fresh:
-        assert fresh[check] == committed[check], (
-            f"{check}: cases launched now but not in the committed profile: {sorted(fresh[check] - committed[check])}; "
-            f"in it but no longer launched: {sorted(committed[check] - fresh[check])}. Rerun python -m benchmarks.static"
-        )
+def test_committed_profile_is_current(profiles, tritons):
+    """Each available Triton version has a committed profile listing exactly the cases the code launches today."""
+    for version in tritons:
+        assert version in COMMITTED, f"no committed profile for Triton {version}: run python -m benchmarks.static"
+        committed, fresh = _cases(json.loads(COMMITTED[version].read_text())), _cases(profiles(version))
+        for check in fresh:
+            assert fresh[check] == committed[check], (
+                f"Triton {version}, {check}: cases launched now but not in the committed profile: "
+                f"{sorted(fresh[check] - committed[check])}; in it but no longer launched: "
+                f"{sorted(committed[check] - fresh[check])}. Rerun python -m benchmarks.static"
+            )
 
 
 def test_known_violations_name_real_cases():
-    """Every line of KNOWN_VIOLATIONS names a case of the committed profile (a misspelt one would never apply)."""
-    cases = _cases(json.loads(COMMITTED.read_text()))
-    assert [key for key in KNOWN_VIOLATIONS if key[1] not in cases[key[0]]] == []
+    """Every line of KNOWN_VIOLATIONS names a case of a committed profile (a misspelt one would never apply)."""
+    real = {
+        (check, version, arch, case)
+        for version, path in COMMITTED.items()
+        for check, cases in _cases(json.loads(path.read_text())).items()
+        for case in cases
+        for arch in ARCHS
+    }
+    assert [key for key in KNOWN_VIOLATIONS if key not in real] == []
 
 
-def test_profile_covers_every_op_and_brick(profile):
-    """The capture really ran the models: every fused op, forward and backward, at every brick shape of them."""
-    ops = {e["op"] for e in profile["ops"]}
-    for op in ("patch_embed", "short_attention", "adaln_modulate", "gated_residual_adaln", "patch_unembed"):
-        assert {f"lego::{op}_fwd", f"lego::{op}_bwd"} <= ops, op
-    bricks = {e["brick"] for e in profile["launches"]}
-    assert {"r4 l4 S1 d1152", "r8 l4 S4 d1152", "r32 l2 S256 d1152"} <= bricks  # LEGO-XL-PG-32
-    assert {"r16 l8 S4 d1152", "r4 l2 S4 d1152"} <= bricks  # LEGO-XL-U-32
-    assert {"r4 l2 S4 d384", "r16 l8 S4 d384", "r64 l2 S1024 d384"} <= bricks  # LEGO-S-PG-64
-    scenarios = {s for e in profile["launches"] for s in e["scenarios"]}
-    assert len(scenarios) == 3 * 2 * 2, sorted(scenarios)
-    assert all(e["arch"][ARCH]["registers"] > 0 for e in profile["launches"])
+def test_profile_covers_every_op_brick_dtype_and_target(profiles, tritons):
+    """The capture really ran the models: every fused op, forward and backward, at every brick shape of them, in both
+    dtypes and on both targets, and every row names its Triton version and dtype."""
+    for version in tritons:
+        profile = profiles(version)
+        ops = {e["op"] for e in profile["ops"]}
+        for op in ("patch_embed", "short_attention", "adaln_modulate", "gated_residual_adaln", "patch_unembed"):
+            assert {f"lego::{op}_fwd", f"lego::{op}_bwd"} <= ops, op
+        bricks = {e["brick"] for e in profile["launches"]}
+        assert {"r4 l4 S1 d1152", "r8 l4 S4 d1152", "r32 l2 S256 d1152"} <= bricks  # LEGO-XL-PG-32
+        assert {"r16 l8 S4 d1152", "r4 l2 S4 d1152"} <= bricks  # LEGO-XL-U-32
+        assert {"r4 l2 S4 d384", "r16 l8 S4 d384", "r64 l2 S1024 d384"} <= bricks  # LEGO-S-PG-64
+        scenarios = {s for e in profile["launches"] for s in e["scenarios"]}
+        assert len(scenarios) == 3 * 2 * 2 * 2, sorted(scenarios)
+        assert {e["dtype"] for e in profile["launches"]} == {"bf16", "fp32"}
+        assert all(e["triton"] == version for e in profile["launches"] + profile["ops"])
+        assert all(set(e["arch"]) == set(ARCHS) for e in profile["launches"])
+        assert all(e["arch"][arch]["registers"] > 0 for e in profile["launches"] for arch in ARCHS)
 
 
-@pytest.mark.parametrize("case", _params("spills"))
-def test_no_spills(profile, case):
-    bad = [e for e in _launches(profile, case) if e["arch"][ARCH]["spill_bytes"] or e["arch"][ARCH]["spill_instructions"]]
+@pytest.mark.parametrize(("version", "arch", "case"), _params("spills"))
+def test_no_spills(profiles, version, arch, case):
+    bad = [e for e in _launches(profiles(version), case)
+           if e["arch"][arch]["spill_bytes"] or e["arch"][arch]["spill_instructions"]]  # fmt: skip
     assert not bad, "\n".join(
-        f"{_where(e)}: {e['arch'][ARCH]['spill_bytes']} B of local memory, {e['arch'][ARCH]['registers']} registers"
+        f"{_where(e)}: {e['arch'][arch]['spill_bytes']} B of local memory, {e['arch'][arch]['registers']} registers"
         for e in bad
     )
 
 
-@pytest.mark.parametrize("case", _params("waves"))
-def test_grid_fills_two_waves(profile, case):
-    bad = [e for e in _launches(profile, case) if e["programs"] < e["arch"][ARCH]["programs_needed"]]
+@pytest.mark.parametrize(("version", "arch", "case"), _params("waves"))
+def test_grid_fills_two_waves(profiles, version, arch, case):
+    bad = [e for e in _launches(profiles(version), case) if e["programs"] < e["arch"][arch]["programs_needed"]]
     assert not bad, "\n".join(
-        f"{_where(e)}: {e['programs']} programs = {e['arch'][ARCH]['waves']} waves of "
-        f"{e['arch'][ARCH]['ctas_per_sm']} CTAs x 132 SMs for {e['bytes'] / 1e6:.1f} MB; "
-        f"{e['arch'][ARCH]['programs_needed']} needed"
+        f"{_where(e)}: {e['programs']} programs = {e['arch'][arch]['waves']} waves of "
+        f"{e['arch'][arch]['ctas_per_sm']} CTAs x {static.SM_LIMITS[int(arch[3:])]['sms']} SMs for "
+        f"{e['bytes'] / 1e6:.1f} MB; {e['arch'][arch]['programs_needed']} needed"
         for e in bad
     )
 
 
-@pytest.mark.parametrize("case", _params("bytes"))
-def test_bytes_near_minimum(profile, case):
-    found = [e for e in profile["ops"] if case_name(e["op"], e["brick"]) == case]
+@pytest.mark.parametrize(("version", "arch", "case"), _params("bytes"))
+def test_bytes_near_minimum(profiles, version, arch, case):
+    found = [e for e in profiles(version)["ops"] if case_name(e["op"], e["brick"], e["dtype"]) == case]
     assert found, f"{case}: no such op in the fresh profile"
     bad = [e for e in found if e["ratio"] > MAX_BYTES_RATIO]
     assert not bad, "\n".join(
@@ -191,12 +336,12 @@ def test_bytes_near_minimum(profile, case):
     )
 
 
-@pytest.mark.parametrize("case", _params("rounds"))
-def test_short_attention_forward_loads_up_front(profile, case):
-    bad = [e for e in _launches(profile, case) if e["arch"][ARCH]["rounds_before_store"] > 1]
+@pytest.mark.parametrize(("version", "arch", "case"), _params("rounds"))
+def test_short_attention_forward_loads_up_front(profiles, version, arch, case):
+    bad = [e for e in _launches(profiles(version), case) if e["arch"][arch]["rounds_before_store"] > 1]
     assert not bad, "\n".join(
-        f"{_where(e)}: {e['arch'][ARCH]['rounds_before_store']} dependent load round trips before the first store, "
-        f"{e['arch'][ARCH]['barriers_before_store']} barriers"
+        f"{_where(e)}: {e['arch'][arch]['rounds_before_store']} dependent load round trips before the first store, "
+        f"{e['arch'][arch]['barriers_before_store']} barriers"
         for e in bad
     )
 
@@ -234,8 +379,13 @@ def test_sass_reader_on_text():
     chain, flat = load_rounds(functions["chain"]), load_rounds(functions["flat"])
     assert (chain["rounds_before_store"], chain["rounds_total"], chain["barriers_before_store"]) == (2, 3, 1)
     assert (flat["rounds_before_store"], flat["rounds_total"]) == (1, 1)
-    assert [access_width(op) for op in ("LDG.E.128", "LDG.E.64", "LDG.E.U16", "LDG.E", "STG.E.128")] == [128, 64, 16,
-                                                                                                       32, 128]
+    assert [access_width(op) for op in ("LDG.E.128", "LDG.E.64", "LDG.E.U16", "LDG.E", "STG.E.128")] == [
+        128,
+        64,
+        16,
+        32,
+        128,
+    ]
 
 
 def test_occupancy_rules():
@@ -291,7 +441,7 @@ def test_ptxas_reader():
     assert row["function"] in ("kernel", "_Z6kernelPf")
 
 
-_PROBE = '''
+_PROBE = """
 import json, sys
 import torch
 import triton
@@ -321,7 +471,7 @@ for name, fn, dtypes in (("gather", gather, (torch.int32, torch.float32)), ("add
     spec, options = specialize(Launch(fn, (1, 1, 1), tuple(tensors), {"BLOCK": 1024, "num_warps": 4}))
     out[name] = compile_kernel(fn, spec, options, 90)
 json.dump(out, sys.stdout)
-'''
+"""
 
 
 def test_round_trip_counter_on_compiled_kernels(tmp_path):
