@@ -258,7 +258,16 @@ _patch_unembed_fwd_op.register_autograd(_patch_unembed_backward, setup_context=_
 
 
 def patch_unembed(
-    tokens, brick_size, field_size, channels, height, width, patch_index=None, fill=None, backend="auto", *,
+    tokens,
+    brick_size,
+    field_size,
+    channels,
+    height,
+    width,
+    patch_index=None,
+    fill=None,
+    backend="auto",
+    *,
     check_ids=True,
 ):
     """Scatter per-token l x l x C blocks back into a [B, C, H, W] canvas (see the module docstring for the layout).

@@ -299,7 +299,7 @@ def test_float64_takes_the_reference(device):
     qkv = _random_qkv(5, 4, 2, 8, torch.float64, device)
     grad = torch.randn(5, 4, 16, dtype=torch.float64, device=device)
     for backend in _kernel_backends(device):
-        out, dx = _forward_backward(lambda x: short_attention(x, 2, backend=backend), qkv, grad)
+        out, dx = _forward_backward(lambda x, backend=backend: short_attention(x, 2, backend=backend), qkv, grad)
         out_ref, dx_ref = _forward_backward(lambda x: short_attention(x, 2, backend="torch"), qkv, grad)
         torch.testing.assert_close(out, out_ref, atol=1e-13, rtol=0)
         torch.testing.assert_close(dx, dx_ref, atol=1e-13, rtol=0)
