@@ -396,6 +396,35 @@ def test_emulated_custom_ops(emulator, dtype):
     custom_op_case("cpu", dtype, public=False)
 
 
+def test_emulated_brick_with_backend_cuda(emulator, monkeypatch):
+    """A brick built with backend="cuda" (issue #20: LegoModel.from_name(..., backend="cuda") stopped at its first
+    forward): its ops with a CUDA kernel run it, patch_embed and patch_unembed (none) take auto's choice. On the CPU the
+    dispatch is told the CPU can run "cuda" (the emulator does), so auto's choice for those two is the reference."""
+    from lego import LegoBrick
+    from lego_kernels import _dispatch
+
+    monkeypatch.setattr(_dispatch, "available_backends", lambda device: ["cuda", "triton", "torch"])
+    torch.manual_seed(0)
+    ref = LegoBrick(4, 2, 64, 1, 2, in_channels=3, backend="torch")  # head size 32: compiled in csrc
+    with torch.no_grad():
+        for param in ref.parameters():
+            param.normal_(0, 0.2)  # no zero-initialized paths
+    fused = LegoBrick(4, 2, 64, 1, 2, in_channels=3, backend="cuda")
+    fused.load_state_dict(ref.state_dict())
+    x, prev, cond = torch.randn(2, 3, 8, 12), torch.randn(2, 3, 8, 12), torch.randn(2, 64)
+    outs = []
+    for brick in (ref, fused):
+        out = brick(x, prev, cond)
+        out.square().sum().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
+        err = (b.grad - a.grad).abs().max().item()
+        assert err <= 1e-4 + 1e-3 * a.grad.abs().max().item(), (
+            f"gradient of {name}: {err:.3g} off, largest {a.grad.abs().max():.3g}"
+        )
+
+
 def test_emulated_empty_and_errors(emulator):
     o, lse = _cuda.short_attention_fwd(torch.randn(0, 4, 3 * 64), 1)
     assert o.shape == (0, 4, 64) and lse.shape == (0, 1, 4)
