@@ -68,7 +68,15 @@ from collections import Counter
 from pathlib import Path
 from unittest import mock
 
-MODELS = {"LEGO-XL-PG-32": (4, 32), "LEGO-XL-U-32": (4, 32), "LEGO-S-PG-64": (3, 64)}  # name -> (channels, canvas)
+# name -> (channels, canvas): the latent XL models, and the pixel models at the shapes issue 20's review read.
+MODELS = {
+    "LEGO-XL-PG-32": (4, 32),
+    "LEGO-XL-U-32": (4, 32),
+    "LEGO-S-PG-64": (3, 64),
+    "LEGO-L-PG-64": (3, 64),
+    "LEGO-XL-PG-64": (3, 64),
+    "LEGO-XL-U-64": (3, 64),
+}
 BATCHES = (64, 256)
 STEPS = ("train", "sample")
 ARCHS = (90, 80)
