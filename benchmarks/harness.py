@@ -124,7 +124,8 @@ def summarize(ms: list[float]) -> dict:
 
 
 def measure(benchmark, fn, settings: Settings, dev: torch.device) -> dict:
-    """Time ``fn()`` (one call = one unit: a kernel, a training step, a whole sampler run); returns per-call stats in ms.
+    """Time ``fn()`` (one call = one unit: a kernel, a training step, a whole sampler run); returns per-call stats in
+    ms.
 
     ``benchmark`` is pytest-benchmark's fixture (or None outside pytest). The round count is sized from one timed
     call after the warm-up so that the measurement lasts about ``settings.target_s``.
@@ -217,7 +218,8 @@ def _jsonable(v):
 
 
 def measure_peaks(dev: torch.device) -> dict:
-    """Peak HBM bandwidth (device-to-device copy, read + write bytes) and bf16 matmul throughput, medians of ~20 runs."""
+    """Peak HBM bandwidth (device-to-device copy, read + write bytes) and bf16 matmul throughput, medians of ~20
+    runs."""
     if dev.type == "cuda":
         copy_bytes, n, reps = 1 << 30, 8192, 20
     else:  # smoke: only checks the plumbing

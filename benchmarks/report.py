@@ -379,8 +379,9 @@ def markdown(report: dict) -> str:
     git = dev.get("git") or {}
     lines += [
         (
-            f"- Device: {dev.get('name')} (compute capability {dev.get('capability')}, {dev.get('multiprocessors')} SMs, "
-            f"{_f(dev.get('memory_gb'), 0)} GB, L2 {_f(dev.get('l2_cache_mb'), 0)} MB), driver {dev.get('driver')}"
+            f"- Device: {dev.get('name')} (compute capability {dev.get('capability')}, "
+            f"{dev.get('multiprocessors')} SMs, {_f(dev.get('memory_gb'), 0)} GB, "
+            f"L2 {_f(dev.get('l2_cache_mb'), 0)} MB), driver {dev.get('driver')}"
             if dev.get("device_type") == "cuda"
             else f"- Device: CPU ({dev.get('name')}, {dev.get('cpu_count')} cores)"
         ),
@@ -416,11 +417,11 @@ def markdown(report: dict) -> str:
         "",
         (
             f"Shape: B = {shape.get('batch')}, canvas {shape.get('channels')} x {shape.get('height')} x "
-            f"{shape.get('width')}, brick {shape.get('brick')} with l = {shape.get('field')} (S = {shape.get('seq_len')}, "
-            f"N = {shape.get('num_seq')} sequences), d = {shape.get('hidden')}, {shape.get('heads')} heads, "
-            f"{shape.get('dtype')}. Median of the timed rounds (p20-p80 beside it). GB/s = the op's minimum bytes / time; "
-            "HBM = that as a share of the measured copy bandwidth; roofline = the floor max(bytes / bandwidth, FLOPs / "
-            "matmul peak) as a share of the time."
+            f"{shape.get('width')}, brick {shape.get('brick')} with l = {shape.get('field')} "
+            f"(S = {shape.get('seq_len')}, N = {shape.get('num_seq')} sequences), d = {shape.get('hidden')}, "
+            f"{shape.get('heads')} heads, {shape.get('dtype')}. Median of the timed rounds (p20-p80 beside it). "
+            "GB/s = the op's minimum bytes / time; HBM = that as a share of the measured copy bandwidth; "
+            "roofline = the floor max(bytes / bandwidth, FLOPs / matmul peak) as a share of the time."
         ),
         "",
     ]
@@ -446,8 +447,12 @@ def markdown(report: dict) -> str:
     shape_rows = sorted((r for r in res["ops"] if r.get("brick_shape")),
                         key=lambda r: (r["brick_shape"], r["op"], r["mode"], r["provider"]))  # fmt: skip
     if shape_rows:
-        lines += ["## Fused ops at each brick shape", "",
-                  "Batch 256 (see the JSON's cases.brick_shapes); auto = the fused backend auto picks.", ""]  # fmt: skip
+        lines += [
+            "## Fused ops at each brick shape",
+            "",
+            "Batch 256 (see the JSON's cases.brick_shapes); auto = the fused backend auto picks.",
+            "",
+        ]
         lines += _table(
             ["brick", "op", "mode", "provider", "median us", "GB/s", "HBM", "vs eager"],
             [[r["brick_shape"], r["op"], r["mode"], f"{r['provider']} ({r['backend']})",
@@ -472,8 +477,8 @@ def markdown(report: dict) -> str:
         "",
         (
             "Forward + backward + AdamW (fused), bf16 autocast, fp32 weights. GFLOP/img = forward FLOPs per image; "
-            "MFU = 3 x forward FLOPs per second / measured bf16 matmul peak. Ratios: images/s against the DiT of the same "
-            "group at the same batch."
+            "MFU = 3 x forward FLOPs per second / measured bf16 matmul peak. Ratios: images/s against the DiT of "
+            "the same group at the same batch."
         ),
         "",
     ]
@@ -484,7 +489,8 @@ def markdown(report: dict) -> str:
         vs = ", ".join(f"{_x(x['images_per_s_ratio'])} {x['dit']}" for x in ratios) or "–"
         rows.append([r["group"], r["label"], r["batch"], _f(r.get("params", 0) / 1e6, 0),
                      _f(r["fwd_flops_per_image"] / 1e9, 1), _f(r["timing"]["median_ms"], 1),
-                     _f(r["images_per_s"], 1), _pct(r.get("mfu")), _f(r["timing"].get("peak_memory_gb"), 1), vs])  # fmt: skip
+                     _f(r["images_per_s"], 1), _pct(r.get("mfu")),
+                     _f(r["timing"].get("peak_memory_gb"), 1), vs])  # fmt: skip
     lines += _table(["group", "model", "batch", "M params", "GFLOP/img", "step ms", "images/s", "MFU", "peak GB",
                      "vs DiT"], rows)  # fmt: skip
     sampling = report["cases"].get("sampling", {})
@@ -492,17 +498,17 @@ def markdown(report: dict) -> str:
         "## Sampling",
         "",
         (
-            f"One whole sampler run per round, bf16 autocast; Heun with {sampling.get('heun_steps')} steps and DDPM with "
-            f"{sampling.get('nfe')} steps make {sampling.get('nfe')} network calls each (CFG: both halves in one call of "
-            "twice the batch). t_break 0.5: the top brick is skipped where the schedule says so. Ratios against DiT with "
-            "the same sampler, NFE, guidance and batch."
+            f"One whole sampler run per round, bf16 autocast; Heun with {sampling.get('heun_steps')} steps and "
+            f"DDPM with {sampling.get('nfe')} steps make {sampling.get('nfe')} network calls each (CFG: both halves "
+            "in one call of twice the batch). t_break 0.5: the top brick is skipped where the schedule says so. "
+            "Ratios against DiT with the same sampler, NFE, guidance and batch."
         ),
         "",
     ]
     rows = []
     for r in sorted(res["sampling"], key=lambda r: (r["group"], r["sampler"], r["cfg"], r["label"], r["t_break"])):
-        ratios = [x for x in res["ratios"]["sampling"] if x["lego"] == r["label"] and x["group"] == r["group"]
-                  and x["sampler"] == r["sampler"] and x["cfg"] == r["cfg"] and x["t_break"] == r["t_break"]]  # fmt: skip
+        same = ("group", "sampler", "cfg", "t_break")
+        ratios = [x for x in res["ratios"]["sampling"] if x["lego"] == r["label"] and all(x[k] == r[k] for k in same)]
         vs = ", ".join(f"{_x(x['images_per_s_ratio'])} {x['dit']}" for x in ratios) or "–"
         rows.append([r["group"], r["label"], r["sampler"], r["nfe"], _f(r["cfg"], 1), _f(r["t_break"], 1),
                      r["batch"], _f(r["timing"]["median_ms"] / 1e3, 3), _f(r["images_per_s"], 1),
@@ -645,10 +651,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the harness; no results)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: benchmarks/results; a new temporary folder with --smoke)")  # fmt: skip
+                        help="output folder (default: benchmarks/results; "
+                             "a new temporary folder with --smoke)")  # fmt: skip
     parser.add_argument("-k", dest="keyword", default=None, help="run only the benchmarks pytest -k selects")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help=f"skip what is left after this many seconds (default {DEFAULT_BUDGET_S}; 0: no limit)")  # fmt: skip
+                        help=f"skip what is left after this many seconds "
+                             f"(default {DEFAULT_BUDGET_S}; 0: no limit)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help=f"build the CUDA extension if missing, run pytest -m cuda, then the quick rows only; "
                              f"{QUICK_BUDGET_S} s budget in all")  # fmt: skip

@@ -10,10 +10,11 @@ on PYTHONPATH, e.g. ``pip install --target DIR triton==3.6.0``, for that version
 What it does, step by step:
 
 1. Capture. The models run on the ``meta`` device in each dtype, bf16 (what bf16 autocast hands the fused ops) and
-   fp32 (the default training precision), with every fused op forced to its Triton backend. Each ``lego::`` custom op runs its real implementation (the Triton launchers) in place
-   of its fake one, and ``JITFunction.run`` records the launch (kernel, grid, arguments, constexprs, options) instead
-   of launching. A training step is LegoLoss (all patches) forward + backward; a sampling step is one denoiser call
-   under no_grad (one Heun half-step; classifier-free guidance would double the batch).
+   fp32 (the default training precision), with every fused op forced to its Triton backend. Each ``lego::`` custom op
+   runs its real implementation (the Triton launchers) in place of its fake one, and ``JITFunction.run`` records the
+   launch (kernel, grid, arguments, constexprs, options) instead of launching. A training step is LegoLoss (all
+   patches) forward + backward; a sampling step is one denoiser call under no_grad (one Heun half-step;
+   classifier-free guidance would double the batch).
 2. Specialize. The arguments are bound by Triton's own binder (``create_function_from_signature`` with a CUDA backend),
    as at a real launch: a tensor stands in as a pointer whose address is its storage offset from a 512-byte aligned
    base (PyTorch's caching allocator), so 16-byte aligned pointers and ints divisible by 16 get Triton's divisibility
@@ -45,8 +46,8 @@ It leans on a few private hooks, checked with torch 2.13 and Triton 3.9: ``Custo
 ``JITFunction.run``'s signature, ``triton.runtime.jit.create_function_from_signature``; a version that moves them
 breaks the capture visibly: an error, or a profile without launches, which tests/test_static_profile.py rejects.
 
-Writes ``static-profile-triton<major.minor>.json`` and ``.md`` under ``--out`` (default ``benchmarks/results``). Nothing here
-is a timing: waves, occupancy and round trips are read from compiled code; GPU times are not measured.
+Writes ``static-profile-triton<major.minor>.json`` and ``.md`` under ``--out`` (default ``benchmarks/results``).
+Nothing here is a timing: waves, occupancy and round trips are read from compiled code; GPU times are not measured.
 """
 
 from __future__ import annotations
@@ -610,7 +611,8 @@ def _compile_job(job) -> dict:
 
 
 def compile_all(jobs: list[tuple], workers: int, log=print) -> list[dict]:
-    """compile_kernel over (module, kernel name, spec, options, cc) jobs, in forked worker processes when workers > 1."""
+    """compile_kernel over (module, kernel name, spec, options, cc) jobs, in forked worker processes when
+    workers > 1."""
     if workers <= 1 or len(jobs) <= 1:
         return [_compile_job(job) for job in jobs]
     import multiprocessing
@@ -763,8 +765,8 @@ def parse_ptxas(text: str) -> list[dict]:
     for line in text.splitlines():
         m = re.search(r"Compiling entry function '(\S+)'", line)
         if m:
-            current = {"function": _demangle(m.group(1)), "mangled": m.group(1), "registers": 0, "spill_stores": 0, "spill_loads": 0,
-                       "stack": 0, "shared_bytes": 0}  # fmt: skip
+            current = {"function": _demangle(m.group(1)), "mangled": m.group(1), "registers": 0, "spill_stores": 0,
+                       "spill_loads": 0, "stack": 0, "shared_bytes": 0}  # fmt: skip
             rows.append(current)
         elif current is not None:
             for pattern, key in (
@@ -871,7 +873,8 @@ def markdown(profile: dict) -> str:
             "",
             (
                 "| triton | dtype | target | op | brick | kernel | grid | programs | warps | regs | spill B | smem B | "
-                "CTAs/SM (limit) | waves | LDG bits | STG bits | load rounds before 1st store / total | bars before store | "
+                "CTAs/SM (limit) | waves | LDG bits | STG bits | load rounds before 1st store / total | bars "
+                "before store | "
                 "MB moved | atomic MB (L2) | scenarios |"
             ),
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

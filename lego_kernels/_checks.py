@@ -23,7 +23,9 @@ def check_same(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor
         if t is None:
             continue
         if t.device != ref.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device"
+            )
         if t.dtype != ref.dtype:
             raise TypeError(f"{op}: {name} is {t.dtype} but {ref_name} is {ref.dtype}; cast them to one dtype")
 
@@ -32,7 +34,9 @@ def check_index(op: str, name: str, t: torch.Tensor, ndim: int, device: torch.de
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim or t.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{op}: {name} must be an int32/int64 tensor with {ndim} dimensions, got {t.dtype} {tuple(t.shape)}")
+        raise ValueError(
+            f"{op}: {name} must be an int32/int64 tensor with {ndim} dimensions, got {t.dtype} {tuple(t.shape)}"
+        )
     if t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device} but the data is on {device}")
 

@@ -6,7 +6,8 @@ Every public op takes ``backend="auto" | "cuda" | "triton" | "torch"``:
 - ``triton``: the fused Triton kernels. Needs a CUDA tensor, or ``TRITON_INTERPRET=1`` (then CPU tensors run
   through Triton's interpreter, which is how CI checks the kernels without a GPU).
 - ``cuda``: the hand-written kernels of ``lego_kernels._C`` (csrc/), for the ops that have them.
-- ``auto``: ``torch`` for CPU tensors; for CUDA tensors the fastest measured backend present (see ``AUTO_PREFERS_CUDA``).
+- ``auto``: ``torch`` for CPU tensors; for CUDA tensors the fastest measured backend present (see
+  ``AUTO_PREFERS_CUDA``).
 
 The environment variable ``LEGO_KERNELS_BACKEND`` overrides ``auto`` (never an explicit choice).
 

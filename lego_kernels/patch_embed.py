@@ -5,7 +5,8 @@ m_row[i, j] = linspace(-1, 1, H)[i] and m_col[i, j] = linspace(-1, 1, W)[j] (coo
 larger canvas renormalizes them). The canvas is cut into r x r patches, each patch into (r/l)^2 fields of l x l; the
 token of field (a, b) of patch (p, q) is
 
-    tok[(p, q), a*(r/l) + b, :] = weight . u[:, p*r + a*l : p*r + (a+1)*l, q*r + b*l : q*r + (b+1)*l] + bias + pos[a*(r/l)+b]
+    tok[(p, q), a*(r/l) + b, :] = weight . u[:, p*r + a*l : p*r + (a+1)*l, q*r + b*l : q*r + (b+1)*l]
+                                  + bias + pos[a*(r/l) + b]
 
 Shapes: x, prev [B, C, H, W]; weight [d, C', l, l] with C' = C (+ C) + 2; bias [d]; pos_embed [S, d], S = (r/l)^2.
 Output [N, S, d]: sequences image by image and patches row-major (N = B * H/r * W/r), or, with patch_index [B, P]
@@ -161,7 +162,7 @@ def _patch_embed_fwd_kernel(
     HAS_PREV: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_INDEX: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # fp32 inputs: "tf32" where PyTorch's matmul setting allows it, else "ieee"; 16-bit: unused
+    DOT_PRECISION: tl.constexpr,  # fp32: "tf32" where PyTorch's matmul setting allows it, else "ieee"; 16-bit: unused
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -301,7 +302,7 @@ def _canvas_rows(INV, gp, s, ok, P_ALL, d, T: tl.constexpr, HAS_INDEX: tl.conste
     each canvas patch to its sequence, -1 for none."""
     img = (gp // P_ALL).to(tl.int64)
     patch = gp % P_ALL
-    if HAS_INDEX:
+    if HAS_INDEX:  # noqa: SIM108 (a constexpr branch: Triton compiles only the side taken)
         seq = tl.load(INV + gp, mask=ok, other=-1)
     else:
         seq = gp
@@ -515,8 +516,8 @@ def _bwd_config(g: int, s: int, d: int, k: int, dtype: torch.dtype) -> dict:
         block_p = max(block_p, 16 // block_s)  # tl.dot needs 16 rows: pad with masked ones
         if 2 * (triton.cdiv(k, 4) * 4 + block_s + 1) <= _ATOMIC_SHARE * block_p * block_s:
             break
-    # fp32: a [rows, 64] fp32 field tile and [rows, 32] dtok chunks spilled 16 to 730 bytes at 255 registers (l = 2, 4, 8;
-    # Triton 3.6, sm_90 and sm_80); K tiles of 32 and d chunks of 16 keep it at 100 to 145 registers.
+    # fp32: a [rows, 64] fp32 field tile and [rows, 32] dtok chunks spilled 16 to 730 bytes at 255 registers
+    # (l = 2, 4, 8; Triton 3.6, sm_90 and sm_80); K tiles of 32 and d chunks of 16 keep it at 100 to 145 registers.
     wide = dtype != torch.float32
     return {
         "BLOCK_P": block_p,
@@ -533,8 +534,8 @@ _BWD_WEIGHT_PROGRAMS = 512
 # Without input gradients the splits' shares go to fp32 atomics, which cost L2 traffic, not DRAM bytes: enough programs
 # for two waves on 132 SMs at up to 6 resident programs each (its registers leave 3 to 5 on sm_90 at the model shapes).
 _BWD_ATOMIC_PROGRAMS = 2 * 132 * 6
-# The forward at 8 warps: at 4 its [64, 128] accumulator plus the gathered [64, 64] field tile (64-bit addresses) spilled
-# 576 bytes at the image-brick's shape (sm_90, bf16, K tiles of 64 then); at 8, 254 registers and no spill.
+# The forward at 8 warps: at 4 its [64, 128] accumulator plus the gathered [64, 64] field tile (64-bit addresses)
+# spilled 576 bytes at the image-brick's shape (sm_90, bf16, K tiles of 64 then); at 8, 254 registers and no spill.
 _FWD_WARPS = 8
 
 
@@ -838,7 +839,8 @@ def patch_embed(
     if tuple(weight.shape[1:]) != (c_in, field_size, field_size):
         raise ValueError(
             f"{op}: weight has shape {tuple(weight.shape)}; expected [d, {c_in}, {field_size}, {field_size}] for "
-            f"{c} image channels{' + ' + str(c) + ' previous-brick channels' if prev is not None else ''} + 2 coordinates"
+            f"{c} image channels{' + ' + str(c) + ' previous-brick channels' if prev is not None else ''} "
+            "+ 2 coordinates"
         )
     if weight.shape[0] == 0:
         raise ValueError(f"{op}: weight has shape {tuple(weight.shape)}, no output channels; give it d >= 1 rows")

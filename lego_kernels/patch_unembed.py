@@ -73,7 +73,7 @@ def _token_offsets(
     patch = (y // (T * L)) * NW + x // (T * L)
     s = ((y % (T * L)) // L) * T + (x % (T * L)) // L
     e = ((y % L) * L + x % L) * C + c
-    if HAS_INDEX:
+    if HAS_INDEX:  # noqa: SIM108 (a constexpr branch: Triton compiles only the side taken)
         seq = tl.load(INV + img * P_ALL + patch, mask=pix_ok, other=-1)
     else:
         seq = img * P_ALL + patch

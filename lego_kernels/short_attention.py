@@ -265,8 +265,8 @@ def _short_attention_bwd_kernel(
 def _launch_config(num_pairs: int, seq: int, d_head: int, backward: bool, elem_bytes: int = 2):
     """(BLOCK_P, BLOCK_S, BLOCK_DH, num_warps) for a launch; elem_bytes is qkv's element size.
 
-    On a GPU: about 1024 elements per [BLOCK_P, BLOCK_S, BLOCK_DH] register tile for 4 warps (8 per thread); for the fp32
-    forward 512 (2 KB, one 16-byte load per thread and tensor: at two, Triton 3.6's ptxas reused the first loads'
+    On a GPU: about 1024 elements per [BLOCK_P, BLOCK_S, BLOCK_DH] register tile for 4 warps (8 per thread); for the
+    fp32 forward 512 (2 KB, one 16-byte load per thread and tensor: at two, Triton 3.6's ptxas reused the first loads'
     registers for the last one, a second round trip before the first store), twice
     the warps where one pair alone is bigger, and twice the warps for the backward, which holds eight such tiles
     (q, k, v, do, o, dq, dk, dv) to the forward's four (q, k, v, acc). Every load of a program is issued before the

@@ -87,7 +87,7 @@ def _check_gated(device, dtype, shape, index, use="both", norm=True, backend="tr
     _compare(fused[0] + fused[1], same[0] + same[1], fp64[0] + fp64[1], dtype, names)
 
 
-# --- the Triton kernels (interpreter on the CPU, the GPU where there is one) -------------------------------------------
+# --- the Triton kernels (interpreter on the CPU, the GPU where there is one) ------------------------------------------
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -160,7 +160,7 @@ def test_float64_takes_the_reference(device):
     torch.testing.assert_close(adaln_modulate(x, shift, scale, backend="triton"), adaln_modulate_ref(x, shift, scale))
 
 
-# --- torch.compile and the custom ops ----------------------------------------------------------------------------------
+# --- torch.compile and the custom ops ---------------------------------------------------------------------------------
 
 
 def _adaln_step(backend):
@@ -201,7 +201,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.lego.gated_residual_fwd.default, (x, y, gate, None))
 
 
-# --- dispatch and argument checks --------------------------------------------------------------------------------------
+# --- dispatch and argument checks -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
@@ -252,7 +252,7 @@ def test_missing_backend(monkeypatch):
         gated_residual_adaln(x, x, shift, backend="triton")
 
 
-# --- compile-only: each kernel variant builds for sm_80 and sm_90 ------------------------------------------------------
+# --- compile-only: each kernel variant builds for sm_80 and sm_90 -----------------------------------------------------
 
 
 def _fwd_signature(dt):
@@ -302,7 +302,7 @@ def test_compiles_for_gpu():
     compile_for_gpu(*[spec for variant in VARIANTS for spec in _variant_specs(variant)], capabilities=(80, 90))
 
 
-# --- GPU: bf16, the model's shapes, the CUDA extension, determinism ----------------------------------------------------
+# --- GPU: bf16, the model's shapes, the CUDA extension, determinism ---------------------------------------------------
 
 
 def _gpu_backends():

@@ -441,8 +441,8 @@ def test_patch_embed_xl_on_gpu(indexed, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("batch", "brick", "field"), [(256, 4, 4), (64, 32, 2)], ids=["XL-PG-r4-l4", "XL-U-r32-l2"])
 def test_patch_embed_weight_only_backward_on_gpu(batch, brick, field, dtype):
-    """The bottom bricks' backward (no input gradient: the weight kernel alone, fp32 atomics) at model shapes: LEGO-XL-PG
-    -32's 4 x 4 brick of 4 x 4 fields (S = 1) at B 256 and LEGO-XL-U-32's 32 x 32 brick (S = 256) at B 64."""
+    """The bottom bricks' backward (no input gradient: the weight kernel alone, fp32 atomics) at model shapes:
+    LEGO-XL-PG-32's 4 x 4 brick of 4 x 4 fields (S = 1) at B 256 and LEGO-XL-U-32's 32 x 32 brick (S = 256) at B 64."""
     tensors = _inputs(batch, 4, 32, 32, brick, field, 1152, False, dtype, "cuda")
     _check_weight_gradients(tensors, brick, field, None, ATOL[dtype])
 

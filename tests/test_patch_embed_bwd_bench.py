@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not an installed package
     sys.path.insert(0, str(REPO))
 
-from benchmarks import counts, l2_atomics
-from benchmarks import patch_embed_paths as paths
-from lego_kernels._dispatch import interpreting, triton_importable
+from benchmarks import counts, l2_atomics  # noqa: E402 (after the sys.path line above)
+from benchmarks import patch_embed_paths as paths  # noqa: E402
+from lego_kernels._dispatch import interpreting, triton_importable  # noqa: E402
 
 needs_triton = pytest.mark.skipif(not triton_importable(), reason="needs triton")
 needs_interpreter = pytest.mark.skipif(
@@ -103,13 +103,13 @@ def test_forced_rows_change_the_grid_only_inside():
     saved = pe._BWD_ROWS
     inputs = paths.make_inputs(IMAGE_BRICK, torch.device("meta"))
     tiles = {rows: paths.tile(paths.plan(f"fused-rows{rows}", inputs)) for rows in (32, 64, 128)}
-    assert pe._BWD_ROWS == saved
+    assert saved == pe._BWD_ROWS
     assert [tiles[r]["rows"] for r in (32, 64, 128)] == [32, 64, 128]
     assert tiles[32]["programs"] == 4 * tiles[128]["programs"]  # 4x the programs, 4x the L2 atomic traffic
     assert tiles[32]["atomic_bytes"] > 3 * tiles[128]["atomic_bytes"]
     with paths.forced_rows(32):
         assert pe._BWD_ROWS == (32,)
-    assert pe._BWD_ROWS == saved
+    assert saved == pe._BWD_ROWS
     # every path that makes different launches is a row; the two kernels launch no atomics
     distinct = paths.distinct_paths(IMAGE_BRICK)
     assert distinct[0] == "fused" and {"two-pass", "two-pass-1"} <= set(distinct)

@@ -91,8 +91,9 @@ SM80_WAVES = (
     "sm_90, run under two waves; no A100 is at hand to measure a retile"
 )
 ADALN_FWD_WAVES = (
-    "issue 20: the adaLN forward at d 1024 (LEGO-L-PG-64's 16 x 16 brick at B 64, 8192 rows) runs 4 rows per program on "
-    "2048 programs, 1.7 waves of 132 x 9 where two are asked; found at the issue's model shapes, not yet retiled"
+    "issue 20: the adaLN forward at d 1024 (LEGO-L-PG-64's 16 x 16 brick at B 64, 8192 rows) runs 4 rows per "
+    "program on 2048 programs, 1.7 waves of 132 x 9 where two are asked; found at the issue's model shapes, not yet "
+    "retiled"
 )
 PATCH_EMBED_FWD_WAVES = (
     "issue 20: the patch_embed forward at d 1024 (LEGO-L-PG-64's 16 x 16 brick at B 64) stops shrinking its sequence "
