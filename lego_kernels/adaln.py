@@ -108,16 +108,19 @@ def _adaln_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # Row and sequence ids in int32 (the launcher keeps num_rows below 2^31): a 64-bit division is a subroutine call
+    # that Triton 3.6 schedules between the loads, a second round trip and an 8-byte stack frame. Offsets stay int64.
+    rows32 = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = rows32.to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < num_rows
+    row_ok = rows32 < num_rows
     col_ok = cols < d
     mask = row_ok[:, None] & col_ok[None, :]
-    seq = rows // seq_len
+    seq = rows32 // seq_len
     if HAS_INDEX:  # noqa: SIM108 (a constexpr branch: Triton compiles only the side taken)
         img = tl.load(IMAGE_INDEX + seq, mask=row_ok, other=0).to(tl.int64)
     else:
-        img = seq // seqs_per_image
+        img = (seq // seqs_per_image).to(tl.int64)
     offs = rows[:, None] * stride_row + cols[None, :]
     vec_offs = img[:, None] * stride_vec + cols[None, :]
 
@@ -345,6 +348,8 @@ def _fwd(x, y, gate, shift, scale, image_index):
     if num_rows == 0:
         return x_out, h, mean, rstd
     block_d, block_r, num_warps = _tile(d, num_rows)
+    if num_rows + block_r > 2**31:  # the kernel's row ids are int32, the last tile's past the end included
+        raise ValueError(f"adaln: {n} x {s} = {num_rows} token rows; the Triton kernel takes at most 2^31 - {block_r}")
     _adaln_fwd_kernel[(triton.cdiv(num_rows, block_r),)](
         x,
         y if has_residual else x,

@@ -77,11 +77,6 @@ ITEM5_FEW_TOKENS = (
     "backward reads dtok twice (2 T d bytes, less than the fused kernel's fp32 accumulator, 8 d K), dweight in one "
     "piece on d/64 x K/64 = 180 programs (bf16); at B 256 the fused kernel's accumulator is still 29% of the minimum"
 )
-ADALN_FWD_FRAME = (
-    "issue 20: the adaLN forward keeps an 8-byte local frame at 40 to 48 registers (ptxas's choice, not a register "
-    "shortage): fp32 at d 1152 and 1024 on sm_90 (Triton 3.6 and 3.9), bf16 at d 1024 on Triton 3.6 (sm_90 and "
-    "sm_80); found at the issue's dtypes and model shapes, not yet retiled"
-)
 SM80_PATCH_EMBED_SPILLS = (
     "issue 20: on sm_80 Triton 3.9 compiles the fused patch_embed backward (l = 2) and the bf16 weight kernel (l = 2) "
     "with 8 to 32 B of spills; sm_80 was not gated before, and no A100 is at hand to measure a retile"
@@ -113,19 +108,6 @@ KNOWN_VIOLATIONS = _known(
             waves 3.6 sm_90 adaln_fwd_kernel@r16-l8-S4-d1024@fp32
             waves 3.9 sm_90 adaln_fwd_kernel@r16-l8-S4-d1024@bf16
             waves 3.9 sm_90 adaln_fwd_kernel@r16-l8-S4-d1024@fp32
-        """,
-        ADALN_FWD_FRAME: """
-            spills 3.6 sm_80 adaln_fwd_kernel@r16-l8-S4-d1024@bf16
-            spills 3.6 sm_80 adaln_fwd_kernel@r4-l2-S4-d1024@bf16
-            spills 3.6 sm_90 adaln_fwd_kernel@r16-l8-S4-d1024@bf16
-            spills 3.6 sm_90 adaln_fwd_kernel@r32-l2-S256-d1152@fp32
-            spills 3.6 sm_90 adaln_fwd_kernel@r4-l2-S4-d1024@bf16
-            spills 3.6 sm_90 adaln_fwd_kernel@r4-l4-S1-d1152@fp32
-            spills 3.6 sm_90 adaln_fwd_kernel@r64-l2-S1024-d1024@fp32
-            spills 3.6 sm_90 adaln_fwd_kernel@r64-l2-S1024-d1152@fp32
-            spills 3.9 sm_90 adaln_fwd_kernel@r32-l2-S256-d1152@fp32
-            spills 3.9 sm_90 adaln_fwd_kernel@r4-l4-S1-d1152@fp32
-            spills 3.9 sm_90 adaln_fwd_kernel@r64-l2-S1024-d1152@fp32
         """,
         ITEM5_BWD_GRID: """
             waves 3.6 sm_80 patch_embed_bwd_kernel@r32-l2-S256-d1152@bf16
