@@ -342,10 +342,10 @@ def open_dataset(spec: str = "default", resolution: int | None = None) -> Datase
         if not path.is_file():
             raise LegoError(f"dataset {spec!r} not found")
         data = MappedData(path)
-    elif spec in NAMED or path.is_file():
-        data = {"default": _load_default, "mnist": _load_mnist, "fashion-mnist": _load_fashion_mnist}.get(
-            spec, lambda: _load_npz(path)
-        )()
+    elif spec in NAMED:
+        data = {"default": _load_default, "mnist": _load_mnist, "fashion-mnist": _load_fashion_mnist}[spec]()
+    elif path.is_file():
+        data = _load_npz(path)
     elif path.is_dir():
         data = FolderData(path, resolution)
     else:

@@ -34,12 +34,8 @@ def _images(spec: str, resolution: int | None):
     folder = Path(spec).expanduser().is_dir()
     data = open_dataset(spec, (resolution or 256) if folder else None)
     if data.latent:
-        kind = (
-            "float latents already; lego.encode takes uint8 images"
-            if isinstance(data, MappedData)
-            else ("latents already; lego.encode takes images")
-        )
-        raise LegoError(f"{spec} holds {kind}")
+        floats, takes = ("float ", "uint8 images") if isinstance(data, MappedData) else ("", "images")
+        raise LegoError(f"{spec} holds {floats}latents already; lego.encode takes {takes}")
     return data, resolution or data.size[0]
 
 

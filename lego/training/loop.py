@@ -25,7 +25,7 @@ from lego.data import loader
 from lego.data.datasets import MappedData, open_dataset
 from lego.data.images import save_grid
 from lego.diffusion.denoiser import Denoiser
-from lego.diffusion.generate import generate
+from lego.diffusion.generate import generate, parse_labels
 from lego.diffusion.loss import LegoLoss
 from lego.errors import Stopped
 from lego.networks.registry import model_config
@@ -56,7 +56,7 @@ def _ema_update(ema, model, decay):
 
 def sample_grid(model, path, n, steps, num_classes, resolution, device, seed=0):
     """The run's final grid: n EMA samples by Heun, one class per column (0, 1, 2, ... cycled)."""
-    labels = torch.arange(n) % num_classes if num_classes else None
+    labels = parse_labels(None, n, num_classes)  # lego.sample's default
     images, _ = generate(
         model, n, "heun", steps, labels=labels, height=resolution, width=resolution, seed=seed, batch=n, device=device
     )
