@@ -13,6 +13,7 @@ import torch
 
 from lego.data.datasets import NAMED, open_dataset
 from lego.data.loader import prepare
+from lego.files import atomic_write
 
 
 def feature_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -55,10 +56,7 @@ def reference_stats(data: str, resolution: int, extractor, tag: str) -> tuple[np
         feats.append(extractor(prepare(images, resolution, None))[0])
     mu, sigma = feature_stats(torch.cat(feats))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))
     except OSError as e:  # a read-only dataset folder: recomputed next time, which is only slower
         print(f"lego.eval: could not cache the reference statistics at {path} ({e})", file=sys.stderr)
     return mu, sigma
