@@ -114,16 +114,18 @@ def _spy_backward_paths(monkeypatch) -> list[str]:
 
 
 def _spy_launches(monkeypatch) -> list[tuple]:
-    """(kernel name, grid) of every backward kernel launch."""
-    launched = []
-    for name in ("_patch_embed_bwd_kernel", "_patch_embed_bwd_weight_kernel", "_patch_embed_bwd_input_kernel"):
-        kernel = getattr(pe, name)
+    """(kernel name, grid) of every backward kernel launch. The kernels' class is patched, not the kernel objects: an
+    instance attribute that monkeypatch puts back would shadow the class's run for every later test."""
+    launched, names = [], {"_patch_embed_bwd_kernel", "_patch_embed_bwd_weight_kernel", "_patch_embed_bwd_input_kernel"}
+    kernel_class = type(pe._patch_embed_bwd_kernel)
+    real_run = kernel_class.run
 
-        def run(*a, kernel=kernel, name=name, grid, **kw):
-            launched.append((name, tuple(grid)))
-            return type(kernel).run(kernel, *a, grid=grid, **kw)
+    def run(self, *a, grid, **kw):
+        if self.__name__ in names:
+            launched.append((self.__name__, tuple(grid)))
+        return real_run(self, *a, grid=grid, **kw)
 
-        monkeypatch.setattr(kernel, "run", run)
+    monkeypatch.setattr(kernel_class, "run", run)
     return launched
 
 
