@@ -13,7 +13,7 @@ from lego.diffusion.diffusers import DiffusersDenoiser
 from lego.diffusion.generate import generate, panorama
 from lego.diffusion.loss import LegoLoss
 from lego.diffusion.precond import EDMPrecond, VPPrecond
-from lego.diffusion.samplers import ddim_sampler, ddpm_sampler, edm_sampler, guided, skip_schedule
+from lego.diffusion.samplers import ddim_sampler, ddpm_sampler, dpmpp_2m_sampler, edm_sampler, guided, skip_schedule
 from lego.diffusion.window import SlidingWindow
 from lego.errors import LegoError
 from lego.networks.brick import LegoBrick
@@ -35,6 +35,7 @@ __all__ = [
     "VPPrecond",
     "build_model",
     "ddim_sampler",
+    "dpmpp_2m_sampler",
     "ddpm_sampler",
     "edm_sampler",
     "generate",

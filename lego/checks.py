@@ -15,7 +15,8 @@ from lego.errors import LegoError
 MAX_SEED = 2**31 - 1  # seeds are combined with the step into generator seeds, which must stay below 2^63
 
 
-def _number(value) -> bool:
+def is_number(value) -> bool:
+    """A real number: an int or float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -29,7 +30,7 @@ def integer(option: str, value, low: int, high: int | None = None, meaning: str 
 
 def real(option: str, value, low: float, high: float = math.inf, low_open=False, high_open=False, meaning="") -> None:
     """``value`` is a finite number in the interval from low to high (each end open or closed)."""
-    ok = _number(value) and math.isfinite(value)
+    ok = is_number(value) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
         left, right = "(" if low_open else "[", ")" if high_open else "]"

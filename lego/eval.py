@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: sample quality (Fréchet distance, class accuracy) and sampling cost.
 
-Usage: python -m lego.eval --ckpt runs/lego/checkpoint.safetensors [--n 10000] [--sampler heun|ddpm|ddim]
-         [--steps N] [--t-break 0.5] [--cfg-scale S] [--inception --inception-weights PATH] [--json eval.json]
+Usage: python -m lego.eval --ckpt runs/lego/checkpoint.safetensors [--n 10000] [--sampler heun|dpmpp-2m|...]
+         [--steps N] [--t-break 0.5] [--cfg-scale S [--guidance-interval LO,HI] [--guide-skip K | --guide-ckpt PATH]]
+         [--inception --inception-weights PATH] [--json eval.json]
 
 Reported (one JSON line on stdout, written to --json too, then one readable line):
 - ``fd``: the Fréchet distance (Heusel et al., 2017) between samples and the training set on the 128-d penultimate
@@ -23,7 +24,7 @@ import argparse
 import json
 import sys
 
-from lego.diffusion.samplers import SAMPLERS
+from lego.diffusion.generate import add_sampler_options
 from lego.errors import run_cli
 from lego.metrics.evaluate import evaluate
 from lego.metrics.features import INCEPTION_FILE
@@ -31,6 +32,10 @@ from lego.metrics.features import INCEPTION_FILE
 
 def summary(r: dict) -> str:
     parts = [f"{r['model']} step {r['step']}: n {r['n']}, {r['sampler']} {r['steps']} steps, t_break {r['t_break']}"]
+    if r["cfg_scale"] != 1:
+        how = f"sub-stack -{r['guide_skip']}" if r["guide_skip"] else r["guide_ckpt"] or "classifier-free"
+        within = f" for sigma in {r['guidance_interval']}" if r["guidance_interval"] else ""
+        parts.append(f"guidance {r['cfg_scale']:g} ({how}){within}")
     if "fd" in r:
         parts.append(f"FD {r['fd']:.2f}")
     if "class_accuracy" in r:
@@ -48,9 +53,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lego.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint.safetensors written by lego.train")
     p.add_argument("--n", type=int, default=10000, help="number of samples (default 10000)")
-    p.add_argument("--sampler", default="heun", choices=list(SAMPLERS), help="heun (EDM, default), ddpm or ddim")
-    p.add_argument("--steps", type=int, help="sampling steps (default: heun 18, ddpm 250, ddim 50)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    add_sampler_options(p)
     p.add_argument("--t-break", type=float, default=0.0, help="skip the top brick for this share of the steps")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--batch", type=int, default=250, help="samples per sampler batch (default 250)")
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace) -> dict:
     report = evaluate(
         args.ckpt, args.n, args.sampler, args.steps, args.cfg_scale, args.t_break, args.seed, args.batch, args.data,
         args.inception, args.inception_weights, args.device, not args.raw, not args.no_progress, args.json,
+        args.guidance_interval, args.guide_skip, args.guide_ckpt,
     )  # fmt: skip
     print(json.dumps(report))
     print(f"lego.eval: {summary(report)}")

@@ -12,7 +12,8 @@ from lego.checkpoints.build import check_guidance, load_model
 from lego.checkpoints.format import load_checkpoint
 from lego.data.images import save_grid, save_npz
 from lego.data.vae import decode, factors, load_vae
-from lego.diffusion.generate import check_sample_options, generate, parse_labels
+from lego.diffusion.cost import CostMeter
+from lego.diffusion.generate import check_sample_options, generate, parse_interval, parse_labels
 from lego.diffusion.window import parse_regions
 from lego.errors import LegoError
 
@@ -20,15 +21,21 @@ from lego.errors import LegoError
 def sample(
     ckpt, n=64, sampler="heun", steps=None, cfg_scale=1.0, labels=None, t_break=0.0, height=None, width=None,
     seed=0, batch=64, device=None, use_ema=True, churn=0.0, window=None, stride=None, max_batch=64, regions=None,
+    guidance_interval=None, guide_skip=None, guide_ckpt=None,
 ):  # fmt: skip
-    """Draw n samples [n, C, H, W] (and their labels) from the checkpoint ``ckpt``. ``labels`` and ``regions`` are
-    lego.sample's texts ("3", "0,1,2"; "0:64=3,64:128=7"); the rest is lego.diffusion.generate's."""
+    """Draw n samples [n, C, H, W] (and their labels) from the checkpoint ``ckpt``. ``labels``, ``regions`` and
+    ``guidance_interval`` are lego.sample's texts ("3", "0,1,2"; "0:64=3,64:128=7"; "0.28,5.42"); ``guide_ckpt``
+    a checkpoint to guide by (autoguidance; its EMA weights unless ``use_ema`` is False); the rest is
+    lego.diffusion.generate's. Prints the network evaluations per image."""
+    interval = parse_interval(guidance_interval)
     # generate() checks these too; here they are checked before a checkpoint is loaded (seconds for a large one)
     check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn, window, stride,
-                         max_batch)  # fmt: skip
+                         max_batch, interval, guide_skip, guide_ckpt is not None)  # fmt: skip
     device = checks.device(device)
     model = load_model(ckpt, use_ema=use_ema, device=device)
-    check_guidance(cfg_scale, model.num_classes, load_checkpoint(ckpt, parts=()).train_config)
+    guide = load_model(guide_ckpt, use_ema=use_ema, device=device) if guide_ckpt is not None else None
+    classifier_free = guide is None and guide_skip is None
+    check_guidance(cfg_scale, model.num_classes, load_checkpoint(ckpt, parts=()).train_config, classifier_free)
     h = height or model.resolution
     ids = parse_labels(labels, n, model.num_classes)
     rects = None
@@ -40,10 +47,12 @@ def sample(
         rects = parse_regions(regions, h)
         if any(not 0 <= cls < model.num_classes for *_, cls in rects):
             raise LegoError(f"--regions: classes must be in 0..{model.num_classes - 1}")
-    images, labels = generate(
-        model, n, sampler, steps, cfg_scale, ids, t_break, height, width, seed, batch, churn, window, stride,
-        max_batch, rects, device=device,
-    )  # fmt: skip
+    with CostMeter(model, guide) as meter:
+        images, labels = generate(
+            model, n, sampler, steps, cfg_scale, ids, t_break, height, width, seed, batch, churn, window, stride,
+            max_batch, rects, device=device, guidance_interval=interval, guide_skip=guide_skip, guide=guide,
+        )  # fmt: skip
+    print(f"lego.sample: {meter.evaluations / n:g} network evaluations per image")
     if not torch.isfinite(images).all():
         raise LegoError(
             f"sampling {ckpt} gave NaN or inf values; nothing was written. Try fewer guidance "
@@ -74,6 +83,9 @@ def write_samples(
     stride=None,
     max_batch=64,
     regions=None,
+    guidance_interval=None,
+    guide_skip=None,
+    guide_ckpt=None,
 ) -> list[Path]:
     """lego.sample: sample (see ``sample``), decode latents with the autoencoder ``vae`` (loaded first: a bad one
     fails fast), write ``out`` (a .png grid or an .npz) and ``npz``; returns the files written."""
@@ -86,7 +98,8 @@ def write_samples(
     if vae:  # a latent model: its samples are decoded by the autoencoder
         vae = load_vae(vae, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     images, labels = sample(ckpt, n, sampler, steps, cfg_scale, labels, t_break, height, width, seed, batch, device,
-                            use_ema, churn, window, stride, max_batch, regions)  # fmt: skip
+                            use_ema, churn, window, stride, max_batch, regions, guidance_interval, guide_skip,
+                            guide_ckpt)  # fmt: skip
     if vae:
         images = decode_samples(images, vae, ckpt)
     for path in outs:

@@ -1,7 +1,8 @@
 """Sample from a trained LEGO model.
 
 Usage: python -m lego.sample --ckpt runs/lego/checkpoint.safetensors --n 64 --out samples.png
-         [--sampler heun|ddpm|ddim] [--steps N] [--cfg-scale S] [--labels 3 | 0,1,2] [--t-break 0.5]
+         [--sampler heun|dpmpp-2m|dpmpp-2m-sde|ddpm|ddim] [--steps N] [--labels 3 | 0,1,2] [--t-break 0.5]
+         [--cfg-scale S [--guidance-interval LO,HI] [--guide-skip K | --guide-ckpt PATH]]
          [--height H --width W] [--seed N] [--vae PATH]
          [--window W --stride S --max-batch N --regions "0:64=3,64:128=7"]   (sliding-window mode)
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lego.diffusion.samplers import SAMPLERS
+from lego.diffusion.generate import add_sampler_options
 from lego.errors import run_cli
 from lego.generation import write_samples
 
@@ -28,10 +29,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="output .png grid or .npz")
     p.add_argument("--npz", help="also write the samples to this .npz")
-    p.add_argument("--sampler", default="heun", choices=list(SAMPLERS), help="heun (EDM, default), ddpm or ddim")
-    p.add_argument("--steps", type=int, help="sampling steps (default: heun 18, ddpm 250, ddim 50)")
+    add_sampler_options(p)
     p.add_argument("--churn", type=float, default=0.0, help="Heun S_churn; > 0 makes it stochastic (paper: 10)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--labels", help="class labels: one (all samples) or a comma list, cycled (default 0, 1, 2, ...)")
     p.add_argument("--t-break", type=float, default=0.0, help="skip the top brick for this share of the steps")
     p.add_argument("--height", type=int, help="canvas height (default: the training resolution)")
@@ -53,7 +52,8 @@ def main(argv=None) -> int:
     return run_cli("lego.sample", lambda: write_samples(
         args.ckpt, args.out, args.npz, args.vae, args.n, args.sampler, args.steps, args.cfg_scale, args.labels,
         args.t_break, args.height, args.width, args.seed, args.batch, args.device, not args.raw, args.churn,
-        args.window, args.stride, args.max_batch, args.regions,
+        args.window, args.stride, args.max_batch, args.regions, args.guidance_interval, args.guide_skip,
+        args.guide_ckpt,
     ))  # fmt: skip
 
 

@@ -5,7 +5,17 @@ import math
 import pytest
 import torch
 
-from lego import EDMPrecond, LegoLoss, LegoModel, VPPrecond, ddim_sampler, ddpm_sampler, edm_sampler, skip_schedule
+from lego import (
+    EDMPrecond,
+    LegoLoss,
+    LegoModel,
+    VPPrecond,
+    ddim_sampler,
+    ddpm_sampler,
+    dpmpp_2m_sampler,
+    edm_sampler,
+    skip_schedule,
+)
 from lego.diffusion.samplers import respaced_alphas
 from lego.networks.interface import PatchDraw
 
@@ -89,6 +99,11 @@ SAMPLER_CASES = [
     ("ddpm", lambda net, z, g, fine: ddpm_sampler(net, z, num_steps=1000 if fine else 100, generator=g)),
     ("ddim", lambda net, z, g, fine: ddim_sampler(net, z, num_steps=1000 if fine else 50, generator=g)),
     ("ddim-eta", lambda net, z, g, fine: ddim_sampler(net, z, num_steps=1000 if fine else 50, eta=1.0, generator=g)),
+    ("dpmpp-2m", lambda net, z, g, fine: dpmpp_2m_sampler(net, z, num_steps=200 if fine else 10, generator=g)),
+    (
+        "dpmpp-2m-sde",
+        lambda net, z, g, fine: dpmpp_2m_sampler(net, z, num_steps=500 if fine else 20, eta=1.0, generator=g),
+    ),
 ]
 
 
@@ -130,7 +145,7 @@ def test_skip_schedules():
     assert 0.4 < skipped / len(net.calls) < 0.65
 
 
-@pytest.mark.parametrize("sampler", [edm_sampler, ddpm_sampler, ddim_sampler])
+@pytest.mark.parametrize("sampler", [edm_sampler, ddpm_sampler, ddim_sampler, dpmpp_2m_sampler])
 def test_samplers_take_fixed_skip_indices_as_the_model_does(sampler):
     # model(x, sigma, skip=(2,)) takes indices; the samplers take those too (was "'tuple' object is not callable")
     net = PointNet(torch.zeros(1, 1, 2, 2))
@@ -159,7 +174,7 @@ def test_classifier_free_guidance_extrapolates():
     torch.testing.assert_close(d, torch.full((2, 1, 2, 2), 3.0))
 
 
-@pytest.mark.parametrize("sampler", [edm_sampler, ddpm_sampler, ddim_sampler])
+@pytest.mark.parametrize("sampler", [edm_sampler, ddpm_sampler, ddim_sampler, dpmpp_2m_sampler])
 def test_samplers_on_a_tiny_lego_model(sampler):
     model = LegoModel.from_name("LEGO-T-U-16", in_channels=1, num_classes=3, hidden_size=32, num_heads=2)
     model.eval()

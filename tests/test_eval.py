@@ -84,7 +84,7 @@ def test_cli_report_and_cost(mnist_features, checkpoint, capsys):
 
 def test_cost_counts_the_bricks_that_ran():
     from lego import LegoModel
-    from lego.metrics.cost import CostMeter
+    from lego.diffusion.cost import CostMeter
 
     net = LegoModel.from_name("LEGO-T-PG-16", in_channels=1, num_classes=10).eval()
     meter = CostMeter(net)

@@ -148,10 +148,11 @@ def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel | DiTModel
     return model.to(device).eval()
 
 
-def check_guidance(cfg_scale: float, num_classes: int, train_config: dict) -> None:
+def check_guidance(cfg_scale: float, num_classes: int, train_config: dict, classifier_free: bool = True) -> None:
     """Classifier-free guidance needs classes and a trained null class (checked once the checkpoint's model and
-    training options are known)."""
-    if cfg_scale == 1:
+    training options are known); guidance by a sub-stack or a guide model (``classifier_free`` False) needs
+    neither."""
+    if cfg_scale == 1 or not classifier_free:
         return
     if not num_classes:
         raise LegoError(

@@ -26,10 +26,10 @@ from lego.checkpoints.build import check_guidance, load_model
 from lego.checkpoints.format import load_checkpoint
 from lego.data.datasets import open_dataset
 from lego.data.loader import prepare
-from lego.diffusion.generate import check_sample_options, generate, parse_labels
+from lego.diffusion.cost import CostMeter
+from lego.diffusion.generate import check_sample_options, generate, parse_interval, parse_labels
 from lego.diffusion.samplers import DEFAULT_STEPS
 from lego.errors import LegoError
-from lego.metrics.cost import CostMeter
 from lego.metrics.features import InceptionFeatures, MnistFeatures
 from lego.metrics.frechet import feature_stats, frechet_distance, reference_stats
 
@@ -39,16 +39,21 @@ NOT_DIGITS = ("fashion-mnist",)  # 10 classes, but not the digits the classifier
 def evaluate(
     ckpt, n=10000, sampler="heun", steps=None, cfg_scale=1.0, t_break=0.0, seed=0, batch=250, data=None,
     inception=False, inception_weights=None, device=None, use_ema=True, progress=True, json_path=None,
+    guidance_interval=None, guide_skip=None, guide_ckpt=None,
 ) -> dict:  # fmt: skip
     """Sample n images from ``ckpt`` and score them (see the module docstring); returns the report as a dict, and
-    writes it to ``json_path`` too if given."""
+    writes it to ``json_path`` too if given. Guidance options as lego.sample's (lego.generation.sample)."""
+    interval = parse_interval(guidance_interval)
     # as lego.sample: before the checkpoint and the feature networks load (generate() checks them again)
-    check_sample_options(n, sampler, steps, cfg_scale, t_break, None, None, seed, batch, 0.0)
+    check_sample_options(n, sampler, steps, cfg_scale, t_break, None, None, seed, batch, 0.0,
+                         guidance_interval=interval, guide_skip=guide_skip,
+                         guide_model=guide_ckpt is not None)  # fmt: skip
     device = checks.device(device)
     info = load_checkpoint(ckpt, parts=())
     data = data or info.train_config.get("data", "default")
     net = load_model(ckpt, use_ema=use_ema, device=device)
-    check_guidance(cfg_scale, net.num_classes, info.train_config)
+    guide = load_model(guide_ckpt, use_ema=use_ema, device=device) if guide_ckpt is not None else None
+    check_guidance(cfg_scale, net.num_classes, info.train_config, classifier_free=guide is None and guide_skip is None)
     res = net.resolution
     latent = bool(info.train_config.get("latents"))  # trained on lego.encode's latents: its samples are not images
     if latent and inception:
@@ -65,31 +70,22 @@ def evaluate(
         )
 
     wall, cpu = time.perf_counter(), time.process_time()
-    with CostMeter(net) as meter:
+    with CostMeter(net, guide) as meter:
         labels = parse_labels(None, n, net.num_classes)
         images, labels = generate(
-            net,
-            n,
-            sampler,
-            steps,
-            cfg_scale,
-            labels,
-            t_break,
-            seed=seed,
-            batch=batch,
-            device=device,
-            progress=progress,
-            desc="lego.eval: sampling",
-        )
+            net, n, sampler, steps, cfg_scale, labels, t_break, seed=seed, batch=batch, device=device,
+            progress=progress, desc="lego.eval: sampling", guidance_interval=interval, guide_skip=guide_skip,
+            guide=guide,
+        )  # fmt: skip
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     flops = meter.flops(res, res)
-    full = meter.flops_per_image(res, res) * sum(meter.images.values())  # the same calls with nothing skipped
     report = {
         "ckpt": str(ckpt), "model": net.config.name, "step": info.step, "data": data, "resolution": res, "n": n,
         "sampler": sampler, "steps": steps or DEFAULT_STEPS[sampler], "cfg_scale": cfg_scale, "t_break": t_break,
-        "seed": seed, "ema": use_ema,
-        "network_calls": meter.calls, "nfe_per_sample": sum(meter.images.values()) / n,
-        "flops_per_sample": flops / n, "flops_saved_by_skipping": 1 - flops / full,
+        "guidance_interval": list(interval) if interval else None, "guide_skip": guide_skip,
+        "guide_ckpt": None if guide_ckpt is None else str(guide_ckpt), "seed": seed, "ema": use_ema,
+        "network_calls": meter.calls, "nfe_per_sample": meter.evaluations / n,
+        "flops_per_sample": flops / n, "flops_saved_by_skipping": 1 - flops / meter.flops_unskipped(res, res),
         "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "device": str(device),
     }  # fmt: skip
     if mnist is not None:
