@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out with a checkpoint, replacing it")
     p.add_argument("--log-every", type=int, help=f"steps between log lines (default {d.log_every})")
     p.add_argument("--ckpt-every", type=int, help=f"steps between checkpoints (default {d.ckpt_every})")
+    p.add_argument("--keep-checkpoints", type=int, metavar="N",
+                   help=f"keep the newest N checkpoints, older ones as checkpoint-STEP.safetensors (default "
+                   f"{d.keep_checkpoints})")  # fmt: skip
     p.add_argument("--sample-n", type=int, help=f"samples in the final grid, 0 for none (default {d.sample_n})")
     p.add_argument("--sample-steps", type=int, help=f"Heun steps for the final grid (default {d.sample_steps})")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -102,6 +102,57 @@ def test_divergence_between_log_steps_keeps_the_last_good_checkpoint(run, capsys
     assert (run / "checkpoint.safetensors").read_bytes() == before and all_finite(run / "checkpoint.safetensors")
 
 
+def test_divergence_right_after_a_checkpoint_goes_back_to_the_one_before(run, capsys, monkeypatch):
+    """Issue 21, item 1: with a checkpoint every step, the newest one holds the weights that gave the NaN loss; it
+    was called "kept" and sampled NaN, and the good one before it was gone. Now the one before it is back."""
+    before = (run / "checkpoint.safetensors").read_bytes()  # step 2
+    monkeypatch.setattr(LegoLoss, "__call__", nan_from(2))  # resumed at step 2: step 3 fine, step 4 on NaN
+    code = train_main(["--resume", "--out", str(run), "--steps", "8", "--ckpt-every", "1", "--log-every", "100",
+                       "--no-progress"])  # fmt: skip
+    assert_one_line_error(capsys, code, "not finite at step 4", "step 2", "kept", "step 3", "dropped")
+    assert (run / "checkpoint.safetensors").read_bytes() == before
+    assert json.loads((run / "config.json").read_text())["step"] == 2
+    assert not list(run.glob("checkpoint-*.safetensors"))
+
+
+def test_a_large_finite_lr_leaves_a_checkpoint_that_samples(run, capsys, tmp_path):
+    """Issue 21, item 1, as reported: --lr 100 diverges a step after the checkpoint it wrote."""
+    code = train_main(["--resume", "--out", str(run), "--steps", "12", "--lr", "100", "--warmup", "0",
+                       "--ckpt-every", "1", "--log-every", "100", "--no-progress"])  # fmt: skip
+    assert_one_line_error(capsys, code, "not finite", "kept")
+    step = load_checkpoint(run / "checkpoint.safetensors", parts=()).step
+    assert sample_main(["--ckpt", str(run / "checkpoint.safetensors"), "--n", "2", "--steps", "2",
+                        "--out", str(tmp_path / "s.png")]) == 0, step  # fmt: skip
+
+
+def test_the_newest_checkpoints_are_kept(run, digits):
+    assert train_main([*FAST, "--data", digits, "--resume", "--out", str(run), "--steps", "6", "--ckpt-every", "1",
+                       "--keep-checkpoints", "3"]) == 0  # fmt: skip
+    assert sorted(p.name for p in run.glob("checkpoint*.safetensors")) == [
+        "checkpoint-4.safetensors", "checkpoint-5.safetensors", "checkpoint.safetensors"
+    ]  # fmt: skip
+    assert [load_checkpoint(run / f"checkpoint-{s}.safetensors", parts=()).step for s in (4, 5)] == [4, 5]
+    assert load_checkpoint(run / "checkpoint.safetensors", parts=()).step == 6
+    # a resumed run counts the ones on disk; --keep-checkpoints 1 keeps only the newest
+    assert train_main([*FAST, "--data", digits, "--resume", "--out", str(run), "--steps", "7",
+                       "--keep-checkpoints", "1"]) == 0  # fmt: skip
+    assert sorted(p.name for p in run.glob("checkpoint*.safetensors")) == ["checkpoint.safetensors"]
+
+
+def test_overwrite_drops_the_old_runs_kept_checkpoints(run, digits):
+    assert train_main([*FAST, "--data", digits, "--resume", "--out", str(run), "--steps", "4", "--ckpt-every", "1",
+                       "--keep-checkpoints", "3"]) == 0  # fmt: skip
+    assert len(list(run.glob("checkpoint-*.safetensors"))) == 2
+    assert train_main([*FAST, "--data", digits, "--overwrite", "--out", str(run), "--steps", "2"]) == 0
+    assert sorted(p.name for p in run.glob("checkpoint*.safetensors")) == ["checkpoint.safetensors"]
+
+
+def test_keep_checkpoints_must_be_positive(run, digits, capsys):
+    code = train_main([*FAST, "--data", digits, "--resume", "--out", str(run), "--steps", "4",
+                       "--keep-checkpoints", "0"])  # fmt: skip
+    assert_one_line_error(capsys, code, "--keep-checkpoints must be an integer at least 1")
+
+
 def test_a_fresh_run_that_diverges_writes_no_checkpoint(tmp_path, digits, capsys, monkeypatch):
     monkeypatch.setattr(LegoLoss, "__call__", nan_from(1))
     code = train_main([*FAST, "--data", digits, "--steps", "3", "--log-every", "100", "--out", str(tmp_path / "r")])
@@ -253,7 +304,8 @@ def test_kill_9_during_saves_loses_nothing_and_the_next_start_cleans_up(tmp_path
         assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lock"]
     assert train_main(["--resume", "--out", str(out), "--steps", str(ckpt.step + 1), "--no-progress"]) == 0
     assert load_checkpoint(out / "checkpoint.safetensors").step == ckpt.step + 1
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "config.json", "log.jsonl"]
+    kept = f"checkpoint-{ckpt.step}.safetensors"  # the one before the newest (--keep-checkpoints 2)
+    assert sorted(p.name for p in out.iterdir()) == [kept, "checkpoint.safetensors", "config.json", "log.jsonl"]
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, ckpt.step + 2))  # the killed run's unsaved steps are not logged twice
 
@@ -529,9 +581,9 @@ def test_guidance_without_a_trained_null_class_is_refused(digits, tmp_path, caps
 
 
 def test_non_finite_samples_are_not_written(trained, tmp_path, capsys, monkeypatch):
-    from lego import sample as sample_mod
+    from lego.diffusion import samplers
 
-    monkeypatch.setitem(sample_mod.SAMPLERS, "heun", lambda net, z, *a, **k: torch.full_like(z, float("nan")))
+    monkeypatch.setitem(samplers.SAMPLERS, "heun", lambda net, z, *a, **k: torch.full_like(z, float("nan")))
     out = tmp_path / "a.png"
     assert_one_line_error(
         capsys,

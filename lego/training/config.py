@@ -41,11 +41,13 @@ class TrainConfig:
     compile: str | None = None  # torch.compile the bricks with this backend ("inductor"; "aot_eager" to debug)
     fsdp: bool = False  # shard parameters and optimizer state over the ranks (FSDP2) instead of replicating them
     workers: int | None = None  # DataLoader workers (default: 4 for .npy datasets, none for data held in memory)
+    keep_checkpoints: int = 2  # the newest checkpoint and those before it, as checkpoint-STEP.safetensors
     base_ckpt: str | None = None  # a pretrained denoiser as brick 0 of the PR stack --model (lego.checkpoints.build)
     freeze_base: bool = False  # train only the bricks on top of it
 
 
-RUNTIME_OPTIONS = ("grad_accum", "compile", "fsdp", "workers")  # not taken from the checkpoint on --resume
+# How the work is done: not taken from the checkpoint on --resume.
+RUNTIME_OPTIONS = ("grad_accum", "compile", "fsdp", "workers", "keep_checkpoints")
 
 
 def resolve_config(given: dict, resume: bool = False) -> TrainConfig:
@@ -80,6 +82,7 @@ def check_train_config(cfg, resume: bool = False) -> None:
     checks.integer("--seed", cfg.seed, 0, checks.MAX_SEED)
     checks.integer("--log-every", cfg.log_every, 1)
     checks.integer("--ckpt-every", cfg.ckpt_every, 1)
+    checks.integer("--keep-checkpoints", cfg.keep_checkpoints, 1, meaning=" (the newest and those before it)")
     checks.integer("--sample-n", cfg.sample_n, 0, meaning=" (0 for no sample grid)")
     checks.integer("--sample-steps", cfg.sample_steps, 1)
     if cfg.resolution is not None:

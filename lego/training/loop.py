@@ -72,7 +72,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     check_train_config(cfg, resume)
     ranks, device, created = distributed.setup(cfg.device, checks.device)
     try:
-        run = RunDir(cfg.out, resume=resume, overwrite=overwrite, ranks=ranks)
+        run = RunDir(cfg.out, resume=resume, overwrite=overwrite, ranks=ranks, keep=cfg.keep_checkpoints)
         distributed.agree(run.open, ranks)  # rank 0's folder checks: if they fail, every rank stops
         try:
             return _train(cfg, run, resume, progress and ranks.main, ranks, device)

@@ -6,7 +6,11 @@
 - On start, temporary files of crashed saves are deleted and config.json is re-synced with the checkpoint.
 - SIGINT / SIGTERM ask the training loop to save at the end of the current step and stop (``Stopped``); a second
   signal stops at once.
-- ``save`` writes a checkpoint only when the loss of every step since the last save and the weights are finite.
+- ``save`` writes a checkpoint only when the loss of every step since the last save and the weights are finite, and
+  keeps the ``keep`` - 1 checkpoints before it as checkpoint-STEP.safetensors (hard links: no copy, no extra disk).
+- A checkpoint's weights are checked by the next step's loss, computed with them. When that loss is not finite, the
+  newest checkpoint holds the weights that gave it: it is dropped for the one before it (which a finite loss checked),
+  so that --resume continues from good weights and lego.sample does not draw NaN.
 
 Under torchrun rank 0 owns the folder (lock, checks, files); every rank catches the signals, and the checks that can
 stop a run (a non-finite loss) are agreed over the ranks, so that all stop together.
@@ -19,6 +23,8 @@ import errno
 import fcntl
 import json
 import os
+import re
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -33,11 +39,14 @@ from lego.training import distributed
 
 CHECKPOINT = "checkpoint.safetensors"
 LOCK = ".lock"
+OLDER = re.compile(r"checkpoint-(\d+)\.safetensors")  # the checkpoints kept before the newest
 
 
 class RunDir:
-    def __init__(self, out, resume: bool = False, overwrite: bool = False, ranks=None):
+    def __init__(self, out, resume: bool = False, overwrite: bool = False, ranks=None, keep: int = 2):
         self.out = Path(out)
+        self.keep = keep  # checkpoints kept: the newest and keep - 1 before it
+        self._older: list[int] = []  # steps of this run's checkpoint-STEP.safetensors, oldest first
         self.ranks = ranks or distributed.Dist()
         self.ckpt_path = self.out / CHECKPOINT
         self.resume, self.overwrite = resume, overwrite
@@ -67,6 +76,7 @@ class RunDir:
             if self.ckpt_path.exists() and self.resume:
                 self.saved_step = load_checkpoint(self.ckpt_path, parts=()).step
                 sync_config_json(self.ckpt_path)
+                self._older = sorted(step for step in self._older_on_disk() if step < self.saved_step)
             elif self.ckpt_path.exists() and not self.overwrite:
                 try:
                     held = f"step {load_checkpoint(self.ckpt_path, parts=()).step}"
@@ -166,20 +176,38 @@ class RunDir:
         self._bad_step = torch.where(bad & (self._bad_step < 0), step, self._bad_step)
 
     def check_loss(self, hint: str) -> None:
-        """Raise (keeping the last checkpoint) if a loss since the last save was not finite."""
+        """Raise if a loss since the last save was not finite, keeping the newest checkpoint whose weights a finite
+        loss checked (see the module docstring)."""
         bad = -1 if self._bad_step is None else int(distributed.first_step(self._bad_step, self.ranks))
-        if bad >= 0:
+        if bad < 0:
+            return
+        if not self.saved_step:
+            kept = "no checkpoint was written"
+        elif self.saved_step < bad - 1:  # the step after the checkpoint had a finite loss
+            kept = f"the checkpoint of step {self.saved_step} in {self.out} is kept"
+        elif self._older:  # the checkpoint's own weights gave the loss: back to the one before it
+            dropped, self.saved_step = self.saved_step, self._older.pop()
+            if self.ranks.main:
+                os.replace(self._older_path(self.saved_step), self.ckpt_path)
+                sync_config_json(self.ckpt_path)
             kept = (
-                f"the checkpoint of step {self.saved_step} in {self.out} is kept"
-                if self.saved_step
-                else "no checkpoint was written"
+                f"the checkpoint of step {self.saved_step} in {self.out} is kept (the one of step {dropped} held the "
+                "weights that gave this loss and was dropped)"
             )
-            raise LegoError(f"the training loss is not finite at step {bad}: the run diverged; {kept}. {hint}")
+        else:
+            kept = (
+                f"the checkpoint of step {self.saved_step} in {self.out} holds the weights that gave this loss (no "
+                "earlier one was kept: --keep-checkpoints 1); resuming it would diverge again"
+            )
+        raise LegoError(f"the training loss is not finite at step {bad}: the run diverged; {kept}. {hint}")
 
     def save(self, step: int, hint: str, write) -> None:
         """Check the losses since the last save, then ``write()`` the checkpoint of ``step`` (on every rank: with
         FSDP gathering the weights is a collective; rank 0 writes). ``write`` refuses non-finite weights."""
         self.check_loss(hint)
+        kept = self.ranks.main and self.keep > 1 and bool(self.saved_step) and self.ckpt_path.exists()
+        if kept:  # the newest checkpoint stays, under its step's name, once the new one replaces checkpoint.safetensors
+            _link_or_copy(self.ckpt_path, self._older_path(self.saved_step))
         try:
             distributed.agree(write, self.ranks)
         except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as SafetensorError
@@ -190,5 +218,32 @@ class RunDir:
                 f"could not write the checkpoint of step {step} to {self.ckpt_path}: {reason}; {kept}. "
                 "Free some space and continue with --resume"
             ) from None
+        if kept:
+            self._older.append(self.saved_step)
         self.saved_step = step
         self._bad_step = None
+        if self.ranks.main:
+            self._prune()
+
+    def _older_path(self, step: int) -> Path:
+        return self.out / f"checkpoint-{step}.safetensors"
+
+    def _older_on_disk(self) -> list[int]:
+        return [int(m.group(1)) for p in self.out.iterdir() if (m := OLDER.fullmatch(p.name))]
+
+    def _prune(self) -> None:
+        """Keep the keep - 1 newest older checkpoints of this run; drop the rest (an overwritten run's too)."""
+        self._older = self._older[max(0, len(self._older) - (self.keep - 1)) :]
+        for step in set(self._older_on_disk()) - set(self._older):
+            with contextlib.suppress(FileNotFoundError):
+                self._older_path(step).unlink()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A second name for ``src``'s file (a copy where the file system has no hard links), replacing ``dst``."""
+    with contextlib.suppress(FileNotFoundError):
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
