@@ -2,13 +2,16 @@
 checkpoints."""
 
 import copy
+import json
+import shutil
 import types
 
 import numpy as np
 import pytest
 import torch
-from conftest import save_digits
+from conftest import assert_one_line_error, save_digits
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lego import DiffusersDenoiser, LegoLoss, LegoModel, VPPrecond, model_config, stack_on_base
 from lego.checkpoints.build import load_model
@@ -19,6 +22,7 @@ from lego.diffusion.samplers import edm_sampler, skip_schedule
 from lego.errors import LegoError
 from lego.metrics.evaluate import heldout_loss
 from lego.networks.interface import PatchDraw
+from lego.sample import main as sample_main
 from lego.train import main as train_main
 
 FAST = ["--batch", "4", "--log-every", "1", "--sample-n", "0", "--no-progress"]
@@ -301,3 +305,50 @@ def test_bricks_on_a_trained_base_beat_the_base_alone():
     loss_alone, loss_stack = heldout_loss(alone, held_x, held_y), heldout_loss(stack, held_x, held_y)
     # Measured stack / alone over seeds 0-5 of this set-up: 0.89 to 0.95 (seed 0, this test: 0.93).
     assert loss_stack < 0.97 * loss_alone, (loss_stack, loss_alone)
+
+
+def test_a_frozen_base_that_changed_is_refused(tmp_path, capsys):
+    """Issue 21, item 6: a frozen base retrained after the stack was built on it silently moved the stack's samples
+    (the bricks refine the old base); the stack records the base's checksum and refuses a changed one."""
+    common = [*FAST, "--data", save_digits(tmp_path / "d.npz", 32)]
+    assert train_main([*common, "--steps", "1", "--out", str(tmp_path / "base")]) == 0
+    base = tmp_path / "base" / "checkpoint.safetensors"
+    stack = tmp_path / "stack" / "checkpoint.safetensors"
+    assert train_main([*common, "--steps", "1", "--base-ckpt", str(base), "--freeze-base",
+                       "--out", str(stack.parent)]) == 0  # fmt: skip
+    load_model(stack)  # unchanged: loads
+    assert train_main([*common, "--steps", "2", "--out", str(base.parent), "--resume"]) == 0  # the base trains on
+    with pytest.raises(LegoError, match="has changed since this stack was trained on it"):
+        load_model(stack)
+    code = sample_main(["--ckpt", str(stack), "--n", "1", "--steps", "1", "--out", str(tmp_path / "s.png")])
+    assert_one_line_error(capsys, code, str(base), "has changed")
+
+
+def test_a_stack_cannot_be_its_own_base(runs, tmp_path, capsys):
+    """Issue 21, item 3: --base-ckpt OUT/checkpoint.safetensors --freeze-base --overwrite --out OUT wrote a stack whose
+    base was itself (every load a RecursionError, the base's weights gone). Refused; and such a file loads to one
+    clear error."""
+    out = tmp_path / "run"
+    shutil.copytree(runs / "base", out)
+    before = (out / "checkpoint.safetensors").read_bytes()
+    own = str(out / "checkpoint.safetensors")
+    code = train_main([*FAST, "--data", save_digits(tmp_path / "d.npz", 32), "--steps", "1", "--freeze-base",
+                       "--base-ckpt", own, "--overwrite", "--out", str(out)])  # fmt: skip
+    assert_one_line_error(capsys, code, "cannot be its own base")
+    assert (out / "checkpoint.safetensors").read_bytes() == before
+    # A file made so by an older version (no checksums then): a frozen stack whose recorded base is the file itself
+    path = tmp_path / "self.safetensors"
+    with safe_open(str(runs / "frozen" / "checkpoint.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- not a dict
+    config = json.loads(meta.pop("model_config"))
+    config["base"]["path"] = str(path)
+    save_file(tensors, str(path), metadata={**meta, "model_config": json.dumps(config), "checksums": "{}"})
+    with pytest.raises(LegoError, match="names itself as its frozen base"):
+        load_model(path)
+
+
+def test_freeze_base_needs_a_base(tmp_path, capsys):
+    code = train_main([*FAST, "--data", save_digits(tmp_path / "d.npz", 32), "--steps", "1", "--freeze-base",
+                       "--out", str(tmp_path / "run")])  # fmt: skip
+    assert_one_line_error(capsys, code, "--freeze-base", "--base-ckpt")
+    assert not (tmp_path / "run").exists()

@@ -177,11 +177,56 @@ def test_sampling_a_checkpoint_with_nan_weights_fails(run, capsys, tmp_path):
     for k, v in tensors.items():
         if k.startswith("ema/") and v.is_floating_point():
             tensors[k] = torch.full_like(v, float("nan"))
+    del meta["checksums"]  # a checkpoint from before checksums (with them, the damage is caught first: see below)
     save_file(tensors, str(path), metadata=meta)
     assert_one_line_error(
         capsys, sample_main(["--ckpt", str(path), "--out", str(tmp_path / "a.png"), "--steps", "2"]), "NaN or inf"
     )
     assert not (tmp_path / "a.png").exists()
+
+
+def _rewrite(path, edit):
+    """Rewrite a checkpoint with edit(metadata, tensors) applied, its recorded checksums left as they were."""
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- not a dict
+    edit(meta, tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _flip_exponent_bit(part):
+    def edit(meta, tensors):
+        name = next(k for k, v in tensors.items() if k.startswith(part + "/") and v.dtype == torch.float32)
+        bits = tensors[name].clone().view(torch.int32)
+        bits.view(-1)[0] ^= 1 << 29  # an exponent bit: the weight grows or shrinks by 2^64, and stays finite
+        tensors[name] = bits.view(torch.float32)
+
+    return edit
+
+
+def test_a_flipped_bit_is_caught_by_the_checksum(run, digits, capsys, tmp_path):
+    """Issue 21, item 7: a flipped exponent bit resumed and trained on; now both uses refuse the file, naming it."""
+    path = run / "checkpoint.safetensors"
+    _rewrite(path, _flip_exponent_bit("model"))
+    code = train_main([*FAST, "--data", digits, "--steps", "4", "--out", str(run), "--resume"])
+    assert_one_line_error(capsys, code, str(path), "model tensors", "checksum")
+    _rewrite(path, _flip_exponent_bit("ema"))
+    code = sample_main(["--ckpt", str(path), "--out", str(tmp_path / "a.png"), "--n", "1", "--steps", "1"])
+    assert_one_line_error(capsys, code, str(path), "ema tensors", "checksum")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_an_edited_config_is_caught_by_the_checksum(run, capsys, tmp_path):
+    """Issue 21, item 7: a config with two bricks swapped (the same shapes) loaded and sampled."""
+    path = run / "checkpoint.safetensors"
+
+    def swap(meta, tensors):
+        config = json.loads(meta["model_config"])
+        config["bricks"] = config["bricks"][::-1]
+        meta["model_config"] = json.dumps(config)
+
+    _rewrite(path, swap)
+    code = sample_main(["--ckpt", str(path), "--out", str(tmp_path / "a.png"), "--n", "1", "--steps", "1"])
+    assert_one_line_error(capsys, code, str(path), "its metadata", "checksum")
 
 
 def test_resuming_a_checkpoint_with_a_nan_optimizer_state_names_it(run, digits, capsys):
@@ -192,6 +237,7 @@ def test_resuming_a_checkpoint_with_a_nan_optimizer_state_names_it(run, digits, 
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- not a dict
     name = next(k for k in tensors if k.startswith("optim/") and k.endswith("/exp_avg_sq"))
     tensors[name] = torch.full_like(tensors[name], float("inf"))
+    del meta["checksums"]  # a checkpoint from before checksums
     save_file(tensors, str(path), metadata=meta)
     before = path.read_bytes()
     code = train_main([*FAST, "--data", digits, "--steps", "4", "--out", str(run), "--resume"])
@@ -537,6 +583,7 @@ def test_weights_that_do_not_fit_the_config_are_one_line(run, digits, tmp_path, 
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- not a dict
     config = json.loads(metadata["model_config"])
     metadata["model_config"] = json.dumps({**config, "hidden_size": 2 * config["hidden_size"]})
+    del metadata["checksums"]  # a checkpoint from before checksums
     save_file(tensors, str(path), metadata=metadata)
     code = train_main([*FAST, "--data", digits, "--steps", "4", "--out", str(run), "--resume"])
     assert_one_line_error(capsys, code, str(path), "size mismatch for ", "do not fit the model in its config")

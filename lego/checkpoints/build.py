@@ -19,9 +19,10 @@ Three sources of a base:
   (1000 linear-beta steps) to predict epsilon, v or x0 (lego.diffusion.diffusers.DiffusersDenoiser);
 - a checkpoint of ours (its EMA weights).
 
-The stack's config records where the base came from (``LegoConfig.base``): kind, path, its own config, prediction
-and whether it is frozen. A frozen base's weights are not copied into the checkpoint (they are read from the origin
-again when the checkpoint is loaded); a fine-tuned base's weights are.
+The stack's config records where the base came from (``LegoConfig.base``): kind, path, its own config, prediction,
+whether it is frozen and the SHA-256 of its weights. A frozen base's weights are not copied into the checkpoint (they
+are read from the origin again when the checkpoint is loaded, and refused if their checksum changed: the bricks were
+trained on the old ones); a fine-tuned base's weights are.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lego.checkpoints.format import load_checkpoint, load_weights, non_finite, with_base_weights
+from lego.checkpoints.format import load_checkpoint, load_weights, non_finite, tensors_digest, with_base_weights
 from lego.diffusion.denoiser import DiTModel, LegoModel
 from lego.diffusion.diffusers import DIFFUSERS_CLASSES, DiffusersDenoiser
 from lego.errors import LegoError
@@ -69,6 +70,7 @@ def load_base(path, prediction: str | None = None) -> tuple[nn.Module, dict]:
     else:
         raise LegoError(f"base model not found: {path}; give a checkpoint of ours or a diffusers model folder")
     record["path"] = str(path.resolve())
+    record["checksum"] = tensors_digest(denoiser.state_dict())
     return denoiser, record
 
 
@@ -81,7 +83,14 @@ def build_base(record: dict) -> nn.Module:
     if record.get("frozen"):
         if not Path(record["path"]).exists():
             raise LegoError(f"the frozen base {record['path']} is missing; the checkpoint does not hold its weights")
-        return load_base(record["path"], record.get("prediction"))[0]
+        base, now = load_base(record["path"], record.get("prediction"))
+        if record.get("checksum", now["checksum"]) != now["checksum"]:  # (stacks saved before checksums: unchecked)
+            raise LegoError(
+                f"the frozen base {record['path']} has changed since this stack was trained on it (its weights' "
+                "checksum differs): the bricks above it learned to refine the old one. Put that base back, or "
+                "train the stack again on the new one"
+            )
+        return base
     if kind == "diffusers":
         import diffusers  # optional, as above
 
@@ -127,9 +136,26 @@ def stack_on_base(name: str, base, freeze: bool = False, refine: bool = True, **
     return LegoModel(config, base=denoiser)
 
 
+_LOADING: set[Path] = set()  # the checkpoints load_model is reading, to refuse one that is its own frozen base
+
+
 def load_model(path, use_ema: bool = True, device="cpu") -> LegoModel | DiTModel:
     """The denoiser in a checkpoint written by lego.train or lego.convert, ready to sample (``lego.load``): its EMA
     weights (``use_ema`` False: the raw ones), in eval mode on ``device``. ``D = model(x, sigma, labels)``."""
+    resolved = Path(path).expanduser().resolve()
+    if resolved in _LOADING:
+        raise LegoError(
+            f"{path} names itself as its frozen base (a run trained with --base-ckpt on its own --out's checkpoint), "
+            "so the base's weights were replaced by the stack's; the checkpoint cannot be used"
+        )
+    _LOADING.add(resolved)
+    try:
+        return _load_model(path, use_ema, device)
+    finally:
+        _LOADING.discard(resolved)
+
+
+def _load_model(path, use_ema: bool, device) -> LegoModel | DiTModel:
     ckpt = load_checkpoint(path, parts=("ema",) if use_ema else ("model",))
     weights = ckpt.ema if use_ema else ckpt.model
     if not weights:  # e.g. tests/fixtures' models, which keep the EMA only

@@ -3,10 +3,15 @@ step in its metadata), written atomically (lego.files.atomic_write), so a crash 
 where the last good one was. ``config.json`` beside it is a readable copy of the metadata, written after it; nothing
 reads it back, and ``sync_config_json`` (called when a run starts) rewrites it if a crash between the two writes left
 it behind the checkpoint. A stack on a frozen base does not store the base's weights (they stay at their origin,
-lego.checkpoints.build); building models from checkpoints is lego.checkpoints.build's."""
+lego.checkpoints.build); building models from checkpoints is lego.checkpoints.build's.
+
+Integrity: the metadata holds SHA-256 checksums of the metadata itself and of each group of tensors (model, EMA,
+optimizer), checked by ``load_checkpoint`` for what it reads, so a flipped bit or an edited config is an error naming
+the file, not a model that trains or samples on. Checkpoints written before checksums existed load as they did."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +27,28 @@ from lego.networks.registry import config_from_dict
 from lego.networks.stack import LegoConfig
 
 FORMAT = "lego-checkpoint-1"
+PARTS = ("model", "ema", "optim")
+_CHECKED_METADATA = ("format", "step", "model_config", "train_config", "param_groups")
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        v = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _metadata_digest(metadata: dict) -> str:
+    return hashlib.sha256(json.dumps([metadata.get(k) for k in _CHECKED_METADATA]).encode()).hexdigest()
+
+
+def stored_checksums(path) -> dict[str, str]:
+    """The checksums a checkpoint recorded ({} for one written before checksums), read from its metadata alone."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("checksums", "{}"))
 
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -68,6 +95,8 @@ def write_checkpoint(path, config, model_state: dict, ema_state: dict, opt_state
         "train_config": json.dumps(train_config),
         "param_groups": json.dumps(opt_state["param_groups"]),
     }
+    checksums = {part: tensors_digest(_part(tensors, part)) for part in PARTS}
+    metadata["checksums"] = json.dumps({"metadata": _metadata_digest(metadata), **checksums})
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     write_config_json(path, step, config.to_dict(), train_config)
 
@@ -107,6 +136,7 @@ def load_checkpoint(path, parts: tuple[str, ...] = ("model", "ema", "optim")) ->
         ) from None
     if metadata.get("format") != FORMAT:
         raise LegoError(f"{path} is a safetensors file but not a lego checkpoint (no '{FORMAT}' metadata)")
+    _check_sums(path, metadata, tensors, parts)
     try:
         model_config = config_from_dict(json.loads(metadata["model_config"]))
         train_config = json.loads(metadata["train_config"])
@@ -125,6 +155,30 @@ def load_checkpoint(path, parts: tuple[str, ...] = ("model", "ema", "optim")) ->
             state.setdefault(int(idx), {})[name] = value
         optimizer = {"state": state, "param_groups": json.loads(metadata["param_groups"])}
     return Checkpoint(model_config, train_config, step, groups["model"], groups["ema"], optimizer)
+
+
+def _part(tensors: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors.items() if k.partition("/")[0] == part}
+
+
+def _check_sums(path, metadata: dict, tensors: dict[str, torch.Tensor], parts) -> None:
+    """The recorded checksums of the metadata and of the tensor groups read (none recorded: an older checkpoint)."""
+    try:
+        recorded = json.loads(metadata.get("checksums", "{}"))
+    except ValueError:
+        recorded = {"metadata": "unreadable"}
+    if not recorded:
+        return
+    damaged = [] if recorded.get("metadata") == _metadata_digest(metadata) else ["its metadata (the configs, step)"]
+    for part in PARTS:
+        if part in parts and recorded.get(part) != tensors_digest(_part(tensors, part)):
+            damaged.append(f"its {part} tensors")
+    if damaged:
+        raise LegoError(
+            f"{path}: {' and '.join(damaged)} do not match the checksum recorded when it was written: the file was "
+            "damaged or edited since; use another checkpoint (lego.train keeps the ones before the newest as "
+            "checkpoint-STEP.safetensors)"
+        )
 
 
 def check_finite(ckpt: Checkpoint, path) -> None:

@@ -101,6 +101,14 @@ def check_train_config(cfg, resume: bool = False) -> None:
     if cfg.precond not in ("edm", "vp"):
         raise LegoError(f"--precond must be edm or vp, got {cfg.precond!r}")
     checks.integer("--grad-accum", cfg.grad_accum, 1, meaning=" (micro-steps per step)")
+    base = Path(cfg.base_ckpt or "").expanduser().resolve()
+    if cfg.base_ckpt and base.parent == Path(cfg.out).expanduser().resolve() and base.name.startswith("checkpoint"):
+        raise LegoError(
+            f"--base-ckpt {cfg.base_ckpt} is a checkpoint of --out {cfg.out}, which this run replaces: a stack "
+            "cannot be its own base. Copy the base elsewhere first, or pick another --out"
+        )
+    if cfg.freeze_base and not cfg.base_ckpt:
+        raise LegoError("--freeze-base freezes the base of --base-ckpt, and none was given: add --base-ckpt PATH")
     if cfg.fsdp and cfg.freeze_base:  # checkpoints index the optimizer's state by every parameter's name
         raise LegoError(
             "--fsdp with --freeze-base is not supported: drop --fsdp (DDP handles a frozen base) or train the base too"
