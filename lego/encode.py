@@ -27,6 +27,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_true", help="store float16 latents (half the disk)")
     p.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace latents (and their sidecars) already at --out")
     return p
 
 
@@ -35,7 +36,15 @@ def main(argv=None) -> int:
     return run_cli(
         "lego.encode",
         lambda: encode_dataset(
-            args.vae, args.data, args.out, args.resolution, args.batch, args.half, args.device, not args.no_progress
+            args.vae,
+            args.data,
+            args.out,
+            args.resolution,
+            args.batch,
+            args.half,
+            args.device,
+            not args.no_progress,
+            args.overwrite,
         ),
     )
 

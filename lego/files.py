@@ -2,16 +2,20 @@
 
 Temporary files live in ``.<name>.<pid>.<random>.tmp`` folders beside their target; ``remove_orphans`` deletes the ones
 whose writer has died (a ``kill -9`` during a save). Files get mode 0666 less the umask, like any file ``open`` creates.
+``FolderLock`` is the one-writer-per-folder lock of a run folder, taken by every tool that writes checkpoints there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import secrets
 import shutil
 from pathlib import Path
+
+from lego.errors import LegoError
 
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 # Temporary files without a pid: tempfile.mkstemp's (older versions of this module) and safetensors' own.
@@ -82,3 +86,47 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``folder/.lock`` while in its ``with`` block; the file holds the holder's pid and
+    ``program`` (what another process is told holds the folder). The kernel drops the lock when its holder dies, so a
+    ``kill -9`` leaves nothing to clean by hand (the next holder takes the stale file over)."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder, program: str):
+        self.path = Path(folder) / self.NAME
+        self.program = program
+        self._fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid, _, program = os.read(fd, 256).decode(errors="replace").strip().partition(" ")
+                os.close(fd)
+                raise LegoError(
+                    f"--out {self.path.parent} is in use by another {program or 'process'} (pid {pid or '?'}); wait "
+                    "for it to finish or pick another --out"
+                ) from None
+            try:  # the holder we waited on may have unlinked the file we opened: lock the file that is there now
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {self.program}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            os.close(self._fd)  # releases the flock
+            self._fd = None

@@ -344,3 +344,26 @@ def test_registry_depths_and_time_scale():
                 other = LegoModel(dataclasses.replace(default.config, time_scale=time_scale)).eval()
                 other.load_state_dict(default.state_dict())
                 assert torch.allclose(other(x, sigma), d) == same, (precond, time_scale)
+
+
+@needs_fixtures
+def test_convert_replaces_a_checkpoint_only_with_overwrite_and_not_under_a_run(tmp_path, capsys):
+    """Issue 21, item 2: lego.convert --out replaced any checkpoint there (a trained run's, a running lego.train's)."""
+    from conftest import assert_one_line_error
+
+    from lego.training.rundir import RunDir
+
+    snapshot, out = str(FIXTURES / "lego_T_PG_32.pkl"), tmp_path / "run"
+    assert main([snapshot, "--out", str(out)]) == 0
+    before = (out / "checkpoint.safetensors").read_bytes()
+    assert_one_line_error(capsys, main([snapshot, "--out", str(out)]), "already holds a checkpoint", "--overwrite")
+    with RunDir(out, resume=True):  # a lego.train holds the folder
+        code = main([snapshot, "--out", str(out), "--overwrite"])
+        assert_one_line_error(capsys, code, "in use by another lego.train")
+    assert (out / "checkpoint.safetensors").read_bytes() == before
+    assert main([snapshot, "--out", str(out), "--overwrite"]) == 0
+    assert not (out / ".lock").exists()
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"not a pickle")
+    assert main([str(bad), "--out", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()  # a failed conversion leaves no empty folder

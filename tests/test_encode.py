@@ -149,7 +149,17 @@ def test_encode_a_grey_npy_to_fp16(tmp_path, vae_dir):
     (tmp_path / "z.labels.npy").write_bytes(b"stale")  # from an earlier labelled encoding: must go
     assert (
         encode_main(
-            ["--vae", str(vae_dir), "--data", str(tmp_path / "grey.npy"), "--out", str(out), "--half", "--no-progress"]
+            [
+                "--vae",
+                str(vae_dir),
+                "--data",
+                str(tmp_path / "grey.npy"),
+                "--out",
+                str(out),
+                "--half",
+                "--no-progress",
+                "--overwrite",
+            ]  # (the stale sidecar is refused without it)
         )
         == 0
     )
@@ -196,3 +206,27 @@ def test_encode_and_sample_bad_input(capsys, monkeypatch, tmp_path, vae_dir, ima
         "could not load the autoencoder",
     )
     assert not (tmp_path / "z.npy").exists()
+
+
+def test_encode_replaces_only_with_overwrite_and_cleans_up_after_a_kill(tmp_path, vae_dir, image_folder, capsys):
+    """Issue 21, items 2 and 4: lego.encode silently replaced an existing .npy / .json, and a kill -9 left a full-size
+    temporary file that nothing removed."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "z.npy"
+    args = ["--vae", str(vae_dir), "--data", str(image_folder), "--out", str(out), "--resolution", "16",
+            "--no-progress"]  # fmt: skip
+    assert encode_main(args) == 0
+    before = {p.name: p.read_bytes() for p in (out, out.with_suffix(".json"), out.with_suffix(".labels.npy"))}
+    assert_one_line_error(capsys, encode_main(args), "already there", "--overwrite")
+    assert {p.name: p.read_bytes() for p in (out, out.with_suffix(".json"), out.with_suffix(".labels.npy"))} == before
+    # what a killed encode leaves: its temporary folder (a dead pid), with a full-size file in it
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f".z.npy.{dead.pid}.0123abcd.tmp"
+    orphan.mkdir()
+    (orphan / "z.npy").write_bytes(b"x" * 4096)
+    assert encode_main([*args, "--overwrite"]) == 0
+    assert not orphan.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z.json", "z.labels.npy", "z.npy"]

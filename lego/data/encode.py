@@ -5,14 +5,14 @@ Writes ``latents.npy`` (float [N, c, R/f, R/f], memory-mappable: ``python -m leg
 factors it was encoded with (``lego.sample --vae`` decodes with them). A folder of images or a uint8 ``.npy`` is
 streamed, never held in memory whole; an ``.npz`` or a named dataset (default, mnist, ...) is loaded first. Images are
 read as training reads them (lego.data.datasets: a folder's cropped by ADM's center crop); grey images are repeated to
-RGB.
+RGB. Existing files are replaced only with ``overwrite``; the .npy is written in a temporary folder and renamed into
+place last (lego.files.atomic_write), so a killed encode leaves no half-written latents, and its temporary file is
+removed by the next write into that folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +48,19 @@ def encode_dataset(
     fp16: bool = False,
     device: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Encode ``data`` with the autoencoder ``vae`` into ``out`` (a .npy) and its sidecars; see the module docstring."""
     out = Path(out)
     if out.suffix != ".npy":
         raise LegoError(f"--out {out}: the latents are written as a .npy file; end the name in .npy")
+    labels_path, meta_path = out.with_suffix(".labels.npy"), out.with_suffix(".json")
+    existing = [str(p) for p in (out, labels_path, meta_path) if p.exists()]
+    if existing and not overwrite:
+        raise LegoError(
+            f"--out {out}: {' and '.join(existing)} already there; pick another --out, or pass --overwrite to "
+            "replace them"
+        )
     if batch <= 0 or (resolution is not None and resolution <= 0):
         raise LegoError(f"--batch and --resolution must be positive, got {batch} and {resolution}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -63,10 +71,19 @@ def encode_dataset(
         raise LegoError(f"--resolution {side} is not a multiple of the autoencoder's downsampling factor {f}")
     scale, shift = factors(model)
     shape = (len(source), model.config.latent_channels, side // f, side // f)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    meta = {
+        "format": FORMAT,
+        "vae": vae,
+        "scaling_factor": scale,
+        "shift_factor": shift,
+        "resolution": side,
+        "source": data,
+        "count": shape[0],
+        "latent_shape": list(shape[1:]),
+        "encoding": "posterior mean",
+    }
+
+    def write(tmp):
         latents = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16 if fp16 else np.float32, shape=shape)
         for lo in tqdm(range(0, len(source), batch), disable=not progress, desc="lego.encode", dynamic_ncols=True):
             x, _ = source[torch.arange(lo, min(lo + batch, len(source)))]
@@ -74,28 +91,13 @@ def encode_dataset(
             latents[lo : lo + len(images)] = encode(model, images, scale, shift).cpu().numpy()
         latents.flush()
         del latents
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        labels_path, meta_path = out.with_suffix(".labels.npy"), out.with_suffix(".json")
+        # the sidecars before the .npy is renamed into place: the latents never appear without them
         if source.labels is not None:
             atomic_write(labels_path, lambda t: np.save(open(t, "wb"), source.labels.numpy()))  # noqa: SIM115 -- np.save closes
         else:
             labels_path.unlink(missing_ok=True)  # a stale one would label these latents wrongly
-        meta = {
-            "format": FORMAT,
-            "vae": vae,
-            "scaling_factor": scale,
-            "shift_factor": shift,
-            "resolution": side,
-            "source": data,
-            "count": shape[0],
-            "latent_shape": list(shape[1:]),
-            "encoding": "posterior mean",
-        }
         atomic_write(meta_path, lambda t: Path(t).write_text(json.dumps(meta, indent=2)))
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(out, write)
     print(f"lego.encode: wrote {out} ({shape[0]} latents {shape[1:]}, scaling {scale:g}, shift {shift:g})")
     return out

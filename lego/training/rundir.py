@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
@@ -34,11 +33,10 @@ from safetensors import SafetensorError
 
 from lego.checkpoints.format import load_checkpoint, sync_config_json
 from lego.errors import LegoError
-from lego.files import atomic_write, remove_orphans
+from lego.files import FolderLock, atomic_write, remove_orphans
 from lego.training import distributed
 
 CHECKPOINT = "checkpoint.safetensors"
-LOCK = ".lock"
 OLDER = re.compile(r"checkpoint-(\d+)\.safetensors")  # the checkpoints kept before the newest
 
 
@@ -51,7 +49,7 @@ class RunDir:
         self.ckpt_path = self.out / CHECKPOINT
         self.resume, self.overwrite = resume, overwrite
         self.stop_signal: int | None = None  # set by SIGINT / SIGTERM
-        self._lock_fd: int | None = None
+        self._lock = FolderLock(self.out, "lego.train")
         self._created = False
         self._old_handlers: dict = {}
         self._bad_step = None  # tensor: first step since the last save whose loss was not finite (-1: none)
@@ -68,7 +66,7 @@ class RunDir:
         self._created = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
-            self._lock()
+            self._lock.__enter__()
         except OSError as e:
             raise LegoError(f"--out {out}: cannot write there ({e.strerror}); pick a folder you can write") from None
         try:
@@ -103,11 +101,7 @@ class RunDir:
         self.release_signals()
         if not self.ranks.main:
             return
-        if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                (self.out / LOCK).unlink()
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        self._lock.__exit__()
         if self._created:  # a run that failed before writing anything leaves no empty folder behind
             with contextlib.suppress(OSError):
                 self.out.rmdir()
@@ -117,30 +111,6 @@ class RunDir:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _lock(self) -> None:
-        path = self.out / LOCK
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-                os.close(fd)
-                raise LegoError(
-                    f"--out {self.out} is in use by another lego.train (pid {holder}); wait for it to finish or pick "
-                    "another --out"
-                ) from None
-            try:  # the holder we waited on may have unlinked the file we opened: lock the file that is there now
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
 
     def _trim_log(self) -> None:
         """A new run starts log.jsonl afresh; a resumed one drops the lines written after its checkpoint (a crashed
