@@ -3,6 +3,7 @@ latents through an autoencoder, write a PNG grid or an .npz."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -95,13 +96,27 @@ def write_samples(
             raise LegoError(f"{path}: the output must end in .png (a grid) or .npz")
     if npz and Path(npz).suffix != ".npz":  # it wrote a second grid there
         raise LegoError(f"--npz {npz}: --npz writes an .npz; give a name ending in .npz")
+    latents = load_checkpoint(ckpt, parts=()).train_config.get("latents")  # what lego.encode recorded, if any
+    if latents and not vae and any(path.suffix == ".png" for path in outs):
+        raise LegoError(
+            f"{ckpt} draws autoencoder latents (encoded with {latents.get('vae', 'an autoencoder')}), not images: give "
+            "--vae to decode them, or write an .npz to keep the raw latents"
+        )
     if vae:  # a latent model: its samples are decoded by the autoencoder
-        vae = load_vae(vae, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if latents and latents.get("vae") and not _same_source(vae, latents["vae"]):
+            print(f"lego.sample: warning: {ckpt} was trained on latents of the autoencoder {latents['vae']}; decoding "
+                  f"with {vae} gives wrong images unless it is the same model", file=sys.stderr)  # fmt: skip
+        vae_name, vae = vae, load_vae(vae, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     images, labels = sample(ckpt, n, sampler, steps, cfg_scale, labels, t_break, height, width, seed, batch, device,
                             use_ema, churn, window, stride, max_batch, regions, guidance_interval, guide_skip,
                             guide_ckpt)  # fmt: skip
     if vae:
-        images = decode_samples(images, vae, ckpt)
+        images = decode(vae, images, *factors(vae, latents))
+        if not torch.isfinite(images).all():
+            raise LegoError(
+                f"the autoencoder {vae_name} decoded the (finite) samples into NaN or inf values; nothing was "
+                "written. Check it is the autoencoder the latents were made with, and that it loads in float32"
+            )
     for path in outs:
         if path.suffix == ".png":
             save_grid(images, path)
@@ -111,7 +126,9 @@ def write_samples(
     return outs
 
 
-def decode_samples(latents: torch.Tensor, vae, ckpt) -> torch.Tensor:
-    """Samples of a model trained on latents -> images, with the factors its checkpoint ``ckpt`` recorded."""
-    scale, shift = factors(vae, load_checkpoint(ckpt, parts=()).train_config.get("latents"))
-    return decode(vae, latents, scale, shift)
+def _same_source(given: str, recorded: str) -> bool:
+    """The autoencoder --vae names is the one lego.encode recorded: the same folder, or the same hub id."""
+    a, b = Path(given).expanduser(), Path(recorded).expanduser()
+    if a.exists() and b.exists():
+        return a.resolve() == b.resolve()
+    return given == recorded

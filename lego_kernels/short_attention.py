@@ -86,6 +86,8 @@ def short_attention_ref(qkv, num_heads):
 def _sdpa(qkv, num_heads):
     q, k, v = _split_heads(qkv, num_heads)
     o = F.scaled_dot_product_attention(q, k, v)  # (N, H, S, d_head)
+    if not q.is_cuda:  # PyTorch's CPU kernel returns zeros for a query row holding a NaN; the formula gives NaN
+        o = o + 0 * q.sum(-1, keepdim=True)  # (exactly o where q is finite)
     return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)  # (N, S, d)
 
 
@@ -392,6 +394,8 @@ def short_attention(qkv, num_heads, backend="auto"):
     op = "short_attention"
     check_float(op, "qkv", qkv, 3)
     try:
+        if isinstance(num_heads, bool):  # an int to operator.index, and True would run as one head
+            raise TypeError
         num_heads = operator.index(num_heads)  # an int, or a NumPy / 0-d tensor integer; not 6.0
     except TypeError:
         raise ValueError(f"{op}: num_heads must be a positive int, got {num_heads!r}") from None

@@ -2,6 +2,7 @@
 lego.encode -> lego.train on the latents -> lego.sample --vae."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -230,3 +231,47 @@ def test_encode_replaces_only_with_overwrite_and_cleans_up_after_a_kill(tmp_path
     assert encode_main([*args, "--overwrite"]) == 0
     assert not orphan.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["z.json", "z.labels.npy", "z.npy"]
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory, vae_dir, image_folder):
+    """A LEGO-T-PG-16 trained 1 step on lego.encode's latents of image_folder (32 x 32 images, 16 x 16 latents)."""
+    root = tmp_path_factory.mktemp("latent-run")
+    assert encode_main(["--vae", str(vae_dir), "--data", str(image_folder), "--out", str(root / "z.npy"),
+                        "--resolution", "32", "--no-progress"]) == 0  # fmt: skip
+    assert train_main(["--data", str(root / "z.npy"), "--model", "LEGO-T-PG-16", "--batch", "4", "--steps", "1",
+                       "--sample-n", "0", "--no-progress", "--workers", "0",
+                       "--out", str(root / "run")]) == 0  # fmt: skip
+    return root / "run" / "checkpoint.safetensors"
+
+
+def test_latent_samples_are_decoded_right_or_refused(latent_run, vae_dir, tmp_path, capsys, monkeypatch):
+    """Issue 21, item 8: a latent model sampled without --vae wrote a PNG of raw latents; a decoder that outputs NaN
+    wrote an all-black grid; another autoencoder than the recorded one was used without a word."""
+    args = ["--ckpt", str(latent_run), "--n", "2", "--steps", "1"]
+    png = tmp_path / "s.png"
+    assert_one_line_error(capsys, sample_main([*args, "--out", str(png)]), "draws autoencoder latents", "--vae")
+    assert not png.exists()
+    assert sample_main([*args, "--out", str(tmp_path / "raw.npz")]) == 0  # the raw latents, kept as asked
+    with np.load(tmp_path / "raw.npz") as z:
+        assert z["samples"].shape == (2, 4, 16, 16)
+    # another copy of the autoencoder: used, with a warning
+    copy = tmp_path / "other-vae"
+    shutil.copytree(vae_dir, copy)
+    capsys.readouterr()
+    assert sample_main([*args, "--vae", str(copy), "--out", str(png)]) == 0 and png.exists()
+    assert "warning" in capsys.readouterr().err
+    # a decoder that gives NaN: one error, nothing written
+    from diffusers import AutoencoderKL
+
+    real = AutoencoderKL.decode
+
+    def nan_decoder(self, z, **kwargs):
+        out = real(self, z, **kwargs)
+        out.sample = torch.full_like(out.sample, float("nan"))
+        return out
+
+    monkeypatch.setattr(AutoencoderKL, "decode", nan_decoder)
+    out = tmp_path / "nan.png"
+    assert_one_line_error(capsys, sample_main([*args, "--vae", str(vae_dir), "--out", str(out)]), "NaN or inf")
+    assert not out.exists()

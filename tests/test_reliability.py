@@ -783,3 +783,14 @@ def test_brick_names_a_dtype_that_differs_from_its_weights():
         brick(x, None, torch.randn(2, 32, dtype=torch.float64))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the way to run a brick in another precision: unchanged
         assert brick(x.float(), None, torch.randn(2, 32)).dtype == torch.bfloat16
+
+
+def test_latents_far_from_unit_scale_are_warned_about(tmp_path, capsys):
+    """Issue 21, item 9: latents with std 1e6 trained without a word."""
+    rng = np.random.default_rng(0)
+    for scale, warned in ((1e6, True), (1.0, False)):
+        data = tmp_path / f"latents-{scale:g}.npz"
+        np.savez(data, latents=(scale * rng.standard_normal((8, 4, 16, 16))).astype(np.float32))
+        code = train_main([*FAST, "--data", str(data), "--steps", "1", "--out", str(tmp_path / f"run-{scale:g}")])
+        err = capsys.readouterr().err
+        assert code == 0 and ("warning" in err and "standard deviation 1e+06" in err) == warned, err

@@ -138,6 +138,19 @@ def test_bad_arguments_raise_clear_errors():
         with pytest.raises(ValueError, match="d_head would be 0"):
             short_attention(qkv[..., :0], 2, backend=backend)
         assert torch.equal(short_attention(qkv, np.int64(2), backend=backend), short_attention(qkv, 2, backend=backend))
+        with pytest.raises(ValueError, match="num_heads must be a positive int, got True"):  # (issue 21: ran as 1 head)
+            short_attention(torch.randn(3, 4, 3 * 8), True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("where", [0, 1, 2])  # q, k or v
+def test_a_nan_input_gives_nan_like_the_reference(backend, where):
+    """Issue 21, item 9: on the torch backend a NaN in a query gave a finite output (PyTorch's CPU SDPA kernel returns
+    zeros for that row), where the formula and Triton give NaN."""
+    qkv = torch.randn(3, 4, 3 * 2 * 8)
+    qkv[1, 2, where * 16 + 3] = float("nan")  # sequence 1, token 2, head 0 of q, k or v
+    want = short_attention_ref(qkv, 2).isnan()
+    assert want.any() and torch.equal(short_attention(qkv, 2, backend=backend).isnan(), want)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for CPU tensors")

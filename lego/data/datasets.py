@@ -107,7 +107,7 @@ def _from_uint8(images: np.ndarray, labels, name: str) -> ArrayData:
 
 def _with_labels(x: torch.Tensor, labels, name: str, latent: bool = False) -> ArrayData:
     if labels is None:
-        return ArrayData(x, None, 0, name)
+        return ArrayData(x, None, 0, name, latent)
     labels = np.asarray(labels).reshape(-1)
     integral = labels.dtype.kind in "iub" or (
         labels.dtype.kind == "f" and (np.isfinite(labels) & (labels == np.round(labels))).all()
@@ -331,6 +331,22 @@ class MappedData(Dataset):
 
     def __getstate__(self):
         return {**self.__dict__, "_array": None}
+
+
+def scale_warning(data: Dataset, sample: int = 1024) -> str | None:
+    """Why latents look wrongly scaled (None if they look fine): the noise levels (EDM's sigma_data 0.5, sigmas 0.002
+    to 80) assume data of about unit scale, which lego.encode gives by the autoencoder's scaling factor."""
+    if not data.latent or not len(data):
+        return None
+    x, _ = data[torch.arange(min(sample, len(data)))]
+    std = float(x.float().std())
+    if 0.1 <= std <= 10:
+        return None
+    return (
+        f"the latents of {data.name} have standard deviation {std:.3g} (over the first {min(sample, len(data))}), "
+        "where about 1 is expected: the model will learn and sample them at the wrong noise levels. Were they "
+        "scaled by the autoencoder's scaling factor (lego.encode does)?"
+    )
 
 
 def open_dataset(spec: str = "default", resolution: int | None = None) -> Dataset:

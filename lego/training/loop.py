@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from lego import checks
 from lego.checkpoints.build import build_model, stack_on_base
 from lego.checkpoints.format import check_finite, load_checkpoint, load_weights, with_base_weights
 from lego.data import loader
-from lego.data.datasets import MappedData, open_dataset
+from lego.data.datasets import MappedData, open_dataset, scale_warning
 from lego.data.images import save_grid
 from lego.diffusion.denoiser import Denoiser
 from lego.diffusion.generate import generate, parse_labels
@@ -88,6 +89,9 @@ def _train(
     out, ckpt_path = run.out, run.ckpt_path
     resolution = cfg.resolution or model_config(cfg.model).resolution  # (an unknown name fails here, clearly)
     data = open_dataset(cfg.data, resolution)
+    warning = scale_warning(data) if ranks.main else None
+    if warning:
+        print(f"lego.train: warning: {warning}", file=sys.stderr, flush=True)
     channels = data.channels
     torch.manual_seed(cfg.seed)  # the initial weights; every later draw comes from per-step generators
     ckpt = None
