@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lego import checks
-from lego.checkpoints.build import check_guidance, load_model
+from lego.checkpoints.build import check_guidance, check_skipping, load_model
 from lego.checkpoints.format import load_checkpoint
 from lego.data.images import save_grid, save_npz
 from lego.data.vae import decode, factors, load_vae
@@ -36,7 +36,9 @@ def sample(
     model = load_model(ckpt, use_ema=use_ema, device=device)
     guide = load_model(guide_ckpt, use_ema=use_ema, device=device) if guide_ckpt is not None else None
     classifier_free = guide is None and guide_skip is None
-    check_guidance(cfg_scale, model.num_classes, load_checkpoint(ckpt, parts=()).train_config, classifier_free)
+    train_config = load_checkpoint(ckpt, parts=()).train_config
+    check_guidance(cfg_scale, model.num_classes, train_config, classifier_free)
+    check_skipping(train_config, t_break, guide_skip)
     h = height or model.resolution
     ids = parse_labels(labels, n, model.num_classes)
     rects = None

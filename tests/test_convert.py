@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, assert_one_line_error
 from safetensors.torch import load_file
 
 from lego import LegoModel
 from lego.checkpoints.build import load_model
 from lego.checkpoints.format import load_checkpoint
-from lego.checkpoints.snapshots import convert, convert_state, read_snapshot
+from lego.checkpoints.snapshots import convert, convert_state, model_from_snapshot, read_snapshot
 from lego.convert import main
 from lego.errors import LegoError
 from lego_kernels._dispatch import available_backends
@@ -199,12 +199,10 @@ def test_shapes_reveal_the_rest():
     """Unconditional snapshots, augmentation conditioning, and tensors the converter cannot place."""
     snap = read_snapshot(FIXTURES / "lego_T_PG_32.pkl")
     _, state = convert_state(snap)
-    # map_augment's input is zero at sampling: a weight alone contributes nothing and is dropped.
-    aug = dataclasses.replace(snap, tensors={**snap.tensors, "model.map_augment.weight": torch.randn(64, 9)})
-    assert convert_state(aug)[1].keys() == state.keys()
-    with_bias = {**aug.tensors, "model.map_augment.bias": torch.randn(64)}
-    with pytest.raises(LegoError, match="augmentation conditioning has a bias"):
-        convert_state(dataclasses.replace(snap, tensors=with_bias))
+    # map_augment (training with --augment) is applied only with augmentation labels, which sampling never passes: its
+    # weight and bias are dropped (issue 21, item 5: a snapshot with the bias could not be converted at all).
+    aug = {**snap.tensors, "model.map_augment.weight": torch.randn(64, 9), "model.map_augment.bias": torch.randn(64)}
+    assert convert_state(dataclasses.replace(snap, tensors=aug))[1].keys() == state.keys()
     # Without a label embedding the model is unconditional.
     uncond = {k: v for k, v in snap.tensors.items() if not k.startswith("model.y_embedder")}
     config_u, _ = convert_state(dataclasses.replace(snap, tensors=uncond, kwargs={**snap.kwargs, "label_dim": 0}))
@@ -214,7 +212,7 @@ def test_shapes_reveal_the_rest():
     with pytest.raises(LegoError, match=re.escape("cannot place: model.model.0.blocks.0.norm1.weight")):
         convert_state(dataclasses.replace(snap, tensors=extra))
     # Constructor arguments that are not plain numbers (a numpy scalar reads as an inert placeholder) are refused.
-    with pytest.raises(LegoError, match="sigma_data is .* not a number"):
+    with pytest.raises(LegoError, match="sigma_data is .* must be a finite number"):
         convert_state(dataclasses.replace(snap, kwargs={**snap.kwargs, "sigma_data": object()}))
     # The label embedding: class k = column k + bias, the null class = the bias.
     w, b = (snap.tensors[f"model.y_embedder.embedding_table.{k}"] for k in ("weight", "bias"))
@@ -349,8 +347,6 @@ def test_registry_depths_and_time_scale():
 @needs_fixtures
 def test_convert_replaces_a_checkpoint_only_with_overwrite_and_not_under_a_run(tmp_path, capsys):
     """Issue 21, item 2: lego.convert --out replaced any checkpoint there (a trained run's, a running lego.train's)."""
-    from conftest import assert_one_line_error
-
     from lego.training.rundir import RunDir
 
     snapshot, out = str(FIXTURES / "lego_T_PG_32.pkl"), tmp_path / "run"
@@ -367,3 +363,83 @@ def test_convert_replaces_a_checkpoint_only_with_overwrite_and_not_under_a_run(t
     bad.write_bytes(b"not a pickle")
     assert main([str(bad), "--out", str(tmp_path / "new")]) == 2
     assert not (tmp_path / "new").exists()  # a failed conversion leaves no empty folder
+
+
+@needs_fixtures
+@pytest.mark.parametrize(
+    "key,value",
+    [("num_heads", 4.0), ("num_heads", -4), ("num_heads", "4"), ("num_heads", 0), ("num_heads", True),
+     ("img_resolution", 0), ("img_resolution", True), ("img_resolution", 20), ("sigma_data", float("nan")),
+     ("sigma_data", float("inf")), ("sigma_data", 0), ("sigma_data", -1), ("img_channels", 0), ("label_dim", -1)],
+)  # fmt: skip
+def test_every_recorded_number_is_checked(key, value):
+    """Issue 21, item 5: heads 4.0 or -4, resolution 0 or True, sigma_data NaN / inf / 0 / -1 were accepted (sigma_data
+    0 sampled all zeros), or ended in tracebacks."""
+    snap = read_snapshot(FIXTURES / "lego_T_PG_32.pkl")
+    if key == "num_heads":  # recorded on each attention module
+        attrs = {k: ({**v, "num_heads": value} if "num_heads" in v else v) for k, v in snap.attrs.items()}
+        snap = dataclasses.replace(snap, attrs=attrs)
+    else:
+        snap = dataclasses.replace(snap, kwargs={**snap.kwargs, key: value})
+    with pytest.raises(LegoError, match=key if key != "img_resolution" or value != 20 else "largest brick"):
+        convert_state(snap)
+
+
+@needs_fixtures
+def test_recorded_heads_win_and_tensors_are_checked():
+    snap = read_snapshot(FIXTURES / "lego_T_PG_32.pkl")
+    heads = convert_state(snap)[0].num_heads
+    assert convert_state(snap, num_heads=heads)[0].num_heads == heads  # the same count: fine
+    with pytest.raises(LegoError, match=f"records {heads} attention heads"):  # (it moved D by 0.21)
+        convert_state(snap, num_heads=2 * heads)
+    name = "model.model.0.blocks.0.attn.qkv.weight"
+    nan = {**snap.tensors, name: torch.full_like(snap.tensors[name], float("nan"))}
+    with pytest.raises(LegoError, match="NaN or inf"):
+        convert_state(dataclasses.replace(snap, tensors=nan))
+    wrong = {**snap.tensors, name: snap.tensors[name][:, :-1]}  # a wrongly shaped weight: one error, no traceback
+    with pytest.raises(LegoError, match="shapes"):
+        model_from_snapshot(dataclasses.replace(snap, tensors=wrong))
+
+
+@needs_fixtures
+def test_a_snapshot_trained_without_joint_training_refuses_brick_skipping(tmp_path, monkeypatch, capsys):
+    """Issue 21, item 5: --joint=False was lost, and --t-break then sampled from bricks never trained to denoise."""
+    import lego.checkpoints.snapshots as snapshots
+    from lego.sample import main as sample_main
+
+    snap = read_snapshot(FIXTURES / "lego_T_PG_32.pkl")
+    separate = dataclasses.replace(snap, kwargs={**snap.kwargs, "train_intermediate_stages": False})
+    monkeypatch.setattr(snapshots, "read_snapshot", lambda path: separate)
+    ckpt = convert("separate.pkl", tmp_path / "run")
+    assert load_checkpoint(ckpt, parts=()).train_config["joint"] is False
+    args = ["--ckpt", str(ckpt), "--n", "1", "--steps", "2", "--out", str(tmp_path / "s.png")]
+    assert_one_line_error(capsys, sample_main([*args, "--t-break", "0.5"]), "--t-break", "--joint=False")
+    assert_one_line_error(capsys, sample_main([*args, "--cfg-scale", "2", "--guide-skip", "1"]), "--joint=False")
+    assert sample_main(args) == 0
+
+
+def test_malformed_trees_and_views_are_refused(tmp_path):
+    """Issue 21: cyclic or very deep module trees ended in RecursionError; a weight stored as a view past the end of its
+    storage converted as zeros (or asked for 16 GiB)."""
+    from lego.checkpoints.snapshots import Placeholder, _rebuild_tensor, _Refused, _walk_module
+
+    def module(children):
+        m = Placeholder()
+        m.state = {"_modules": children, "_parameters": {}, "_buffers": {}}
+        return m
+
+    loop = module({})
+    loop.state["_modules"]["self"] = loop
+    deep = module({})
+    for _ in range(100):
+        deep = module({"child": deep})
+    for tree in (loop, deep):
+        with pytest.raises(LegoError, match="loops back on itself or nests deeper"):
+            _walk_module(tree, "", {}, {}, "x.pkl")
+    storage = torch.zeros(4).untyped_storage()
+    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.float32, _internal=True)
+    assert _rebuild_tensor(typed, 0, (2, 2), (2, 1)).shape == (2, 2)
+    for offset, size, stride in ((0, (10,), (1,)), (3, (2,), (1,)), (0, (2, 2), (4, 1)), (0, (1 << 32,), (1,)),
+                                 (-1, (2,), (1,))):  # fmt: skip
+        with pytest.raises(_Refused):
+            _rebuild_tensor(typed, offset, size, stride)

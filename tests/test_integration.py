@@ -33,11 +33,11 @@ def test_a_converted_checkpoint_resumes_as_lego_train_would(tmp_path, digits, mo
     config = dataclasses.replace(
         model_config("LEGO-T-PG-16", in_channels=1, num_classes=10), name="lego_T_PG_16", time_scale=1.0
     )
-    monkeypatch.setattr(lego.checkpoints.snapshots, "convert_model", lambda *args, **kwargs: LegoModel(config).eval())
+    snapshots = lego.checkpoints.snapshots
+    monkeypatch.setattr(snapshots, "read_snapshot", lambda path: snapshots.Snapshot("EDMPrecondLEGO", {}, {}))
+    monkeypatch.setattr(snapshots, "model_from_snapshot", lambda *args, **kwargs: LegoModel(config).eval())
     run = tmp_path / "conv"
-    lego.checkpoints.snapshots.convert(
-        "lego_T_PG_16.pkl", run
-    )  # (the snapshot is not read: convert_model stands in for it)
+    snapshots.convert("lego_T_PG_16.pkl", run)  # (no snapshot is read: the two stand-ins above)
     argv = [
         "--resume",
         "--out",

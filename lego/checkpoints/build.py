@@ -191,3 +191,14 @@ def check_guidance(cfg_scale: float, num_classes: int, train_config: dict, class
             "the unconditional half of guidance, never trained; drop --cfg-scale, or train with "
             "--label-dropout 0.1"
         )
+
+
+def check_skipping(train_config: dict, t_break: float, guide_skip=None) -> None:
+    """Brick skipping runs the lower bricks without the ones above: refused on a model whose lower bricks never
+    learned to denoise on their own (a released snapshot trained with ``--joint=False``, as lego.convert records)."""
+    if train_config.get("joint", True) is False and (t_break or guide_skip):
+        option = "--t-break" if t_break else "--guide-skip"
+        raise LegoError(
+            f"{option}: this model was trained with --joint=False (only its top brick learned to denoise), so "
+            "skipping bricks would sample from bricks that never did; drop it"
+        )

@@ -15,7 +15,14 @@ What the weight mapping handles (the configuration comes from the stored constru
   alone), ours a table with the null class last: row k = column k + bias, row K = bias;
 - the time embedding: theirs sees EDM's c_noise = ln(sigma) / 4 as it is, ours scales it by 250, so the converted
   config sets ``time_scale = 1``;
-- augmentation conditioning (``map_augment``): fed zeros at sampling, so its weight contributes nothing and is dropped.
+- augmentation conditioning (``map_augment``, from training with ``--augment``): the released network applies it only
+  when given augmentation labels, which sampling never passes, so its weight and bias are dropped;
+- joint training: a snapshot trained with ``--joint=False`` (``train_intermediate_stages``) has lower bricks that never
+  learned to denoise on their own; the checkpoint records ``joint: false``, and brick skipping (``--t-break``,
+  ``--guide-skip``) is refused on it.
+
+Every recorded number (heads, resolution, channels, label_dim, sigma_data) and every tensor (its view inside its
+storage, its shape, finite values) is checked before anything is built from it; a malformed snapshot is one error.
 """
 
 from __future__ import annotations
@@ -92,8 +99,12 @@ def _rebuild_tensor(storage, offset, size, stride, *_ignored):
     """torch._utils._rebuild_tensor_v2 on checked arguments (the pickle's hooks and metadata are not passed on)."""
     if not isinstance(storage, torch.storage.TypedStorage):
         raise _Refused("a tensor over something other than a storage")
-    if not all(isinstance(v, int) for v in (offset, *size, *stride)):
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (offset, *size, *stride)):
         raise _Refused("a tensor with non-integer sizes")
+    if len(size) != len(stride) or min((offset, *size, *stride), default=0) < 0:
+        raise _Refused("a tensor with a negative size, stride or offset")
+    if all(size) and offset + sum((n - 1) * st for n, st in zip(size, stride)) >= storage._size():  # (size() warns)
+        raise _Refused("a tensor that reaches past the end of its storage")
     hooks = collections.OrderedDict()  # fresh: the pickle's own hooks are never attached
     return torch._utils._rebuild_tensor_v2(storage, offset, tuple(size), tuple(stride), False, hooks)
 
@@ -163,13 +174,23 @@ def read_snapshot(path) -> Snapshot:
         raise LegoError(f"{path} is a pickle but not a released LEGO snapshot (no 'ema' network in it)")
     tensors, attrs = {}, {}
     _walk_module(ema, "", tensors, attrs, path)
-    kwargs = dict(ema.state.get("_init_kwargs") or {})
-    kwargs.update(attrs[""])
+    kwargs = ema.state.get("_init_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise LegoError(f"{path}: the network's constructor arguments are a {type(kwargs).__name__}, not a dict")
+    kwargs = {**kwargs, **attrs[""]}
     return Snapshot(ema.qualname, kwargs, tensors, attrs)
 
 
-def _walk_module(obj, prefix, tensors, attrs, path):
+MAX_DEPTH = 32  # modules within modules; a released network nests 6 deep
+
+
+def _walk_module(obj, prefix, tensors, attrs, path, seen=None):
     """Collect a pickled nn.Module's parameters and persistent buffers as ``state_dict`` would name them."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or prefix.count(".") > MAX_DEPTH:
+        raise LegoError(f"{path}: its module tree loops back on itself or nests deeper than {MAX_DEPTH} levels; it "
+                        "is not a released LEGO network")  # fmt: skip
+    seen.add(id(obj))
     state = obj.state if isinstance(obj, Placeholder) else None
     if not isinstance(state, dict) or not isinstance(state.get("_modules"), dict):
         raise LegoError(f"{path}: '{prefix.rstrip('.') or 'ema'}' in the snapshot is not a torch module")
@@ -185,7 +206,7 @@ def _walk_module(obj, prefix, tensors, attrs, path):
     attrs[prefix.rstrip(".")] = {k: v for k, v in state.items() if not k.startswith("_") and isinstance(v, plain)}
     for name, child in state["_modules"].items():
         if child is not None:
-            _walk_module(child, f"{prefix}{name}.", tensors, attrs, path)
+            _walk_module(child, f"{prefix}{name}.", tensors, attrs, path, seen)
 
 
 # Linears of a brick: (theirs, ours) names under model.model.<k>. / net.bricks.<k>.; a block's under blocks.<i>.
@@ -254,13 +275,16 @@ def _convert_brick(src: _Source, k: int, channels: int, attrs: dict, out: dict) 
     return BrickSpec(l * grid, l, depth), d, heads, widths
 
 
-def _number(kw: dict, key: str, default):
-    """A constructor argument that must be a plain number (None or absent: ``default``)."""
+def _number(kw: dict, key: str, default, integer: bool = True, low: float = 1):
+    """A constructor argument that must be a plain number >= low, an integer unless ``integer`` is False (None or
+    absent: ``default``)."""
     value = kw.get(key)
     if value is None:
         return default
-    if not isinstance(value, int | float):
-        raise LegoError(f"the snapshot's {key} is {value!r}, not a number")
+    kind = int if integer else int | float
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < low:
+        need = "an integer" if integer else "a finite number"
+        raise LegoError(f"the snapshot's {key} is {value!r}; it must be {need} >= {low:g}")
     return value
 
 
@@ -274,6 +298,9 @@ def convert_state(snapshot: Snapshot, num_heads: int | None = None) -> tuple[Leg
     if "model.model.0.x_embedder.proj.weight" not in src:
         raise LegoError("the snapshot has no bricks (model.model.0.x_embedder...); it is not a released LEGO network")
     channels = int(_number(kw, "img_channels", src["model.model.0.x_embedder.proj.weight"].shape[1] - 2))
+    bad = sorted(k for k, v in src.items() if not torch.isfinite(v).all())
+    if bad:
+        raise LegoError(f"the snapshot's {bad[0]} (and {len(bad) - 1} more) hold NaN or inf; it is damaged")
 
     out: dict[str, torch.Tensor] = {}
     bricks, hidden, heads, widths = [], set(), set(), set()
@@ -284,13 +311,22 @@ def convert_state(snapshot: Snapshot, num_heads: int | None = None) -> tuple[Leg
         heads |= h
         widths |= w
     heads.discard(None)
-    heads = {num_heads} if num_heads is not None else heads
+    for h in heads:
+        _number({"num_heads": h}, "num_heads", None)
     for what, values in (("hidden sizes", hidden), ("MLP widths", widths), ("attention head counts", heads)):
         if len(values) > 1:
             raise LegoError(f"the snapshot's bricks use different {what} {sorted(values)}; lego needs one")
+    if heads and num_heads is not None and num_heads not in heads:
+        raise LegoError(
+            f"--num-heads {num_heads}: the snapshot records {heads.pop()} attention heads, and another count would "
+            "change the model; drop --num-heads"
+        )
+    heads = heads or ({num_heads} if num_heads is not None else set())
     if not heads:
         raise LegoError("the snapshot does not record its number of attention heads; pass --num-heads")
     (hidden,) = hidden
+    if hidden % next(iter(heads)):
+        raise LegoError(f"the snapshot's hidden size {hidden} does not split into {next(iter(heads))} heads")
 
     freq = attrs.get("model.t_embedder", {}).get("frequency_embedding_size", 256)
     pe = attrs.get("model.t_embedder.positional_embedding", {})
@@ -305,15 +341,17 @@ def convert_state(snapshot: Snapshot, num_heads: int | None = None) -> tuple[Leg
         b = src.take("model.y_embedder.embedding_table.bias")  # (d,): the null label (all zeros) gives it alone
         num_classes = w.shape[1]
         out["net.y_embedder.embedding_table.weight"] = torch.cat([w.t() + b, b[None]])  # (K + 1, d)
-    if _number(kw, "label_dim", num_classes) != num_classes:
+    if _number(kw, "label_dim", num_classes, low=0) != num_classes:
         raise LegoError(f"the snapshot says label_dim {kw['label_dim']} but its label embedding has {num_classes}")
 
-    if "model.map_augment.bias" in src:
-        raise LegoError("the snapshot's augmentation conditioning has a bias; lego cannot say where it enters")
-    src.pop("model.map_augment.weight", None)  # its input is zero at sampling: it contributes nothing
+    src.pop("model.map_augment.weight", None)  # applied only with augmentation labels, which sampling never passes
+    src.pop("model.map_augment.bias", None)
     if src:
         raise LegoError(f"the snapshot has tensors that this converter cannot place: {', '.join(sorted(src)[:8])}")
 
+    resolution = int(_number(kw, "img_resolution", max(b.brick_size for b in bricks)))
+    if resolution % max(b.brick_size for b in bricks):
+        raise LegoError(f"the snapshot's img_resolution {resolution} is not a multiple of its largest brick")
     config = LegoConfig(
         name=str(kw.get("model_type") or "converted"),
         bricks=tuple(bricks),
@@ -322,9 +360,9 @@ def convert_state(snapshot: Snapshot, num_heads: int | None = None) -> tuple[Leg
         mlp_ratio=widths.pop() / hidden if widths else 4.0,
         in_channels=channels,
         num_classes=num_classes,
-        resolution=int(_number(kw, "img_resolution", max(b.brick_size for b in bricks))),
+        resolution=resolution,
         precond="edm",
-        sigma_data=float(_number(kw, "sigma_data", 0.5)),
+        sigma_data=float(_number(kw, "sigma_data", 0.5, integer=False, low=1e-6)),
         time_scale=1.0,
     )
     return config, out
@@ -332,12 +370,21 @@ def convert_state(snapshot: Snapshot, num_heads: int | None = None) -> tuple[Leg
 
 def convert_model(snapshot_path, num_heads: int | None = None) -> LegoModel:
     """Our LegoModel (eval mode, CPU) holding a released snapshot's EMA weights."""
-    config, state = convert_state(read_snapshot(snapshot_path), num_heads)
+    return model_from_snapshot(read_snapshot(snapshot_path), num_heads)
+
+
+def model_from_snapshot(snapshot: Snapshot, num_heads: int | None = None) -> LegoModel:
+    """``convert_model`` of a snapshot already read."""
+    config, state = convert_state(snapshot, num_heads)
     try:
         model = LegoModel(config)
     except ValueError as e:
-        raise LegoError(f"{snapshot_path}: the snapshot's configuration does not build in lego ({e})") from None
-    model.load_state_dict(state)  # strict: a mapping mistake fails here, not as a silently wrong model
+        raise LegoError(f"the snapshot's configuration does not build in lego ({e})") from None
+    try:
+        model.load_state_dict(state)  # strict: a mapping mistake fails here, not as a silently wrong model
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise LegoError(f"the snapshot's weights do not have the shapes its configuration implies ({first})") from None
     return model.eval()
 
 
@@ -346,9 +393,11 @@ def convert(snapshot_path, out, num_heads: int | None = None) -> Path:
 
     The snapshot holds only EMA weights: they become both the model and the EMA of the checkpoint, with a fresh
     optimizer state at step 0, so ``lego.train --resume --out OUT --data ... --steps N`` fine-tunes it."""
-    model = convert_model(snapshot_path, num_heads)
+    snapshot = read_snapshot(snapshot_path)
+    model = model_from_snapshot(snapshot, num_heads)
     ckpt = Path(out) / "checkpoint.safetensors"
     train_config = {
+        "joint": snapshot.kwargs.get("train_intermediate_stages", True) is not False,
         "model": model.config.name,
         "resolution": model.config.resolution,
         "precond": "edm",

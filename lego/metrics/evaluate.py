@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from lego import checks
-from lego.checkpoints.build import check_guidance, load_model
+from lego.checkpoints.build import check_guidance, check_skipping, load_model
 from lego.checkpoints.format import load_checkpoint
 from lego.data.datasets import open_dataset
 from lego.data.loader import prepare
@@ -54,6 +54,7 @@ def evaluate(
     net = load_model(ckpt, use_ema=use_ema, device=device)
     guide = load_model(guide_ckpt, use_ema=use_ema, device=device) if guide_ckpt is not None else None
     check_guidance(cfg_scale, net.num_classes, info.train_config, classifier_free=guide is None and guide_skip is None)
+    check_skipping(info.train_config, t_break, guide_skip)
     res = net.resolution
     latent = bool(info.train_config.get("latents"))  # trained on lego.encode's latents: its samples are not images
     if latent and inception:
