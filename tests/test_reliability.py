@@ -794,3 +794,66 @@ def test_latents_far_from_unit_scale_are_warned_about(tmp_path, capsys):
         code = train_main([*FAST, "--data", str(data), "--steps", "1", "--out", str(tmp_path / f"run-{scale:g}")])
         err = capsys.readouterr().err
         assert code == 0 and ("warning" in err and "standard deviation 1e+06" in err) == warned, err
+
+
+# -- issue 21: tracebacks and unclear errors ---------------------------------------------------------------------------
+def test_a_negative_size_in_an_older_checkpoints_config_is_one_line(run, digits, capsys, tmp_path):
+    """(sample, eval, resume and base ended in "Trying to create tensor with negative dimension")"""
+    path = run / "checkpoint.safetensors"
+
+    def negative(meta, tensors):
+        meta["model_config"] = json.dumps({**json.loads(meta["model_config"]), "hidden_size": -64})
+        del meta["checksums"]  # an older checkpoint: with checksums the edit is caught first
+
+    _rewrite(path, negative)
+    code = sample_main(["--ckpt", str(path), "--n", "1", "--steps", "1", "--out", str(tmp_path / "a.png")])
+    assert_one_line_error(capsys, code, str(path), "hidden_size must be an integer at least 1, got -64")
+    code = train_main([*FAST, "--data", digits, "--steps", "4", "--out", str(run), "--resume"])
+    assert_one_line_error(capsys, code, "hidden_size")
+
+
+def test_running_out_of_memory_is_one_line(capsys):
+    from lego.errors import run_cli
+
+    def work():
+        torch.empty(1 << 50, dtype=torch.uint8)  # what a canvas or --n too large for the machine ends in
+
+    assert_one_line_error(capsys, run_cli("lego.sample", work), "out of memory", "lower --batch")
+    with pytest.raises(RuntimeError, match="not about memory"):  # other RuntimeErrors are bugs: their traceback stays
+        run_cli("lego.sample", lambda: (_ for _ in ()).throw(RuntimeError("not about memory")))
+
+
+def test_eval_of_a_model_that_samples_nan_is_one_line(trained, capsys, monkeypatch):
+    pytest.importorskip("ccexam", reason="pip install --no-deps ccexam==1.0.0 (.ci/run does)")
+    from lego.diffusion import samplers
+    from lego.eval import main as eval_main
+
+    monkeypatch.setitem(samplers.SAMPLERS, "heun", lambda net, z, *a, **k: torch.full_like(z, float("nan")))
+    code = eval_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--n", "4", "--no-progress"])
+    assert_one_line_error(capsys, code, "NaN or inf", "nothing to score")  # (it was a LinAlgError)
+
+
+def test_a_stride_longer_than_the_window_is_refused(capsys, tmp_path):
+    args = ["--ckpt", str(ROOT / "tests/fixtures/tiny_mnist.safetensors"), "--n", "1", "--steps", "1", "--height",
+            "16", "--width", "48", "--window", "16", "--stride", "24", "--out", str(tmp_path / "a.png")]  # fmt: skip
+    assert_one_line_error(capsys, sample_main(args), "--stride 24", "at most the window")  # (was "NaN ... guidance")
+
+
+def test_a_conditioning_of_another_dtype_is_named():
+    brick = LegoBrick(brick_size=4, field_size=2, hidden_size=32, depth=1, num_heads=2, in_channels=1)
+    with pytest.raises(ValueError, match="cond is torch.float64"):  # (was "mat1 and mat2 must have the same dtype")
+        brick(torch.randn(2, 1, 8, 8), None, torch.randn(2, 32, dtype=torch.float64))
+
+
+def test_encode_on_a_missing_gpu_and_a_unet_as_vae_are_one_line(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from lego.encode import main as encode_main
+
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    (unet / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    out = str(tmp_path / "z.npy")
+    assert_one_line_error(capsys, encode_main(["--vae", str(unet), "--data", "default", "--out", out]), "UNet2DModel")
+    if not torch.cuda.is_available():
+        code = encode_main(["--vae", str(unet), "--data", "default", "--out", out, "--device", "cuda"])
+        assert_one_line_error(capsys, code, "cuda")

@@ -182,6 +182,7 @@ def read_snapshot(path) -> Snapshot:
 
 
 MAX_DEPTH = 32  # modules within modules; a released network nests 6 deep
+MAX_RESOLUTION = 1 << 16  # a training canvas side (the released models: 32 to 256)
 
 
 def _walk_module(obj, prefix, tensors, attrs, path, seen=None):
@@ -350,8 +351,10 @@ def convert_state(snapshot: Snapshot, num_heads: int | None = None) -> tuple[Leg
         raise LegoError(f"the snapshot has tensors that this converter cannot place: {', '.join(sorted(src)[:8])}")
 
     resolution = int(_number(kw, "img_resolution", max(b.brick_size for b in bricks)))
-    if resolution % max(b.brick_size for b in bricks):
-        raise LegoError(f"the snapshot's img_resolution {resolution} is not a multiple of its largest brick")
+    if resolution % max(b.brick_size for b in bricks) or resolution > MAX_RESOLUTION:
+        raise LegoError(
+            f"the snapshot's img_resolution {resolution} is not a multiple of its largest brick up to {MAX_RESOLUTION}"
+        )
     config = LegoConfig(
         name=str(kw.get("model_type") or "converted"),
         bricks=tuple(bricks),

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lego import checks
 from lego.data.datasets import MappedData, open_dataset
 from lego.data.loader import prepare
 from lego.data.vae import as_float_images, downsampling, encode, factors, load_vae
@@ -63,7 +64,7 @@ def encode_dataset(
         )
     if batch <= 0 or (resolution is not None and resolution <= 0):
         raise LegoError(f"--batch and --resolution must be positive, got {batch} and {resolution}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = checks.device(device)
     model = load_vae(vae, dev)
     source, side = _images(data, resolution)
     f = downsampling(model)

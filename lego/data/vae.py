@@ -8,6 +8,7 @@ diffusers is an optional dependency (the ``latent`` extra): it is imported where
 
 from __future__ import annotations
 
+import json
 import socket
 import warnings
 from pathlib import Path
@@ -32,6 +33,13 @@ def load_vae(spec: str, device) -> torch.nn.Module:
         raise LegoError(f"--vae {spec}: no such folder; give a folder written by AutoencoderKL.save_pretrained")
     if local and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
         path = path / "vae"  # a whole pipeline's folder
+    if local and (path / "config.json").is_file():
+        try:
+            kind = json.loads((path / "config.json").read_text()).get("_class_name")
+        except (ValueError, AttributeError):
+            kind = "unreadable"
+        if kind not in (None, "AutoencoderKL"):
+            raise LegoError(f"--vae {spec} holds a {kind}, not an AutoencoderKL; give the autoencoder's folder")
     offline = (
         not local and not hub_reachable()
     )  # then only the local hub cache can serve it, without a minute of retries

@@ -106,6 +106,12 @@ class SlidingWindow:
                 f"--window {side}: the window's height and width must be positive multiples of {big}, the "
                 "model's largest brick"
             )
+        if any(s <= 0 or s > w for s, w in zip(self.stride, self.window)):
+            raise LegoError(
+                f"--stride {'x'.join(map(str, dict.fromkeys(self.stride)))}: the step between windows must be at least "
+                f"1 and at most the window ({'x'.join(map(str, dict.fromkeys(self.window)))}), or pixels between "
+                "windows would get no prediction"
+            )
         net.check_canvas(torch.empty(1, net.in_channels, *self.window, device="meta"))
 
     # What the samplers read of a denoiser: the wrapped one's.

@@ -79,6 +79,11 @@ def evaluate(
             guide=guide,
         )  # fmt: skip
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if not torch.isfinite(images).all():  # (the Fréchet distance would end in a LinAlgError)
+        raise LegoError(
+            f"sampling {ckpt} gave NaN or inf values, so there is nothing to score; try less guidance (--cfg-scale) "
+            "or another checkpoint"
+        )
     flops = meter.flops(res, res)
     report = {
         "ckpt": str(ckpt), "model": net.config.name, "step": info.step, "data": data, "resolution": res, "n": n,

@@ -110,6 +110,8 @@ class LegoBrick(nn.Module):
                 f"LegoBrick: x is {dt} but its weights are {self.embed_weight.dtype}; convert one to the "
                 "other (brick.to(x.dtype) or x.to(...)), or run the brick under torch.autocast"
             )
+        if not autocast and cond.dtype != dt:  # (it ended in "mat1 and mat2 must have the same dtype")
+            raise ValueError(f"LegoBrick: cond is {cond.dtype} but x and the weights are {dt}; pass cond.to({dt})")
         cond = self.cond_proj(cond)  # (B, d)
         mods = [[v.to(dt) for v in block.modulation(cond)] for block in self.blocks]  # per image: depth x 6 x (B, d)
         final_shift, final_scale = (v.to(dt) for v in self.final_layer.modulation(cond))  # (B, d) each

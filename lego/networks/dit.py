@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lego import checks
 from lego.errors import LegoError
-from lego.networks.interface import BrickOutput, NoiseLevel, PatchDraw, check_batch_of_canvases
+from lego.networks.interface import BrickOutput, NoiseLevel, PatchDraw, check_batch_of_canvases, check_sizes
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class DiTConfig:
     resolution: int = 32  # the training canvas; sampling takes any square canvas whose side is a multiple of patch_size
     precond: str = "edm"
     sigma_data: float = 0.5
+
+    def __post_init__(self):
+        check_sizes(self)
+        checks.integer("num_layers", self.num_layers, 1)
+        checks.integer("patch_size", self.patch_size, 1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

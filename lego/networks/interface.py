@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lego import checks
+
 
 @dataclass(frozen=True)
 class NoiseLevel:
@@ -64,3 +66,14 @@ def check_batch_of_canvases(x: torch.Tensor, in_channels: int) -> tuple[int, int
     if x.shape[1] != in_channels:
         raise ValueError(f"the input has {x.shape[1]} channels but the model was built for {in_channels}")
     return x.shape[2], x.shape[3]
+
+
+def check_sizes(config) -> None:
+    """The sizes every model config has are whole and positive (a damaged checkpoint's config fails here, not in a
+    tensor allocation)."""
+    for field in ("hidden_size", "num_heads", "in_channels", "resolution"):
+        checks.integer(field, getattr(config, field), 1)
+    checks.integer("num_classes", config.num_classes, 0)
+    checks.real("sigma_data", config.sigma_data, 0, low_open=True)
+    if config.hidden_size % config.num_heads:
+        raise ValueError(f"hidden_size {config.hidden_size} does not split into {config.num_heads} heads")

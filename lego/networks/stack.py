@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lego import checks
 from lego.errors import LegoError
 from lego.networks.blocks import LabelEmbedder, TimestepEmbedder
 from lego.networks.brick import LegoBrick
-from lego.networks.interface import BrickOutput, NoiseLevel, PatchDraw, check_batch_of_canvases
+from lego.networks.interface import BrickOutput, NoiseLevel, PatchDraw, check_batch_of_canvases, check_sizes
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,15 @@ class LegoConfig:
     # released models feed EDM's c_noise unscaled, so lego.convert sets 1.0.
     time_scale: float | None = None
     base: dict | None = None  # a pretrained denoiser as brick 0 (lego.checkpoints.build): its origin, frozen or not
+
+    def __post_init__(self):
+        check_sizes(self)
+        if not self.bricks:
+            raise ValueError(f"{self.name}: a LEGO stack needs at least one brick")
+        for b in self.bricks:
+            for field in ("brick_size", "field_size", "depth"):
+                checks.integer(f"a brick's {field}", getattr(b, field), 1)
+        checks.real("mlp_ratio", self.mlp_ratio, 0, low_open=True)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
