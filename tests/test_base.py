@@ -352,3 +352,17 @@ def test_freeze_base_needs_a_base(tmp_path, capsys):
                        "--out", str(tmp_path / "run")])  # fmt: skip
     assert_one_line_error(capsys, code, "--freeze-base", "--base-ckpt")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_base_with_nan_weights_is_named(tmp_path):
+    """Issue 21: training on such a base ended in "the loss is not finite ... Lower --lr"."""
+    from diffusers import UNet2DModel
+
+    blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, **blocks)  # fmt: skip
+    with torch.no_grad():
+        unet.conv_in.weight[0] = float("nan")
+    unet.save_pretrained(tmp_path / "unet")
+    with pytest.raises(LegoError, match="conv_in.weight"):
+        stack_on_base("LEGO-T-PR-16", str(tmp_path / "unet"), in_channels=1, resolution=16)

@@ -443,3 +443,10 @@ def test_malformed_trees_and_views_are_refused(tmp_path):
                                  (-1, (2,), (1,))):  # fmt: skip
         with pytest.raises(_Refused):
             _rebuild_tensor(typed, offset, size, stride)
+
+
+def test_a_torch_save_file_is_named(tmp_path, capsys):
+    """Issue 21: PyTorch's 7-line weights_only text, or a 2-line message."""
+    path = tmp_path / "model.pt"
+    torch.save({"weight": torch.zeros(2)}, path)
+    assert_one_line_error(capsys, main([str(path), "--out", str(tmp_path / "run")]), "torch.save file")

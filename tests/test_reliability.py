@@ -857,3 +857,29 @@ def test_encode_on_a_missing_gpu_and_a_unet_as_vae_are_one_line(tmp_path, capsys
     if not torch.cuda.is_available():
         code = encode_main(["--vae", str(unet), "--data", "default", "--out", out, "--device", "cuda"])
         assert_one_line_error(capsys, code, "cuda")
+
+
+def test_a_full_disk_after_the_checkpoint_or_at_the_log_says_what_happened(run, digits, capsys, monkeypatch):
+    """Issue 21: "nothing was replaced" after the checkpoint was written (config.json failed), and a bare Errno 28 when
+    the log could not be appended to."""
+    real_write = ckpt_mod.write_config_json
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "write_config_json", full)
+    code = train_main([*FAST, "--data", digits, "--steps", "3", "--out", str(run), "--resume", "--log-every", "100"])
+    assert_one_line_error(capsys, code, "checkpoint of step 3 was written", "not config.json", "disk is full")
+    assert load_checkpoint(run / "checkpoint.safetensors", parts=()).step == 3
+    monkeypatch.setattr(ckpt_mod, "write_config_json", real_write)
+
+    real_open = open
+
+    def no_log(path, *args, **kwargs):
+        if str(path).endswith("log.jsonl") and args[:1] == ("a",):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("lego.training.loop.open", no_log, raising=False)
+    code = train_main([*FAST, "--data", digits, "--steps", "5", "--out", str(run), "--resume"])
+    assert_one_line_error(capsys, code, "could not write the training log", "No space left", "step 3 is intact")

@@ -70,7 +70,11 @@ def load_base(path, prediction: str | None = None) -> tuple[nn.Module, dict]:
     else:
         raise LegoError(f"base model not found: {path}; give a checkpoint of ours or a diffusers model folder")
     record["path"] = str(path.resolve())
-    record["checksum"] = tensors_digest(denoiser.state_dict())
+    state = denoiser.state_dict()
+    bad = non_finite(state)
+    if bad:  # (training on it ended in "the loss is not finite ... Lower --lr")
+        raise LegoError(f"the base {path}: {len(bad)} of its weight tensors hold NaN or inf (first {bad[0]})")
+    record["checksum"] = tensors_digest(state)
     return denoiser, record
 
 

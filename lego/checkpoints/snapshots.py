@@ -158,6 +158,12 @@ def read_snapshot(path) -> Snapshot:
     path = Path(path)
     if not path.is_file():
         raise LegoError(f"snapshot not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":  # torch.save's zip archive (pickles are not zips)
+            raise LegoError(
+                f"{path} is a torch.save file, not a snapshot pickle of the released code (network-snapshot-*.pkl); "
+                "lego.convert reads only those"
+            )
     try:
         with open(path, "rb") as f:
             data = SnapshotUnpickler(f).load()

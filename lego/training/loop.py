@@ -28,7 +28,7 @@ from lego.data.images import save_grid
 from lego.diffusion.denoiser import Denoiser
 from lego.diffusion.generate import generate, parse_labels
 from lego.diffusion.loss import LegoLoss
-from lego.errors import Stopped
+from lego.errors import LegoError, Stopped
 from lego.networks.registry import model_config
 from lego.training import distributed
 from lego.training.config import TrainConfig, check_resume, check_train_config
@@ -50,6 +50,18 @@ def _workers(cfg: TrainConfig, data) -> int:
 
 
 @torch.no_grad()
+def _append_log(path: Path, record: dict, saved_step: int | None) -> None:
+    try:
+        with open(path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+    except OSError as e:  # (a full disk was a bare "[Errno 28] No space left on device")
+        kept = f"the checkpoint of step {saved_step} is intact" if saved_step else "no checkpoint was written yet"
+        raise LegoError(
+            f"could not write the training log {path} ({e.strerror}); {kept}. Free some space and continue with "
+            "--resume"
+        ) from None
+
+
 def _ema_update(ema, model, decay):
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
@@ -204,8 +216,7 @@ def _train(
                 "lr": opt.param_groups[0]["lr"],
             }
             if ranks.main:
-                with open(out / "log.jsonl", "a") as log:
-                    log.write(json.dumps(record) + "\n")
+                _append_log(out / "log.jsonl", record, run.saved_step)
                 bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}")
                 if not progress:
                     print(json.dumps(record), flush=True)

@@ -181,9 +181,14 @@ class RunDir:
         try:
             distributed.agree(write, self.ranks)
         except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as SafetensorError
-            kept = f"the checkpoint of step {self.saved_step} is intact" if self.saved_step else "nothing was replaced"
             full = getattr(e, "errno", None) == errno.ENOSPC or f"os error {errno.ENOSPC})" in str(e)
             reason = "the disk is full" if full else (getattr(e, "strerror", None) or str(e))
+            if self._holds(step):  # the checkpoint went in; its readable copy config.json did not
+                raise LegoError(
+                    f"the checkpoint of step {step} was written to {self.ckpt_path}, but not config.json beside it "
+                    f"({reason}); free some space and continue with --resume (it rewrites config.json)"
+                ) from None
+            kept = f"the checkpoint of step {self.saved_step} is intact" if self.saved_step else "nothing was replaced"
             raise LegoError(
                 f"could not write the checkpoint of step {step} to {self.ckpt_path}: {reason}; {kept}. "
                 "Free some space and continue with --resume"
@@ -194,6 +199,15 @@ class RunDir:
         self._bad_step = None
         if self.ranks.main:
             self._prune()
+
+    def _holds(self, step: int) -> bool:
+        """Whether checkpoint.safetensors is the checkpoint of ``step`` (rank 0 reads it)."""
+        if not self.ranks.main:
+            return False
+        try:
+            return load_checkpoint(self.ckpt_path, parts=()).step == step
+        except LegoError:
+            return False
 
     def _older_path(self, step: int) -> Path:
         return self.out / f"checkpoint-{step}.safetensors"
