@@ -63,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
     p.add_argument("--json", help="also write the report to this .json file")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it is there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
     report = evaluate(
         args.ckpt, args.n, args.sampler, args.steps, args.cfg_scale, args.t_break, args.seed, args.batch, args.data,
         args.inception, args.inception_weights, args.device, not args.raw, not args.no_progress, args.json,
-        args.guidance_interval, args.guide_skip, args.guide_ckpt,
+        args.guidance_interval, args.guide_skip, args.guide_ckpt, args.overwrite,
     )  # fmt: skip
     print(json.dumps(report))
     print(f"lego.eval: {summary(report)}")

@@ -59,6 +59,17 @@ def remove_orphans(folder, unattributed: bool = False) -> list[Path]:
     return removed
 
 
+def check_new_files(paths, overwrite: bool = False, option: str = "--out") -> None:
+    """The rule of every tool that writes: what is there is replaced only with ``overwrite`` (checked before any
+    work, so that nothing is computed for a file that will not be written)."""
+    there = [str(p) for p in paths if Path(p).exists()]
+    if there and not overwrite:
+        raise LegoError(f"{option}: {' and '.join(there)} already there; pick another name, or pass --overwrite")
+    for p in paths:
+        if Path(p).is_dir():
+            raise LegoError(f"{option} {p} is a folder; give a file name")
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then move the file into place; the old file stays intact until the rename.
 

@@ -17,6 +17,7 @@ from lego.diffusion.cost import CostMeter
 from lego.diffusion.generate import check_sample_options, generate, parse_interval, parse_labels
 from lego.diffusion.window import parse_regions
 from lego.errors import LegoError
+from lego.files import check_new_files
 
 
 def sample(
@@ -89,13 +90,16 @@ def write_samples(
     guidance_interval=None,
     guide_skip=None,
     guide_ckpt=None,
+    overwrite=False,
 ) -> list[Path]:
     """lego.sample: sample (see ``sample``), decode latents with the autoencoder ``vae`` (loaded first: a bad one
-    fails fast), write ``out`` (a .png grid or an .npz) and ``npz``; returns the files written."""
+    fails fast), write ``out`` (a .png grid or an .npz) and ``npz`` (replacing files only with ``overwrite``);
+    returns the files written."""
     outs = [Path(p) for p in (out, npz) if p]
     for path in outs:
         if path.suffix not in (".png", ".npz"):
             raise LegoError(f"{path}: the output must end in .png (a grid) or .npz")
+    check_new_files(outs, overwrite)
     if npz and Path(npz).suffix != ".npz":  # it wrote a second grid there
         raise LegoError(f"--npz {npz}: --npz writes an .npz; give a name ending in .npz")
     latents = load_checkpoint(ckpt, parts=()).train_config.get("latents")  # what lego.encode recorded, if any

@@ -44,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
     p.add_argument("--vae", help="decode latent samples to images with this AutoencoderKL (folder or hub id)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out / --npz if they are there")
     return p
 
 
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         args.ckpt, args.out, args.npz, args.vae, args.n, args.sampler, args.steps, args.cfg_scale, args.labels,
         args.t_break, args.height, args.width, args.seed, args.batch, args.device, not args.raw, args.churn,
         args.window, args.stride, args.max_batch, args.regions, args.guidance_interval, args.guide_skip,
-        args.guide_ckpt,
+        args.guide_ckpt, args.overwrite,
     ))  # fmt: skip
 
 

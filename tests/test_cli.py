@@ -98,6 +98,7 @@ def test_sample_png_npz_and_large_non_square_canvas(trained, tmp_path):
                     "2",
                     "--out",
                     str(png),
+                    "--overwrite",  # (the grid above is there)
                     "--sampler",
                     sampler,
                     "--steps",

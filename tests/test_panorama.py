@@ -201,7 +201,7 @@ def test_sample_cli_sliding_window_and_regions(tiny_ckpt, tmp_path, capsys):
         assert z["samples"].shape == (2, 1, 16, 40)
         assert (z["labels"][:, :, :20] == 1).all() and (z["labels"][:, :, 20:] == 7).all()
     for sampler in ("ddpm", "ddim"):
-        assert sample_main([*base, "--out", str(npz), "--window", "16", "--sampler", sampler]) == 0
+        assert sample_main([*base, "--out", str(npz), "--overwrite", "--window", "16", "--sampler", sampler]) == 0
     for bad, needle in (
         (["--regions", "0:20=1"], "without a class"),
         (["--regions", "0:40=12"], "0..9"),
@@ -210,7 +210,7 @@ def test_sample_cli_sliding_window_and_regions(tiny_ckpt, tmp_path, capsys):
         (["--regions", "a=1"], "cannot read"),
         (["--regions", "0:40=1", "--labels", "2"], "not both"),
     ):
-        code = sample_main([*base, "--out", str(npz), *bad])
+        code = sample_main([*base, "--out", str(npz), "--overwrite", *bad])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
 

@@ -883,3 +883,22 @@ def test_a_full_disk_after_the_checkpoint_or_at_the_log_says_what_happened(run, 
     monkeypatch.setattr("lego.training.loop.open", no_log, raising=False)
     code = train_main([*FAST, "--data", digits, "--steps", "5", "--out", str(run), "--resume"])
     assert_one_line_error(capsys, code, "could not write the training log", "No space left", "step 3 is intact")
+
+
+def test_sample_and_eval_replace_their_files_only_with_overwrite(trained, tmp_path, capsys):
+    """Issue 21: every tool that writes follows one rule: what is there is replaced only with --overwrite."""
+    ckpt = str(trained / "checkpoint.safetensors")
+    out = tmp_path / "s.png"
+    args = ["--ckpt", ckpt, "--n", "1", "--steps", "1", "--out", str(out)]
+    assert sample_main(args) == 0
+    before = out.read_bytes()
+    assert_one_line_error(capsys, sample_main([*args, "--seed", "1"]), "already there", "--overwrite")
+    assert out.read_bytes() == before
+    assert sample_main([*args, "--seed", "1", "--overwrite"]) == 0 and out.read_bytes() != before
+    from lego.eval import main as eval_main
+
+    report = tmp_path / "eval.json"
+    report.write_text("{}")
+    code = eval_main(["--ckpt", ckpt, "--n", "2", "--steps", "1", "--json", str(report), "--no-progress"])
+    assert_one_line_error(capsys, code, "--json", "already there")
+    assert report.read_text() == "{}"

@@ -24,7 +24,7 @@ from lego.data.datasets import MappedData, open_dataset
 from lego.data.loader import prepare
 from lego.data.vae import as_float_images, downsampling, encode, factors, load_vae
 from lego.errors import LegoError
-from lego.files import atomic_write
+from lego.files import atomic_write, check_new_files
 
 FORMAT = "lego-latents-1"
 
@@ -56,12 +56,7 @@ def encode_dataset(
     if out.suffix != ".npy":
         raise LegoError(f"--out {out}: the latents are written as a .npy file; end the name in .npy")
     labels_path, meta_path = out.with_suffix(".labels.npy"), out.with_suffix(".json")
-    existing = [str(p) for p in (out, labels_path, meta_path) if p.exists()]
-    if existing and not overwrite:
-        raise LegoError(
-            f"--out {out}: {' and '.join(existing)} already there; pick another --out, or pass --overwrite to "
-            "replace them"
-        )
+    check_new_files([out, labels_path, meta_path], overwrite)
     if batch <= 0 or (resolution is not None and resolution <= 0):
         raise LegoError(f"--batch and --resolution must be positive, got {batch} and {resolution}")
     dev = checks.device(device)

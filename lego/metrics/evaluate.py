@@ -30,6 +30,7 @@ from lego.diffusion.cost import CostMeter
 from lego.diffusion.generate import check_sample_options, generate, parse_interval, parse_labels
 from lego.diffusion.samplers import DEFAULT_STEPS
 from lego.errors import LegoError
+from lego.files import atomic_write, check_new_files
 from lego.metrics.features import InceptionFeatures, MnistFeatures
 from lego.metrics.frechet import feature_stats, frechet_distance, reference_stats
 
@@ -39,11 +40,12 @@ NOT_DIGITS = ("fashion-mnist",)  # 10 classes, but not the digits the classifier
 def evaluate(
     ckpt, n=10000, sampler="heun", steps=None, cfg_scale=1.0, t_break=0.0, seed=0, batch=250, data=None,
     inception=False, inception_weights=None, device=None, use_ema=True, progress=True, json_path=None,
-    guidance_interval=None, guide_skip=None, guide_ckpt=None,
+    guidance_interval=None, guide_skip=None, guide_ckpt=None, overwrite=False,
 ) -> dict:  # fmt: skip
     """Sample n images from ``ckpt`` and score them (see the module docstring); returns the report as a dict, and
     writes it to ``json_path`` too if given. Guidance options as lego.sample's (lego.generation.sample)."""
     interval = parse_interval(guidance_interval)
+    check_new_files([json_path] if json_path else [], overwrite, "--json")
     # as lego.sample: before the checkpoint and the feature networks load (generate() checks them again)
     check_sample_options(n, sampler, steps, cfg_scale, t_break, None, None, seed, batch, 0.0,
                          guidance_interval=interval, guide_skip=guide_skip,
@@ -104,8 +106,7 @@ def evaluate(
         feats, _ = incep(images)
         report["inception_fid"] = frechet_distance(*feature_stats(feats), *reference_stats(data, res, incep, "incv3"))
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report) + "\n")
+        atomic_write(Path(json_path), lambda tmp: Path(tmp).write_text(json.dumps(report) + "\n"))
     return report
 
 
