@@ -78,17 +78,19 @@ def atomic_write(path: Path, write) -> None:
     ``remove_orphans`` if this process is killed. The file gets mode 0666 less the umask, as ``open`` would give it
     (safetensors' temporary files are 0600)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphans(path.parent)
     tmp_dir = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    tmp_dir.mkdir()
     tmp = tmp_dir / path.name
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_orphans(path.parent)
+        tmp_dir.mkdir()
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # named by the file the user asked for, not by our temporary one
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every file system)

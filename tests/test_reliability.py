@@ -902,3 +902,18 @@ def test_sample_and_eval_replace_their_files_only_with_overwrite(trained, tmp_pa
     code = eval_main(["--ckpt", ckpt, "--n", "2", "--steps", "1", "--json", str(report), "--no-progress"])
     assert_one_line_error(capsys, code, "--json", "already there")
     assert report.read_text() == "{}"
+
+
+def test_io_errors_name_the_file_asked_for_not_a_temporary_one(tmp_path):
+    """Issue 21: I/O errors named our temporary paths (.NAME.PID.RANDOM.tmp)."""
+    (tmp_path / "a-file").write_text("x")
+    target = tmp_path / "a-file" / "out.json"
+
+    def fail(tmp):
+        raise OSError(28, "No space left on device", str(tmp))
+
+    for path, write in ((target, lambda tmp: None), (tmp_path / "ok.json", fail)):
+        with pytest.raises(OSError) as e:
+            atomic_write(path, write)
+        assert e.value.filename == str(path) and ".tmp" not in str(e.value)
+    assert e.value.errno == 28

@@ -108,7 +108,9 @@ class LegoBrick(nn.Module):
         if not autocast and dt != self.embed_weight.dtype:
             raise ValueError(
                 f"LegoBrick: x is {dt} but its weights are {self.embed_weight.dtype}; convert one to the "
-                "other (brick.to(x.dtype) or x.to(...)), or run the brick under torch.autocast"
+                "other (brick.to(x.dtype) or x.to(...)), or run the brick under torch.autocast. A LegoModel computes "
+                "in float32 whatever its input: keep its weights float32 (model.float()) and use torch.autocast "
+                "for bf16"
             )
         if not autocast and cond.dtype != dt:  # (it ended in "mat1 and mat2 must have the same dtype")
             raise ValueError(f"LegoBrick: cond is {cond.dtype} but x and the weights are {dt}; pass cond.to({dt})")
