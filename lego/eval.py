@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
     report = evaluate(
         args.ckpt, args.n, args.sampler, args.steps, args.cfg_scale, args.t_break, args.seed, args.batch, args.data,
         args.inception, args.inception_weights, args.device, not args.raw, not args.no_progress, args.json,
-        args.guidance_interval, args.guide_skip, args.guide_ckpt, args.overwrite,
+        args.guidance_interval, args.guide_skip, args.guide_ckpt, args.overwrite, args.seeds,
     )  # fmt: skip
     print(json.dumps(report))
     print(f"lego.eval: {summary(report)}")

@@ -14,22 +14,27 @@ from lego.checkpoints.format import load_checkpoint
 from lego.data.images import save_grid, save_npz
 from lego.data.vae import decode, factors, load_vae
 from lego.diffusion.cost import CostMeter
-from lego.diffusion.generate import check_sample_options, generate, parse_interval, parse_labels
+from lego.diffusion.generate import check_sample_options, generate, parse_interval, parse_labels, parse_seeds
 from lego.diffusion.window import parse_regions
 from lego.errors import LegoError
 from lego.files import check_new_files
 
 
 def sample(
-    ckpt, n=64, sampler="heun", steps=None, cfg_scale=1.0, labels=None, t_break=0.0, height=None, width=None,
+    ckpt, n=None, sampler="heun", steps=None, cfg_scale=1.0, labels=None, t_break=0.0, height=None, width=None,
     seed=0, batch=64, device=None, use_ema=True, churn=0.0, window=None, stride=None, max_batch=64, regions=None,
-    guidance_interval=None, guide_skip=None, guide_ckpt=None,
+    guidance_interval=None, guide_skip=None, guide_ckpt=None, seeds=None,
 ):  # fmt: skip
-    """Draw n samples [n, C, H, W] (and their labels) from the checkpoint ``ckpt``. ``labels``, ``regions`` and
-    ``guidance_interval`` are lego.sample's texts ("3", "0,1,2"; "0:64=3,64:128=7"; "0.28,5.42"); ``guide_ckpt``
-    a checkpoint to guide by (autoguidance; its EMA weights unless ``use_ema`` is False); the rest is
-    lego.diffusion.generate's. Prints the network evaluations per image."""
+    """Draw n samples [n, C, H, W] (and their labels) from the checkpoint ``ckpt``. ``labels``, ``regions``,
+    ``guidance_interval`` and ``seeds`` are lego.sample's texts ("3", "0,1,2"; "0:64=3,64:128=7"; "0.28,5.42";
+    "0-49999"); ``guide_ckpt`` a checkpoint to guide by (autoguidance; its EMA weights unless ``use_ema`` is False);
+    the rest is lego.diffusion.generate's. With ``seeds``, n is their number (None) and a conditional model's image
+    of seed s asks for class s mod K unless ``labels`` says otherwise. Prints the network evaluations per image."""
     interval = parse_interval(guidance_interval)
+    seeds = parse_seeds(seeds) if seeds is not None else None
+    if seeds is not None and n is not None and n != len(seeds):
+        raise LegoError(f"--n {n} with {len(seeds)} --seeds: give one of them (--seeds sets the number of samples)")
+    n = len(seeds) if seeds is not None else (64 if n is None else n)
     # generate() checks these too; here they are checked before a checkpoint is loaded (seconds for a large one)
     check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn, window, stride,
                          max_batch, interval, guide_skip, guide_ckpt is not None)  # fmt: skip
@@ -42,6 +47,8 @@ def sample(
     check_skipping(train_config, t_break, guide_skip)
     h = height or model.resolution
     ids = parse_labels(labels, n, model.num_classes)
+    if seeds is not None and not labels and model.num_classes:
+        ids = torch.tensor(seeds) % model.num_classes  # a class per seed, whatever the batch
     rects = None
     if regions:
         if labels:
@@ -55,6 +62,7 @@ def sample(
         images, labels = generate(
             model, n, sampler, steps, cfg_scale, ids, t_break, height, width, seed, batch, churn, window, stride,
             max_batch, rects, device=device, guidance_interval=interval, guide_skip=guide_skip, guide=guide,
+            seeds=seeds,
         )  # fmt: skip
     print(f"lego.sample: {meter.evaluations / n:g} network evaluations per image")
     if not torch.isfinite(images).all():
@@ -70,7 +78,7 @@ def write_samples(
     out,
     npz=None,
     vae=None,
-    n=64,
+    n=None,
     sampler="heun",
     steps=None,
     cfg_scale=1.0,
@@ -91,6 +99,7 @@ def write_samples(
     guide_skip=None,
     guide_ckpt=None,
     overwrite=False,
+    seeds=None,
 ) -> list[Path]:
     """lego.sample: sample (see ``sample``), decode latents with the autoencoder ``vae`` (loaded first: a bad one
     fails fast), write ``out`` (a .png grid or an .npz) and ``npz`` (replacing files only with ``overwrite``);
@@ -115,7 +124,7 @@ def write_samples(
         vae_name, vae = vae, load_vae(vae, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     images, labels = sample(ckpt, n, sampler, steps, cfg_scale, labels, t_break, height, width, seed, batch, device,
                             use_ema, churn, window, stride, max_batch, regions, guidance_interval, guide_skip,
-                            guide_ckpt)  # fmt: skip
+                            guide_ckpt, seeds)  # fmt: skip
     if vae:
         images = decode(vae, images, *factors(vae, latents))
         if not torch.isfinite(images).all():

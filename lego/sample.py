@@ -26,7 +26,7 @@ from lego.generation import write_samples
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lego.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint.safetensors written by lego.train or lego.convert")
-    p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--n", type=int, help="number of samples (default 64; with --seeds, their number)")
     p.add_argument("--out", required=True, help="output .png grid or .npz")
     p.add_argument("--npz", help="also write the samples to this .npz")
     add_sampler_options(p)
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         args.ckpt, args.out, args.npz, args.vae, args.n, args.sampler, args.steps, args.cfg_scale, args.labels,
         args.t_break, args.height, args.width, args.seed, args.batch, args.device, not args.raw, args.churn,
         args.window, args.stride, args.max_batch, args.regions, args.guidance_interval, args.guide_skip,
-        args.guide_ckpt, args.overwrite,
+        args.guide_ckpt, args.overwrite, args.seeds,
     ))  # fmt: skip
 
 

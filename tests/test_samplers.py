@@ -245,3 +245,34 @@ def test_eval_records_how_it_guided(capsys, tmp_path):
     # 4 steps at sigma 80, 9.72, 0.47, 0.002: guided (model + guide) at the first two
     assert r["nfe_per_sample"] == 6
     assert "guidance 2 (tests/fixtures/tiny_mnist.safetensors) for sigma in [0.5, inf]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp-2m-sde", "ddpm"])  # stochastic: the samplers' own noise is per seed too
+def test_an_image_is_the_same_in_any_batch_for_its_seed(sampler):
+    """Issue 22, part of 1: every image from its own seed (EDM's --seeds), whatever the batch it is drawn in."""
+    model = _tiny().eval()
+    seeds = [7, 3, 11, 0, 5]
+    kwargs = {"steps": 3, "labels": torch.tensor(seeds) % 3, "seeds": seeds}
+    whole, _ = generate(model, 5, sampler, batch=5, **kwargs)
+    pieces, _ = generate(model, 5, sampler, batch=2, **kwargs)
+    torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=0)
+    alone, _ = generate(model, 1, sampler, steps=3, labels=[11 % 3], seeds=[11])
+    torch.testing.assert_close(alone[0], whole[2], atol=1e-5, rtol=0)
+    other, _ = generate(model, 1, sampler, steps=3, labels=[11 % 3], seeds=[12])
+    assert (other[0] - whole[2]).abs().max() > 1e-2
+
+
+def test_sample_with_seeds_writes_adms_arrays(tmp_path, capsys):
+    import numpy as np
+
+    out = tmp_path / "s.npz"
+    assert sample_main(["--ckpt", FIXTURE, "--seeds", "10-12,40", "--steps", "2", "--device", "cpu",
+                        "--out", str(out)]) == 0  # fmt: skip
+    with np.load(out) as z:
+        assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (4, 16, 16, 1)  # ADM: uint8 NHWC
+        assert z["arr_1"].tolist() == [0, 1, 2, 0] and np.array_equal(z["arr_0"], z["images"])  # class = seed mod 10
+    for args, message in ((["--seeds", "5-a"], "cannot read"), (["--seeds", "1-3", "--n", "4"], "3 --seeds"),
+                          (["--seeds", "-1"], "--seeds")):  # fmt: skip
+        code = sample_main(["--ckpt", FIXTURE, "--steps", "1", "--out", str(tmp_path / "x.npz"), *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err

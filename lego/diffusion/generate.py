@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from lego import checks
-from lego.diffusion.samplers import DEFAULT_STEPS, SAMPLERS, guide_bricks, skip_schedule
+from lego.diffusion.samplers import DEFAULT_STEPS, SAMPLERS, SeedGenerators, guide_bricks, skip_schedule
 from lego.diffusion.window import SlidingWindow, region_map
 from lego.errors import LegoError
 
@@ -37,6 +37,8 @@ def add_sampler_options(p) -> None:
     p.add_argument("--guide-skip", type=int, metavar="K",
                    help="guide by the same model with its top K bricks skipped (on the same class)")  # fmt: skip
     p.add_argument("--guide-ckpt", help="guide by this checkpoint instead (autoguidance: an earlier or smaller model)")
+    p.add_argument("--seeds", help="one seed per image, EDM's way (e.g. 0-49999 or 0,5,10-19): each image is the same "
+                   "in any batch; replaces --n (and --seed)")  # fmt: skip
 
 
 def check_sample_options(
@@ -104,6 +106,28 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
     return interval
 
 
+def parse_seeds(text: str) -> list[int]:
+    """--seeds: EDM's notation, comma-separated seeds and inclusive ranges ("0-49999", "0,5,10-19")."""
+    seeds = []
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        try:
+            seeds += list(range(int(low), int(high) + 1)) if dash else [int(low)]
+        except ValueError:
+            raise LegoError(f"--seeds: cannot read {part!r}; write seeds and ranges (0-49999, 0,5,10-19)") from None
+    check_seeds(seeds)
+    return seeds
+
+
+def check_seeds(seeds, n: int | None = None) -> None:
+    if not len(seeds):
+        raise LegoError("--seeds names no seed; give e.g. 0-999")
+    for s in seeds:
+        checks.integer("--seeds", s, 0, checks.MAX_SEED, meaning=" (each seed)")
+    if n is not None and len(seeds) != n:
+        raise LegoError(f"{len(seeds)} seeds for {n} samples; give one seed per sample")
+
+
 def parse_labels(text: str | None, n: int, num_classes: int) -> torch.Tensor | None:
     """--labels: one class id or a comma list, cycled over n samples; none given: 0, 1, 2, ... cycled (None for an
     unconditional model)."""
@@ -129,7 +153,7 @@ def generate(
     t_break: float = 0.0, height: int | None = None, width: int | None = None, seed: int = 0, batch: int = 64,
     churn: float = 0.0, window=None, stride=None, max_batch: int = 64, regions=None, generator=None,
     device=None, progress: bool = False, desc: str = "sampling", guidance_interval=None, guide_skip=None, guide=None,
-    **sampler_kwargs,
+    seeds=None, **sampler_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """n samples [n, C, H, W] (on the CPU) from the denoiser ``net``, and the labels they were drawn for.
 
@@ -143,9 +167,15 @@ def generate(
     Guidance (``cfg_scale`` w > 1) is D_weak + w (D - D_weak), the weak denoiser being the null class
     (classifier-free), or with ``guide_skip`` the same model with its top K bricks skipped (an int K, or brick
     indices), or ``guide``, another denoiser on the same classes (autoguidance, e.g. an earlier or smaller
-    checkpoint); ``guidance_interval`` (lo, hi) guides only for sigma in [lo, hi]."""
+    checkpoint); ``guidance_interval`` (lo, hi) guides only for sigma in [lo, hi].
+
+    ``seeds`` (n of them): image i is drawn from its own generator seeded with seeds[i] (EDM's convention,
+    ``generate.py --seeds=0-49999``), its starting noise and its sampler's noise alike, so it is the same in any batch
+    and on any number of ranks; ``seed`` and ``generator`` are then not used."""
     check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn, window, stride,
                          max_batch, guidance_interval, guide_skip, guide is not None)  # fmt: skip
+    if seeds is not None:
+        check_seeds(seeds, n)
     if device is None:
         device = next(net.parameters()).device
     h, w = height or net.resolution, width or net.resolution
@@ -188,7 +218,11 @@ def generate(
     chunks = []
     for start in tqdm(range(0, n, batch), desc=desc, unit="batch", disable=not progress):
         size = min(batch, n - start)
-        z = torch.randn(size, net.in_channels, h, w, generator=g, device=device)
+        if seeds is not None:
+            g = SeedGenerators(seeds[start : start + size], device)
+            z = g.randn((size, net.in_channels, h, w), device)
+        else:
+            z = torch.randn(size, net.in_channels, h, w, generator=g, device=device)
         y = labels[start : start + size].to(device) if labels is not None else None
         chunks.append(SAMPLERS[sampler](denoiser, z, y, generator=g, **kwargs).cpu())
     return torch.cat(chunks), labels

@@ -105,6 +105,27 @@ def _in_interval(sigma, interval) -> bool:
     return interval[0] <= s <= interval[1]
 
 
+class SeedGenerators:
+    """One generator per image, each seeded with its image's seed, so that an image's noise (the starting noise and
+    every stochastic sampler's) is the same whatever batch, rank or run draws it (EDM's StackedRandomGenerator). The
+    samplers take it where they take a torch.Generator."""
+
+    def __init__(self, seeds, device):
+        self.generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+
+    def randn(self, shape, device=None, dtype=None) -> torch.Tensor:
+        if shape[0] != len(self.generators):
+            raise ValueError(f"{len(self.generators)} seeds for a batch of {shape[0]}")
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in self.generators])
+
+
+def randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """Standard normal noise shaped like x from ``generator``: a torch.Generator (or None), or SeedGenerators."""
+    if isinstance(generator, SeedGenerators):
+        return generator.randn(x.shape, x.device, x.dtype)
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 def _no_skip(t):
     return ()
 
@@ -157,7 +178,7 @@ def edm_sampler(
         x_cur = x_next
         gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
         t_hat = t_cur + gamma * t_cur
-        noise = torch.randn(x_cur.shape, generator=generator, device=x_cur.device, dtype=x_cur.dtype)
+        noise = randn_like(x_cur, generator)
         x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * S_noise * noise
         d_cur = (x_hat - denoise(x_hat, t_hat, step)) / t_hat  # Euler step
         x_next = x_hat + (t_next - t_hat) * d_cur
@@ -221,7 +242,7 @@ def dpmpp_2m_sampler(
         if old_denoised is not None:  # the second-order correction (midpoint)
             x = x - 0.5 * (-h - eta_h).expm1() * (h / h_last) * (denoised - old_denoised)
         if eta > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = randn_like(x, generator)
             x = x + noise * s_next * (-(-2 * eta_h).expm1()).sqrt() * S_noise
         old_denoised, h_last = denoised, h
     return x.float()
@@ -262,7 +283,7 @@ def ddpm_sampler(
         mean = (beta * a_prev.sqrt() / (1 - a_t)) * x0 + ((1 - a_prev) * (1 - beta).sqrt() / (1 - a_t)) * x
         if i > 0:
             var = beta * (1 - a_prev) / (1 - a_t)
-            x = mean + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = mean + var.sqrt() * randn_like(x, generator)
         else:
             x = mean
     return x.float()
@@ -284,7 +305,7 @@ def ddim_sampler(
         s = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev - s**2).clamp(min=0).sqrt() * eps
         if i > 0 and eta > 0:
-            x = x + s * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + s * randn_like(x, generator)
     return x.float()
 
 

@@ -27,7 +27,7 @@ from lego.checkpoints.format import load_checkpoint
 from lego.data.datasets import open_dataset
 from lego.data.loader import prepare
 from lego.diffusion.cost import CostMeter
-from lego.diffusion.generate import check_sample_options, generate, parse_interval, parse_labels
+from lego.diffusion.generate import check_sample_options, generate, parse_interval, parse_labels, parse_seeds
 from lego.diffusion.samplers import DEFAULT_STEPS
 from lego.errors import LegoError
 from lego.files import atomic_write, check_new_files
@@ -40,11 +40,14 @@ NOT_DIGITS = ("fashion-mnist",)  # 10 classes, but not the digits the classifier
 def evaluate(
     ckpt, n=10000, sampler="heun", steps=None, cfg_scale=1.0, t_break=0.0, seed=0, batch=250, data=None,
     inception=False, inception_weights=None, device=None, use_ema=True, progress=True, json_path=None,
-    guidance_interval=None, guide_skip=None, guide_ckpt=None, overwrite=False,
+    guidance_interval=None, guide_skip=None, guide_ckpt=None, overwrite=False, seeds=None,
 ) -> dict:  # fmt: skip
     """Sample n images from ``ckpt`` and score them (see the module docstring); returns the report as a dict, and
-    writes it to ``json_path`` too if given. Guidance options as lego.sample's (lego.generation.sample)."""
+    writes it to ``json_path`` too if given. Guidance options and ``seeds`` as lego.sample's
+    (lego.generation.sample): with seeds, n is their number."""
     interval = parse_interval(guidance_interval)
+    seeds_text, seeds = seeds, parse_seeds(seeds) if seeds is not None else None
+    n = len(seeds) if seeds is not None else n
     check_new_files([json_path] if json_path else [], overwrite, "--json")
     # as lego.sample: before the checkpoint and the feature networks load (generate() checks them again)
     check_sample_options(n, sampler, steps, cfg_scale, t_break, None, None, seed, batch, 0.0,
@@ -75,10 +78,12 @@ def evaluate(
     wall, cpu = time.perf_counter(), time.process_time()
     with CostMeter(net, guide) as meter:
         labels = parse_labels(None, n, net.num_classes)
+        if seeds is not None and net.num_classes:
+            labels = torch.tensor(seeds) % net.num_classes  # a class per seed, as lego.sample
         images, labels = generate(
             net, n, sampler, steps, cfg_scale, labels, t_break, seed=seed, batch=batch, device=device,
             progress=progress, desc="lego.eval: sampling", guidance_interval=interval, guide_skip=guide_skip,
-            guide=guide,
+            guide=guide, seeds=seeds,
         )  # fmt: skip
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     if not torch.isfinite(images).all():  # (the Fréchet distance would end in a LinAlgError)
@@ -91,7 +96,8 @@ def evaluate(
         "ckpt": str(ckpt), "model": net.config.name, "step": info.step, "data": data, "resolution": res, "n": n,
         "sampler": sampler, "steps": steps or DEFAULT_STEPS[sampler], "cfg_scale": cfg_scale, "t_break": t_break,
         "guidance_interval": list(interval) if interval else None, "guide_skip": guide_skip,
-        "guide_ckpt": None if guide_ckpt is None else str(guide_ckpt), "seed": seed, "ema": use_ema,
+        "guide_ckpt": None if guide_ckpt is None else str(guide_ckpt), "seed": seed,
+        "seeds": seeds_text, "ema": use_ema,
         "network_calls": meter.calls, "nfe_per_sample": meter.evaluations / n,
         "flops_per_sample": flops / n, "flops_saved_by_skipping": 1 - flops / meter.flops_unskipped(res, res),
         "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "device": str(device),
