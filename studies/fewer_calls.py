@@ -126,6 +126,13 @@ def summarize(done: list[dict]) -> dict:
     return {"rows": rows}
 
 
+def _row(cells: list, r: dict) -> str:
+    """A table row: the point's own cells, then NFE, GFLOP per image, FD and class accuracy (spread over seeds)."""
+    cells = [*cells, f"{r['nfe_per_sample']:g}", f"{r['flops_per_sample'] / 1e9:.2f}", _spread(r["fd"]),
+             _spread([100 * a for a in r["class_accuracy"]]) + "%"]  # fmt: skip
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
 def write_markdown(res: dict, path: Path, n: int) -> None:
     rows = res["rows"]
     lines = [
@@ -141,11 +148,9 @@ def write_markdown(res: dict, path: Path, n: int) -> None:
         "| sampler | steps | guidance | NFE | GFLOP | FD | class accuracy |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in sorted((r for r in rows if r["part"] == "solvers"), key=lambda r: (r["cfg_scale"], r["sampler"],
-                                                                                  r["nfe_per_sample"])):  # fmt: skip
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['cfg_scale']:g} | {r['nfe_per_sample']:g} | "
-                     f"{r['flops_per_sample'] / 1e9:.2f} | {_spread(r['fd'])} | "
-                     f"{_spread([100 * a for a in r['class_accuracy']])}% |")  # fmt: skip
+    solvers = sorted((r for r in rows if r["part"] == "solvers"),
+                     key=lambda r: (r["cfg_scale"], r["sampler"], r["nfe_per_sample"]))  # fmt: skip
+    lines += [_row([r["sampler"], r["steps"], f"{r['cfg_scale']:g}"], r) for r in solvers]
     lines += [
         "",
         "## Guidance at equal FLOPs (dpmpp-2m)",
@@ -153,11 +158,9 @@ def write_markdown(res: dict, path: Path, n: int) -> None:
         "| method | w | steps | NFE | GFLOP | FD | class accuracy |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in sorted((r for r in rows if r["part"] == "guidance"), key=lambda r: (r["method"], r["cfg_scale"],
-                                                                                   r["steps"])):  # fmt: skip
-        lines.append(f"| {r['method']} | {r['cfg_scale']:g} | {r['steps']} | {r['nfe_per_sample']:g} | "
-                     f"{r['flops_per_sample'] / 1e9:.2f} | {_spread(r['fd'])} | "
-                     f"{_spread([100 * a for a in r['class_accuracy']])}% |")  # fmt: skip
+    guided = sorted((r for r in rows if r["part"] == "guidance"),
+                    key=lambda r: (r["method"], r["cfg_scale"], r["steps"]))  # fmt: skip
+    lines += [_row([r["method"], f"{r['cfg_scale']:g}", r["steps"]], r) for r in guided]
     path.write_text("\n".join(lines) + "\n")
 
 
