@@ -369,7 +369,8 @@ def test_convert_replaces_a_checkpoint_only_with_overwrite_and_not_under_a_run(t
 @pytest.mark.parametrize(
     "key,value",
     [("num_heads", 4.0), ("num_heads", -4), ("num_heads", "4"), ("num_heads", 0), ("num_heads", True),
-     ("img_resolution", 0), ("img_resolution", True), ("img_resolution", 20), ("sigma_data", float("nan")),
+     ("img_resolution", 0), ("img_resolution", True), ("img_resolution", 20), ("img_resolution", -32),
+     ("img_resolution", 10**9), ("sigma_data", float("nan")),
      ("sigma_data", float("inf")), ("sigma_data", 0), ("sigma_data", -1), ("img_channels", 0), ("label_dim", -1)],
 )  # fmt: skip
 def test_every_recorded_number_is_checked(key, value):
@@ -381,7 +382,8 @@ def test_every_recorded_number_is_checked(key, value):
         snap = dataclasses.replace(snap, attrs=attrs)
     else:
         snap = dataclasses.replace(snap, kwargs={**snap.kwargs, key: value})
-    with pytest.raises(LegoError, match=key if key != "img_resolution" or value != 20 else "largest brick"):
+    brick_rule = key == "img_resolution" and value in (20, 10**9)  # a number, but not a multiple of 32 up to 2^16
+    with pytest.raises(LegoError, match="largest brick" if brick_rule else key):
         convert_state(snap)
 
 
@@ -436,6 +438,20 @@ def test_malformed_trees_and_views_are_refused(tmp_path):
     for tree in (loop, deep):
         with pytest.raises(LegoError, match="loops back on itself or nests deeper"):
             _walk_module(tree, "", {}, {}, "x.pkl")
+    # constructor arguments that are not a dict (a list, say): one error, not a traceback
+    import lego.checkpoints.snapshots as snapshots
+
+    ema = module({})
+    ema.qualname, ema.state["_init_kwargs"] = "EDMPrecondLEGO", ["img_resolution", 32]
+    path = tmp_path / "list-kwargs.pkl"
+    path.write_bytes(pickle.dumps({"ema": None}))
+    original = snapshots.SnapshotUnpickler.load
+    try:
+        snapshots.SnapshotUnpickler.load = lambda self: {"ema": ema}
+        with pytest.raises(LegoError, match="constructor arguments are a list, not a dict"):
+            read_snapshot(path)
+    finally:
+        snapshots.SnapshotUnpickler.load = original
     storage = torch.zeros(4).untyped_storage()
     typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.float32, _internal=True)
     assert _rebuild_tensor(typed, 0, (2, 2), (2, 1)).shape == (2, 2)

@@ -843,6 +843,16 @@ def test_a_conditioning_of_another_dtype_is_named():
     brick = LegoBrick(brick_size=4, field_size=2, hidden_size=32, depth=1, num_heads=2, in_channels=1)
     with pytest.raises(ValueError, match="cond is torch.float64"):  # (was "mat1 and mat2 must have the same dtype")
         brick(torch.randn(2, 1, 8, 8), None, torch.randn(2, 32, dtype=torch.float64))
+    # a float64 LegoModel: the advice was x.to(...), which the model undoes (it computes in float32)
+    model = LegoModel.from_name("LEGO-T-PG-16", in_channels=1, hidden_size=32, num_heads=2).double()
+    with pytest.raises(ValueError, match=r"model\.float\(\)"):
+        model(torch.randn(1, 1, 16, 16, dtype=torch.float64), 1.0)
+
+
+def test_a_negative_region_class_is_named(capsys, tmp_path):
+    args = ["--ckpt", str(ROOT / "tests/fixtures/tiny_mnist.safetensors"), "--n", "1", "--steps", "1", "--height",
+            "16", "--width", "32", "--regions", "0:16=-1,16:32=2", "--out", str(tmp_path / "a.png")]  # fmt: skip
+    assert_one_line_error(capsys, sample_main(args), "--regions: classes must be in 0..9")  # (was "without a class")
 
 
 def test_encode_on_a_missing_gpu_and_a_unet_as_vae_are_one_line(tmp_path, capsys):
