@@ -6,7 +6,9 @@ Usage: python -m lego.sample --ckpt runs/lego/checkpoint.safetensors --n 64 --ou
          [--height H --width W] [--seed N] [--vae PATH]
          [--window W --stride S --max-batch N --regions "0:64=3,64:128=7"]   (sliding-window mode)
 
---out takes a .png (a grid) or an .npz (float samples, uint8 images, labels); --npz writes an .npz as well.
+--out takes a .png (a grid) or an .npz (float samples, uint8 images, labels; and arr_0, arr_1 as ADM's evaluator reads
+them); --npz writes an .npz as well. Under torchrun (torchrun --nproc-per-node 8 -m lego.sample --seeds 0-49999 ...)
+every rank samples its share of the seeds and rank 0 writes one file, the same as one process would.
 The canvas may be any height and width that are multiples of the model's largest brick, larger than the training
 images and non-square included. Either the whole canvas goes through the model in one call (the default), or, with
 --window, --stride or --regions, a window of the training size slides over it (lego.diffusion.window, the paper's
@@ -18,9 +20,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lego import checks
 from lego.diffusion.generate import add_sampler_options
 from lego.errors import run_cli
 from lego.generation import write_samples
+from lego.training import distributed
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,14 +52,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def run(args: argparse.Namespace) -> None:
+    """lego.sample, in one process or on every rank torchrun started (each rank on its device; rank 0 writes)."""
+    ranks, device, created = distributed.setup(args.device, checks.device)
+    try:
+        write_samples(
+            args.ckpt, args.out, args.npz, args.vae, args.n, args.sampler, args.steps, args.cfg_scale, args.labels,
+            args.t_break, args.height, args.width, args.seed, args.batch, str(device), not args.raw, args.churn,
+            args.window, args.stride, args.max_batch, args.regions, args.guidance_interval, args.guide_skip,
+            args.guide_ckpt, args.overwrite, args.seeds, ranks.rank, ranks.world,
+        )  # fmt: skip
+    finally:
+        distributed.teardown(created)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    return run_cli("lego.sample", lambda: write_samples(
-        args.ckpt, args.out, args.npz, args.vae, args.n, args.sampler, args.steps, args.cfg_scale, args.labels,
-        args.t_break, args.height, args.width, args.seed, args.batch, args.device, not args.raw, args.churn,
-        args.window, args.stride, args.max_batch, args.regions, args.guidance_interval, args.guide_skip,
-        args.guide_ckpt, args.overwrite, args.seeds,
-    ))  # fmt: skip
+    return run_cli("lego.sample", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -201,3 +201,35 @@ def test_compiled_bricks_are_one_graph_with_the_fused_ops_as_single_nodes():
     torch.testing.assert_close(losses[0], losses[1])
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_two_ranks_sample_the_same_file_as_one_process(tmp_path):
+    """Issue 22: torchrun -m lego.sample --seeds ...: each rank samples its batches, rank 0 writes one file, identical
+    to one process's (the stochastic sampler's noise included)."""
+    ckpt = str(Path(__file__).parent / "fixtures" / "tiny_mnist.safetensors")
+    args = ["--ckpt", ckpt, "--seeds", "0-6", "--batch", "2", "--steps", "3", "--sampler", "dpmpp-2m-sde",
+            "--device", "cpu"]  # fmt: skip
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for prefix, out in (([sys.executable], one), (launch, two)):
+        done = subprocess.run([*prefix, "-m", "lego.sample", *args, "--out", str(out)], capture_output=True, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("lego.sample: wrote") == 1  # rank 0 alone writes
+    with np.load(one) as a, np.load(two) as b:
+        assert a["arr_0"].shape == (7, 16, 16, 1)
+        for key in ("arr_0", "arr_1", "samples"):
+            assert np.array_equal(a[key], b[key]), key
+
+
+def test_ranks_share_whole_batches_whatever_their_number():
+    from lego.generation import _share
+
+    for n, batch in ((7, 2), (10, 3), (1, 4)):
+        for world in (1, 2, 3, 5):
+            shares = [_share(n, batch, r, world) for r in range(world)]
+            assert sorted(i for s in shares for i in s) == list(range(n))
+            # the same batches (consecutive runs of `batch` images) as one process draws
+            assert {tuple(s[k : k + batch]) for s in shares for k in range(0, len(s), batch)} == {
+                tuple(range(k, min(k + batch, n))) for k in range(0, n, batch)
+            }
