@@ -34,7 +34,7 @@ def summary(r: dict) -> str:
     parts = [f"{r['model']} step {r['step']}: n {r['n']}, {r['sampler']} {r['steps']} steps, t_break {r['t_break']}"]
     if r["cfg_scale"] != 1:
         how = f"sub-stack, top {r['guide_skip']} skipped" if r["guide_skip"] else r["guide_ckpt"] or "classifier-free"
-        within = f" for sigma in {r['guidance_interval']}" if r["guidance_interval"] else ""
+        within = f" for sigma in [{r['guidance_interval']}]" if r["guidance_interval"] else ""
         parts.append(f"guidance {r['cfg_scale']:g} ({how}){within}")
     if "fd" in r:
         parts.append(f"FD {r['fd']:.2f}")

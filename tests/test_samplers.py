@@ -240,11 +240,12 @@ def test_eval_records_how_it_guided(capsys, tmp_path):
                       "--no-progress", "--json", str(report)])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     r = json.loads(report.read_text())
-    assert r["sampler"] == "dpmpp-2m" and r["guidance_interval"] == [0.5, float("inf")]
+    assert r["sampler"] == "dpmpp-2m" and r["guidance_interval"] == "0.5,inf"
+    json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))  # no Infinity, no NaN
     assert r["guide_ckpt"] == FIXTURE and r["guide_skip"] is None
     # 4 steps at sigma 80, 9.72, 0.47, 0.002: guided (model + guide) at the first two
     assert r["nfe_per_sample"] == 6
-    assert "guidance 2 (tests/fixtures/tiny_mnist.safetensors) for sigma in [0.5, inf]" in capsys.readouterr().out
+    assert "guidance 2 (tests/fixtures/tiny_mnist.safetensors) for sigma in [0.5,inf]" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp-2m-sde", "ddpm"])  # stochastic: the samplers' own noise is per seed too

@@ -95,7 +95,8 @@ def evaluate(
     report = {
         "ckpt": str(ckpt), "model": net.config.name, "step": info.step, "data": data, "resolution": res, "n": n,
         "sampler": sampler, "steps": steps or DEFAULT_STEPS[sampler], "cfg_scale": cfg_scale, "t_break": t_break,
-        "guidance_interval": list(interval) if interval else None, "guide_skip": guide_skip,
+        "guidance_interval": f"{interval[0]:g},{interval[1]:g}" if interval else None,  # (a string: inf is not JSON)
+        "guide_skip": guide_skip,
         "guide_ckpt": None if guide_ckpt is None else str(guide_ckpt), "seed": seed,
         "seeds": seeds_text, "ema": use_ema,
         "network_calls": meter.calls, "nfe_per_sample": meter.evaluations / n,
