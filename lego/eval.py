@@ -52,7 +52,7 @@ def summary(r: dict) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lego.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint.safetensors written by lego.train")
-    p.add_argument("--n", type=int, default=10000, help="number of samples (default 10000)")
+    p.add_argument("--n", type=int, help="number of samples (default 10000; with --seeds, their number)")
     add_sampler_options(p)
     p.add_argument("--t-break", type=float, default=0.0, help="skip the top brick for this share of the steps")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 
 from lego import checks
-from lego.checkpoints.build import check_guidance, check_skipping, load_model
+from lego.checkpoints.build import load_for_sampling
 from lego.checkpoints.format import load_checkpoint
 from lego.data.images import save_grid, save_npz
 from lego.data.vae import decode, factors, load_vae
 from lego.diffusion.cost import CostMeter
-from lego.diffusion.generate import check_sample_options, generate, parse_interval, parse_labels, parse_seeds
+from lego.diffusion.generate import check_sample_options, generate, parse_interval, parse_labels, sample_count
 from lego.diffusion.window import parse_regions
 from lego.errors import LegoError
 from lego.files import check_new_files
@@ -35,26 +35,16 @@ def sample(
     without ``seeds``): the images are cut into batches of ``batch``, rank r samples batches r, r + world, ..., and
     rank 0 gathers them in order (the others return None), so the result does not depend on the number of ranks."""
     interval = parse_interval(guidance_interval)
-    seeds = parse_seeds(seeds) if seeds is not None else None
-    if seeds is not None and n is not None and n != len(seeds):
-        raise LegoError(f"--n {n} with {len(seeds)} --seeds: give one of them (--seeds sets the number of samples)")
-    n = len(seeds) if seeds is not None else (64 if n is None else n)
+    n, seeds = sample_count(n, seeds, 64)
     if world > 1 and seeds is None:
         seeds = list(range(n))
     # generate() checks these too; here they are checked before a checkpoint is loaded (seconds for a large one)
     check_sample_options(n, sampler, steps, cfg_scale, t_break, height, width, seed, batch, churn, window, stride,
                          max_batch, interval, guide_skip, guide_ckpt is not None)  # fmt: skip
     device = checks.device(device)
-    model = load_model(ckpt, use_ema=use_ema, device=device)
-    guide = load_model(guide_ckpt, use_ema=use_ema, device=device) if guide_ckpt is not None else None
-    classifier_free = guide is None and guide_skip is None
-    train_config = load_checkpoint(ckpt, parts=()).train_config
-    check_guidance(cfg_scale, model.num_classes, train_config, classifier_free)
-    check_skipping(train_config, t_break, guide_skip)
+    model, guide, _ = load_for_sampling(ckpt, guide_ckpt, use_ema, device, cfg_scale, t_break, guide_skip)
     h = height or model.resolution
-    ids = parse_labels(labels, n, model.num_classes)
-    if seeds is not None and not labels and model.num_classes:
-        ids = torch.tensor(seeds) % model.num_classes  # a class per seed, whatever the batch
+    ids = parse_labels(labels, n, model.num_classes, seeds)
     rects = None
     if regions:
         if labels:

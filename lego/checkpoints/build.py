@@ -206,3 +206,14 @@ def check_skipping(train_config: dict, t_break: float, guide_skip=None) -> None:
             f"{option}: this model was trained with --joint=False (only its top brick learned to denoise), so "
             "skipping bricks would sample from bricks that never did; drop it"
         )
+
+
+def load_for_sampling(ckpt, guide_ckpt, use_ema: bool, device, cfg_scale: float, t_break: float, guide_skip=None):
+    """(model, guide model or None, the checkpoint's training options) to sample ``ckpt`` with this guidance and brick
+    skipping, both checked against how the model was trained (check_guidance, check_skipping)."""
+    model = load_model(ckpt, use_ema=use_ema, device=device)
+    guide = load_model(guide_ckpt, use_ema=use_ema, device=device) if guide_ckpt is not None else None
+    train_config = load_checkpoint(ckpt, parts=()).train_config
+    check_guidance(cfg_scale, model.num_classes, train_config, classifier_free=guide is None and guide_skip is None)
+    check_skipping(train_config, t_break, guide_skip)
+    return model, guide, train_config

@@ -20,6 +20,7 @@ class CostMeter:
         self.calls = 0
         self.images: Counter = Counter()  # (network, skipped bricks) -> images run through it with them skipped
         self._hooks = []
+        self._flops: dict[tuple, int] = {}  # (height, width, skip, network) -> FLOPs of one image, measured once
 
     def __enter__(self) -> CostMeter:
         self._hooks = [
@@ -43,9 +44,15 @@ class CostMeter:
         """Images run through a network (a guided step's two passes count twice, the guide's included)."""
         return sum(self.images.values())
 
-    @torch.no_grad()
     def flops_per_image(self, height: int, width: int, skip=(), network: str = "model") -> int:
-        net = self.nets[network]
+        key = (height, width, tuple(skip), network)
+        if key not in self._flops:  # (flops() and flops_unskipped() ask for the same calls)
+            self._flops[key] = self._measure(height, width, skip, self.nets[network])
+        return self._flops[key]
+
+    @staticmethod
+    @torch.no_grad()
+    def _measure(height: int, width: int, skip, net: nn.Module) -> int:
         device = next(net.parameters()).device
         x = torch.randn(1, net.in_channels, height, width, device=device)
         labels = torch.zeros(1, dtype=torch.long, device=device) if net.num_classes else None

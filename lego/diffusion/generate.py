@@ -128,15 +128,26 @@ def check_seeds(seeds, n: int | None = None) -> None:
         raise LegoError(f"{len(seeds)} seeds for {n} samples; give one seed per sample")
 
 
-def parse_labels(text: str | None, n: int, num_classes: int) -> torch.Tensor | None:
-    """--labels: one class id or a comma list, cycled over n samples; none given: 0, 1, 2, ... cycled (None for an
-    unconditional model)."""
+def sample_count(n: int | None, seeds: str | None, default: int) -> tuple[int, list[int] | None]:
+    """(number of samples, seeds) from --n and --seeds (EDM's notation, parsed): --seeds sets the number, and an --n
+    beside it must agree; neither: ``default`` samples."""
+    if seeds is None:
+        return (default if n is None else n), None
+    seeds = parse_seeds(seeds)
+    if n is not None and n != len(seeds):
+        raise LegoError(f"--n {n} with {len(seeds)} --seeds: give one of them (--seeds sets the number of samples)")
+    return len(seeds), seeds
+
+
+def parse_labels(text: str | None, n: int, num_classes: int, seeds=None) -> torch.Tensor | None:
+    """--labels: one class id or a comma list, cycled over n samples; none given: 0, 1, 2, ... cycled, or with
+    ``seeds`` class s mod K for the image of seed s, whatever its batch (None for an unconditional model)."""
     if not num_classes:
         if text:
             raise LegoError("--labels given but the model is unconditional")
         return None
     if not text:
-        return torch.arange(n) % num_classes
+        return (torch.arange(n) if seeds is None else torch.tensor(seeds)) % num_classes
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from lego import checks
-from lego.checkpoints.build import check_guidance, check_skipping, load_model
+from lego.checkpoints.build import load_for_sampling, load_model
 from lego.checkpoints.format import load_checkpoint
 from lego.data.datasets import open_dataset
 from lego.data.loader import prepare
 from lego.diffusion.cost import CostMeter
-from lego.diffusion.generate import check_sample_options, generate, parse_interval, parse_labels, parse_seeds
+from lego.diffusion.generate import check_sample_options, generate, parse_interval, parse_labels, sample_count
 from lego.diffusion.samplers import DEFAULT_STEPS
 from lego.errors import LegoError
 from lego.files import atomic_write, check_new_files
@@ -38,7 +38,7 @@ NOT_DIGITS = ("fashion-mnist",)  # 10 classes, but not the digits the classifier
 
 
 def evaluate(
-    ckpt, n=10000, sampler="heun", steps=None, cfg_scale=1.0, t_break=0.0, seed=0, batch=250, data=None,
+    ckpt, n=None, sampler="heun", steps=None, cfg_scale=1.0, t_break=0.0, seed=0, batch=250, data=None,
     inception=False, inception_weights=None, device=None, use_ema=True, progress=True, json_path=None,
     guidance_interval=None, guide_skip=None, guide_ckpt=None, overwrite=False, seeds=None,
 ) -> dict:  # fmt: skip
@@ -46,8 +46,7 @@ def evaluate(
     writes it to ``json_path`` too if given. Guidance options and ``seeds`` as lego.sample's
     (lego.generation.sample): with seeds, n is their number."""
     interval = parse_interval(guidance_interval)
-    seeds_text, seeds = seeds, parse_seeds(seeds) if seeds is not None else None
-    n = len(seeds) if seeds is not None else n
+    seeds_text, (n, seeds) = seeds, sample_count(n, seeds, 10000)
     check_new_files([json_path] if json_path else [], overwrite, "--json")
     # as lego.sample: before the checkpoint and the feature networks load (generate() checks them again)
     check_sample_options(n, sampler, steps, cfg_scale, t_break, None, None, seed, batch, 0.0,
@@ -56,10 +55,7 @@ def evaluate(
     device = checks.device(device)
     info = load_checkpoint(ckpt, parts=())
     data = data or info.train_config.get("data", "default")
-    net = load_model(ckpt, use_ema=use_ema, device=device)
-    guide = load_model(guide_ckpt, use_ema=use_ema, device=device) if guide_ckpt is not None else None
-    check_guidance(cfg_scale, net.num_classes, info.train_config, classifier_free=guide is None and guide_skip is None)
-    check_skipping(info.train_config, t_break, guide_skip)
+    net, guide, _ = load_for_sampling(ckpt, guide_ckpt, use_ema, device, cfg_scale, t_break, guide_skip)
     res = net.resolution
     latent = bool(info.train_config.get("latents"))  # trained on lego.encode's latents: its samples are not images
     if latent and inception:
@@ -77,9 +73,7 @@ def evaluate(
 
     wall, cpu = time.perf_counter(), time.process_time()
     with CostMeter(net, guide) as meter:
-        labels = parse_labels(None, n, net.num_classes)
-        if seeds is not None and net.num_classes:
-            labels = torch.tensor(seeds) % net.num_classes  # a class per seed, as lego.sample
+        labels = parse_labels(None, n, net.num_classes, seeds)
         images, labels = generate(
             net, n, sampler, steps, cfg_scale, labels, t_break, seed=seed, batch=batch, device=device,
             progress=progress, desc="lego.eval: sampling", guidance_interval=interval, guide_skip=guide_skip,
