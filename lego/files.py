@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -68,6 +69,19 @@ def check_new_files(paths, overwrite: bool = False, option: str = "--out") -> No
     for p in paths:
         if Path(p).is_dir():
             raise LegoError(f"{option} {p} is a folder; give a file name")
+
+
+def sha256(path: Path) -> str:
+    """SHA-256 of a file; of a folder, of its files' relative names and sizes (reading every image would take long)."""
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path)}:{f.stat().st_size}\n".encode())
+    else:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write(path: Path, write) -> None:

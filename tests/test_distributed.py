@@ -223,13 +223,77 @@ def test_two_ranks_sample_the_same_file_as_one_process(tmp_path):
 
 
 def test_ranks_share_whole_batches_whatever_their_number():
-    from lego.generation import _share
+    from lego.generation import share
 
     for n, batch in ((7, 2), (10, 3), (1, 4)):
         for world in (1, 2, 3, 5):
-            shares = [_share(n, batch, r, world) for r in range(world)]
-            assert sorted(i for s in shares for i in s) == list(range(n))
-            # the same batches (consecutive runs of `batch` images) as one process draws
-            assert {tuple(s[k : k + batch]) for s in shares for k in range(0, len(s), batch)} == {
-                tuple(range(k, min(k + batch, n))) for k in range(0, n, batch)
-            }
+            shares = [share(n, batch, r, world) for r in range(world)]
+            assert sorted(k for s in shares for k in s) == list(range(-(-n // batch)))  # every batch once
+            assert shares[0][:1] == [0]  # rank 0 draws the first batch (lego.eval's cost per image comes from it)
+
+
+TINY = str(Path(__file__).parent / "fixtures" / "tiny_mnist.safetensors")
+
+
+def test_an_interrupted_sampling_run_goes_on_and_gives_the_same_file(tmp_path, monkeypatch, capsys):
+    """Issue 22: lego.sample keeps its finished batches in OUT.parts/; the same command, run again after an
+    interruption, draws only the batches that are missing and writes the file an uninterrupted run writes."""
+    from lego import generation
+    from lego.sample import main as sample_main
+
+    args = ["--ckpt", TINY, "--seeds", "3-9", "--batch", "2", "--steps", "3", "--sampler", "dpmpp-2m-sde",
+            "--device", "cpu"]  # fmt: skip
+    whole, out = tmp_path / "whole.npz", tmp_path / "resumed.npz"
+    assert sample_main([*args, "--out", str(whole)]) == 0
+    real, calls = generation.generate, []
+
+    def interrupted_at_the_third_batch(*a, **k):
+        calls.append(k["seeds"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(generation, "generate", interrupted_at_the_third_batch)
+    assert sample_main([*args, "--out", str(out)]) == 130
+    parts = tmp_path / "resumed.npz.parts"
+    assert not out.exists() and sorted(p.name for p in parts.glob("batch-*")) == ["batch-000000.pt", "batch-000001.pt"]
+    # other options do not mix with these batches: one line, until --overwrite starts over
+    capsys.readouterr()
+    code = sample_main([*args, "--steps", "4", "--out", str(out)])
+    assert code == 2 and "interrupted run" in capsys.readouterr().err
+    calls.clear()
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(k["seeds"]) or real(*a, **k))
+    assert sample_main([*args, "--out", str(out)]) == 0
+    assert calls == [[7, 8], [9]]  # the two missing batches alone
+    assert not parts.exists()
+    with np.load(whole) as a, np.load(out) as b:
+        assert a["arr_0"].shape == (7, 16, 16, 1) and a["arr_0"].dtype == np.uint8  # ADM's layout: uint8 NHWC
+        assert a["arr_1"].tolist() == [s % 10 for s in range(3, 10)]  # the class of seed s: s mod 10
+        for key in ("arr_0", "arr_1", "samples"):
+            assert np.array_equal(a[key], b[key]), key
+    # --images-only: the uint8 images and labels alone (a fifth of the size), the same images
+    small = tmp_path / "small.npz"
+    assert sample_main([*args, "--out", str(small), "--images-only"]) == 0
+    with np.load(whole) as a, np.load(small) as b:
+        assert "samples" not in b.files and np.array_equal(a["arr_0"], b["arr_0"])
+        assert np.array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_two_ranks_evaluate_as_one_process(tmp_path):
+    """torchrun -m lego.eval: every rank samples and extracts features of its batches, rank 0 scores them; the
+    report is one process's (the seeds decide the images)."""
+    pytest.importorskip("ccexam", reason="pip install --no-deps ccexam==1.0.0 (.ci/run does)")
+    # (--seeds, not --n: torchrun's own parser takes --n for an abbreviation of its options and stops)
+    args = ["--ckpt", TINY, "--seeds", "0-6", "--batch", "2", "--steps", "2", "--device", "cpu", "--no-progress"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    reports = []
+    for prefix, name in (([sys.executable], "one.json"), (launch, "two.json")):
+        done = subprocess.run([*prefix, "-m", "lego.eval", *args, "--json", str(tmp_path / name)], capture_output=True,
+                              text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        reports.append(json.loads((tmp_path / name).read_text()))
+    one, two = reports
+    assert done.stdout.count("lego.eval: LEGO") == 1  # rank 0 alone reports
+    assert (one["ranks"], two["ranks"]) == (1, 2) and one["seeds"] == two["seeds"] == "0-6"
+    for key in ("fd", "class_accuracy", "network_calls", "nfe_per_sample", "flops_per_sample"):
+        assert one[key] == pytest.approx(two[key], rel=1e-9), key

@@ -98,18 +98,6 @@ def test_cost_counts_the_bricks_that_ran():
     assert per_image[(2,)] < per_image[()]
 
 
-def test_inception_without_the_package_or_weights(checkpoint, capsys, tmp_path):
-    ckpt = str(checkpoint / "run" / "checkpoint.safetensors")
-    code = eval_main(["--ckpt", ckpt, "--n", "2", "--steps", "2", "--inception", "--inception-weights",
-                      str(tmp_path / "missing.pth"), "--no-progress"])  # fmt: skip
-    try:
-        import torch_fidelity  # noqa: F401
-    except ImportError:
-        assert_one_line_error(capsys, code, "torch-fidelity", "pip install")
-    else:
-        assert_one_line_error(capsys, code, "missing.pth", "--inception-weights")
-
-
 def test_missing_checkpoint(capsys, tmp_path):
     assert_one_line_error(capsys, eval_main(["--ckpt", str(tmp_path / "none"), "--n", "2"]), "not found")
 

@@ -112,7 +112,8 @@ def test_fsdp_shards_a_dit_and_matches_one_process(tmp_path):
 
 
 def test_eval_refuses_to_score_latents_as_images(tmp_path, capsys):
-    """A model trained on lego.encode's latents samples latents: lego.eval must not feed them to Inception."""
+    """A model trained on lego.encode's latents samples latents: lego.eval must not feed them to Inception undecoded
+    (tests/test_adm.py scores them decoded, with --vae)."""
     from lego.eval import main as eval_main
 
     config = model_config("LEGO-T-PG-16", in_channels=4)
@@ -122,7 +123,7 @@ def test_eval_refuses_to_score_latents_as_images(tmp_path, capsys):
     save_checkpoint(ckpt, model, LegoModel(config), torch.optim.AdamW(model.parameters()), 1, train_config)
     code = eval_main(["--ckpt", str(ckpt), "--n", "1", "--steps", "1", "--inception", "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "latents" in err and "drop --inception" in err, err
+    assert code == 2 and len(err.splitlines()) == 1 and "latents" in err and "--vae" in err, err
 
 
 def test_resume_refuses_another_base_or_freezing(tmp_path, capsys, digits):

@@ -635,9 +635,9 @@ def test_non_finite_samples_are_not_written(trained, tmp_path, capsys, monkeypat
     assert_one_line_error(
         capsys,
         sample_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--out", str(out)]),
-        "NaN or inf values; nothing was written",
+        "NaN or inf values, so there is nothing to write",
     )
-    assert not out.exists()
+    assert not out.exists() and not out.with_name("a.png.parts").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -830,7 +830,7 @@ def test_eval_of_a_model_that_samples_nan_is_one_line(trained, capsys, monkeypat
 
     monkeypatch.setitem(samplers.SAMPLERS, "heun", lambda net, z, *a, **k: torch.full_like(z, float("nan")))
     code = eval_main(["--ckpt", str(trained / "checkpoint.safetensors"), "--n", "4", "--no-progress"])
-    assert_one_line_error(capsys, code, "NaN or inf", "nothing to score")  # (it was a LinAlgError)
+    assert_one_line_error(capsys, code, "NaN or inf", "nothing to write or score")  # (it was a LinAlgError)
 
 
 def test_a_stride_longer_than_the_window_is_refused(capsys, tmp_path):

@@ -39,12 +39,12 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, pad: int = 2)
     atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
 
 
-def save_npz(images: torch.Tensor, path, labels: torch.Tensor | None = None) -> None:
-    """Samples as float32 [B, C, H, W] ('samples') and uint8 [B, H, W, C] ('images'), plus 'labels' if given; and
-    the same uint8 images and labels as 'arr_0' and 'arr_1', the names ADM's evaluator (guided-diffusion's
-    evaluations/evaluator.py) and DiT's sample_ddp.py use."""
-    arrays = {"samples": images.detach().float().cpu().numpy(), "images": to_uint8(images)}
-    arrays["arr_0"] = arrays["images"]
+def save_npz(images: torch.Tensor, path, labels: torch.Tensor | None = None, samples: bool = True) -> None:
+    """Samples as float32 [B, C, H, W] ('samples'; not with ``samples`` False) and uint8 [B, H, W, C] ('images'),
+    plus 'labels' if given; and the same uint8 images and labels as 'arr_0' and 'arr_1', the names ADM's evaluator
+    (guided-diffusion's evaluations/evaluator.py) and DiT's sample_ddp.py use."""
+    arrays = {"samples": images.detach().float().cpu().numpy()} if samples else {}
+    arrays["images"] = arrays["arr_0"] = to_uint8(images)
     if labels is not None:
         arrays["labels"] = arrays["arr_1"] = labels.cpu().numpy()
 

@@ -33,10 +33,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_root)
 
 
+def cache_root() -> Path:
+    """Where the statistics of the named datasets are cached: $LEGO_CACHE, default ~/.cache/lego."""
+    return Path(os.environ.get("LEGO_CACHE", Path.home() / ".cache" / "lego"))
+
+
 def _cache_path(data: str, tag: str) -> Path:
     if data in NAMED:
-        root = Path(os.environ.get("LEGO_CACHE", Path.home() / ".cache" / "lego"))
-        return root / f"fd-ref-{data}-{tag}.npz"
+        return cache_root() / f"fd-ref-{data}-{tag}.npz"
     path = Path(data).expanduser().resolve()
     stat = path.stat()
     key = hashlib.sha1(f"{path}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:10]

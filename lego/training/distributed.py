@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 
+import lego.ranks
 from lego.checkpoints.build import build_model
 from lego.checkpoints.format import save_checkpoint, write_checkpoint
 from lego.errors import LegoError
@@ -124,46 +125,26 @@ def barrier(ranks: Dist) -> None:
         dist.barrier()
 
 
-# Agreement: a rank that stops alone leaves the others waiting forever in their next collective.
-
-
-def _multi(ranks: Dist) -> bool:
-    return ranks.world > 1 and ranks.enabled
-
-
-def _reduce(value: int, ranks: Dist, op) -> int:
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=op)
-    return int(t.item())
+# Agreement (lego.ranks): a rank that stops alone leaves the others waiting forever in their next collective.
 
 
 def agree(fn, ranks: Dist) -> None:
-    """Call ``fn()`` on every rank; when it raises on any rank it raises on all (the others with a LegoError that
-    points at the failing rank's message)."""
-    error = None
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 -- re-raised below, on this rank and (as a flag) on the others
-        error = e
-    if _multi(ranks) and _reduce(int(error is not None), ranks, dist.ReduceOp.MAX) and error is None:
-        raise LegoError("another rank failed (its error is above); stopping this one too")
-    if error is not None:
-        raise error
+    """Call ``fn()`` on every rank; when it raises on any rank it raises on all (lego.ranks.agree)."""
+    lego.ranks.agree(fn, ranks.world)
 
 
 def stop_signal(signum: int | None, ranks: Dist) -> int | None:
     """The signal any rank has received (all ranks get the same answer), or None."""
-    if _multi(ranks):
-        signum = _reduce(signum or 0, ranks, dist.ReduceOp.MAX)
+    if lego.ranks.multi(ranks.world):
+        signum = lego.ranks.reduce(signum or 0, dist.ReduceOp.MAX)
     return signum or None
 
 
 def first_step(bad: torch.Tensor, ranks: Dist) -> int:
     """The first step (over all ranks) whose loss was not finite, from each rank's first such step or -1."""
     bad = int(bad)
-    if _multi(ranks):
-        bad = _reduce(bad if bad >= 0 else 2**62, ranks, dist.ReduceOp.MIN)
+    if lego.ranks.multi(ranks.world):
+        bad = lego.ranks.reduce(bad if bad >= 0 else 2**62, dist.ReduceOp.MIN)
         bad = -1 if bad == 2**62 else bad
     return bad
 
