@@ -14,7 +14,7 @@ import json
 import math
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lego import checks
-from lego.checkpoints.build import load_for_sampling
+from lego.checkpoints.build import check_guidance, check_skipping, load_for_sampling
 from lego.checkpoints.format import load_checkpoint
 from lego.data.images import save_grid, save_npz, to_uint8
 from lego.data.vae import decode, factors, load_vae
@@ -47,6 +47,7 @@ class Job:
     labels: torch.Tensor | None  # [n] class ids, or None (unconditional, or --regions)
     batch: int
     options: dict = field(default_factory=dict)  # generate()'s keyword arguments
+    weights: dict = field(default_factory=dict)  # which weights: EMA or raw, the guide model's checkpoint
 
     @property
     def n(self) -> int:
@@ -60,7 +61,7 @@ class Job:
         return {
             "ckpt": str(path), "ckpt_size": stat.st_size, "ckpt_mtime_ns": stat.st_mtime_ns, "seeds": self.seeds,
             "labels": None if self.labels is None else self.labels.tolist(), "batch": self.batch,
-            "options": json.loads(json.dumps(options, default=str)),
+            "options": json.loads(json.dumps(options, default=str)), **self.weights,
         }  # fmt: skip
 
 
@@ -99,7 +100,23 @@ def load_job(
         "width": width, "batch": batch, "churn": churn, "window": window, "stride": stride, "max_batch": max_batch,
         "regions": rects, "guidance_interval": interval, "guide_skip": guide_skip, "device": device,
     }  # fmt: skip
-    return Job(str(ckpt), model, guide, train_config, seed_list, ids, batch, options)
+    weights = {"ema": use_ema, "guide_ckpt": None if guide_ckpt is None else str(Path(guide_ckpt).resolve())}
+    return Job(str(ckpt), model, guide, train_config, seed_list, ids, batch, options, weights)
+
+
+def vary(job: Job, cfg_scale: float | None = None, t_break: float | None = None) -> Job:
+    """``job`` with another guidance scale or t_break (a point of lego.eval --sweep), checked as load_job checks
+    them; the model is shared, not loaded again."""
+    o = {**job.options}
+    o["cfg_scale"] = o["cfg_scale"] if cfg_scale is None else cfg_scale
+    o["t_break"] = o["t_break"] if t_break is None else t_break
+    check_sample_options(job.n, o["sampler"], o["steps"], o["cfg_scale"], o["t_break"], o["height"], o["width"], 0,
+                         job.batch, o["churn"], o["window"], o["stride"], o["max_batch"], o["guidance_interval"],
+                         o["guide_skip"], job.guide is not None)  # fmt: skip
+    classifier_free = job.guide is None and o["guide_skip"] is None
+    check_guidance(o["cfg_scale"], job.model.num_classes, job.train_config, classifier_free=classifier_free)
+    check_skipping(job.train_config, o["t_break"], o["guide_skip"])
+    return replace(job, options=o)
 
 
 def share(n: int, batch: int, rank: int, world: int) -> list[int]:
@@ -123,9 +140,9 @@ class Parts:
     """The finished batches of a run, one file each in a folder beside its output, so that a run that stops (a
     signal, a lost node) is restarted with the same command and goes on; ``run.json`` says what run they belong to."""
 
-    def __init__(self, folder: Path, job: Job, uint8: bool, overwrite: bool = False):
+    def __init__(self, folder: Path, job: Job, uint8: bool, vae: str | None = None, overwrite: bool = False):
         self.folder, self.uint8 = folder, uint8
-        signature = json.loads(json.dumps({**job.signature(), "uint8": uint8}))
+        signature = json.loads(json.dumps({**job.signature(), "uint8": uint8, "vae": vae}))
         record = folder / "run.json"
         if record.exists() and json.loads(record.read_text()) != signature:
             if not overwrite:
@@ -254,14 +271,14 @@ def write_samples(
             f"{ckpt} draws autoencoder latents (encoded with {latents.get('vae', 'an autoencoder')}), not images: give "
             "--vae to decode them, or write an .npz to keep the raw latents"
         )
-    job = load_job(ckpt, **options)
-    autoencoder = open_vae(vae, ckpt, latents, job.options["device"])
     if images_only and latents and not vae:
         raise LegoError(f"--images-only: {ckpt} draws latents, which are not images; give --vae to decode them")
+    job = load_job(ckpt, **options)
+    autoencoder = open_vae(vae, ckpt, latents, job.options["device"])
     folder = outs[0].with_name(outs[0].name + ".parts")
 
     def my_share() -> Drawn:
-        parts = Parts(folder, job, images_only, overwrite)
+        parts = Parts(folder, job, images_only, vae, overwrite)
         try:
             return draw(job, rank, world, autoencoder, latents, parts, progress and rank == 0, "lego.sample")
         except Exception:
@@ -274,7 +291,7 @@ def write_samples(
         print(f"lego.sample: {mine.meter.evaluations / mine.drawn:g} network evaluations per image")
     if rank:
         return []
-    parts = Parts(folder, job, images_only)
+    parts = Parts(folder, job, images_only, vae)
     every = [parts.read(k) for k in range(math.ceil(job.n / job.batch))]
     images = torch.cat([x for x, _ in every])
     labels = None if every[0][1] is None else torch.cat([y for _, y in every])

@@ -20,7 +20,6 @@ imports the other feature extractors through torchvision.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import sys
@@ -34,7 +33,7 @@ from lego.data.datasets import NAMED, open_dataset
 from lego.data.loader import prepare
 from lego.errors import LegoError
 from lego.files import atomic_write, sha256
-from lego.metrics.frechet import cache_root, feature_stats, frechet_distance
+from lego.metrics.frechet import cache_path, feature_stats, frechet_distance
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's converted TF Inception-v3
 INCEPTION_HINT = (
@@ -171,16 +170,6 @@ class Reference:
     source: str  # "images" or "stored statistics" (FID and sFID from the file's own mu / sigma, as ADM's evaluator)
 
 
-def _cache_file(spec: str, resolution: int) -> Path:
-    tag = f"adm-{resolution}px"
-    if spec in NAMED:
-        return cache_root() / f"ref-{spec}-{tag}.npz"
-    path = Path(spec).expanduser().resolve()
-    stat = path.stat()
-    key = hashlib.sha1(f"{path}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:10]
-    return path.parent / f".{path.name}.{tag}-{key}.npz"
-
-
 def _adm_arrays(path: Path) -> dict | None:
     """An .npz's arr_0 (uint8 NHWC images) and stored statistics, if it holds either (ADM's reference batches)."""
     try:
@@ -239,7 +228,7 @@ def load_reference(spec: str, resolution: int, extractor: InceptionFeatures, bat
         raise LegoError(
             f"the reference {spec} does not exist; give an ADM reference batch (.npz), an image folder or .npz"
         )
-    cache = _cache_file(spec, resolution)
+    cache = cache_path(spec, f"adm-{resolution}px")
     if cache.is_file():
         with np.load(cache) as z:
             pool = torch.from_numpy(z["pool"]) if "pool" in z.files else None

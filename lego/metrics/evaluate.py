@@ -41,7 +41,7 @@ from lego.data.vae import downsampling
 from lego.diffusion.samplers import DEFAULT_STEPS
 from lego.errors import LegoError
 from lego.files import atomic_write, check_new_files, sha256
-from lego.generation import draw, gather, load_job, open_vae
+from lego.generation import draw, gather, load_job, open_vae, vary
 from lego.metrics.adm import InceptionFeatures, adm_metrics, load_reference, to_uint8_nchw
 from lego.metrics.features import MnistFeatures
 from lego.metrics.frechet import feature_stats, frechet_distance, reference_stats
@@ -92,15 +92,10 @@ def evaluate(
     if rank == 0:
         check_new_files([json_path] if json_path else [], overwrite, "--json")
     points = sweep or [{}]
-    base = {"cfg_scale": cfg_scale, "t_break": t_break}
-    # every point's options are checked (and the checkpoint loaded) before the feature networks and the reference
-    jobs = [
-        load_job(ckpt, n, seeds, seed, None, None, batch, device, use_ema, guide_ckpt, sampler, steps,
-                 churn=churn, guidance_interval=guidance_interval, guide_skip=guide_skip, default_n=10000,
-                 **{**base, **point})
-        for point in points
-    ]  # fmt: skip
-    job = jobs[0]
+    job = load_job(ckpt, n, seeds, seed, None, None, batch, device, use_ema, guide_ckpt, sampler, steps, cfg_scale,
+                   t_break, churn=churn, guidance_interval=guidance_interval, guide_skip=guide_skip,
+                   default_n=10000)  # fmt: skip
+    jobs = [vary(job, **point) for point in points]  # every point checked before the feature networks load
     net, dev, n = job.model, job.options["device"], job.n
     train_config = job.train_config
     data = data or train_config.get("data", "default")

@@ -38,18 +38,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("LEGO_CACHE", Path.home() / ".cache" / "lego"))
 
 
-def _cache_path(data: str, tag: str) -> Path:
+def cache_path(data: str, tag: str) -> Path:
+    """Where statistics tagged ``tag`` of the dataset ``data`` are cached: beside a dataset file or folder (named for
+    its path, size and modification time, so that a changed file is read again), under cache_root() for the named
+    datasets."""
     if data in NAMED:
-        return cache_root() / f"fd-ref-{data}-{tag}.npz"
+        return cache_root() / f"{tag}-{data}.npz"
     path = Path(data).expanduser().resolve()
     stat = path.stat()
     key = hashlib.sha1(f"{path}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:10]
-    return path.parent / f".{path.name}.fd-ref-{tag}-{key}.npz"
+    return path.parent / f".{path.name}.{tag}-{key}.npz"
 
 
 def reference_stats(data: str, resolution: int, extractor, tag: str) -> tuple[np.ndarray, np.ndarray]:
     """The training set's feature statistics at the model's resolution, computed once and cached."""
-    path = _cache_path(data, f"{tag}-{resolution}px")
+    path = cache_path(data, f"fd-ref-{tag}-{resolution}px")
     if path.is_file():
         with np.load(path) as z:
             return z["mu"], z["sigma"]
