@@ -19,6 +19,13 @@ from lego.training.config import TrainConfig, resolve_config
 from lego.training.loop import train
 
 
+def _depths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give whole numbers separated by commas, e.g. 2,3,3, not {text!r}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lego.train", description=__doc__.split("\n\n")[0])
     d = TrainConfig()
@@ -35,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--patch-fraction", type=float, help=f"share of patch-brick patches trained (default {d.patch_fraction})"
     )
+    p.add_argument("--depths", type=_depths, metavar="D1,D2,...",
+                   help="blocks per brick, bottom to top (a LEGO stack; e.g. 2,3,3), or a DiT's blocks (default: the "
+                   "registry's)")  # fmt: skip
     p.add_argument("--label-dropout", type=float, help=f"label dropout for CFG (default {d.label_dropout})")
     p.add_argument("--seed", type=int, help=f"seed (default {d.seed})")
     p.add_argument("--out", help=f"output folder (default {d.out})")

@@ -207,3 +207,24 @@ def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr.strip().startswith("lego.sample: error:") and "Traceback" not in done.stderr
+
+
+def test_depths_set_the_blocks_per_brick_and_a_dits_blocks(digits, tmp_path, capsys):
+    """lego.train --depths: the architecture a matched-compute comparison needs (issue 24), recorded in the
+    checkpoint, kept on --resume and checked against it."""
+    run = tmp_path / "lego"
+    assert train_main([*FAST, "--data", digits, "--steps", "1", "--out", str(run), "--depths", "1,3,2"]) == 0
+    ckpt = load_checkpoint(run / "checkpoint.safetensors", parts=())
+    assert [b.depth for b in ckpt.model_config.bricks] == [1, 3, 2] and ckpt.train_config["depths"] == [1, 3, 2]
+    assert train_main([*FAST, "--data", digits, "--steps", "2", "--out", str(run), "--resume"]) == 0  # kept
+    code = train_main([*FAST, "--data", digits, "--steps", "3", "--out", str(run), "--resume", "--depths", "2,2,2"])
+    assert_one_line_error(capsys, code, "--depths 2,2,2", "1,3,2")
+    dit = ["--model", "DiT-T/2", "--resolution", "16", "--batch", "8", "--sample-n", "0", "--no-progress", "--data",
+           digits, "--steps", "1"]  # fmt: skip
+    assert train_main([*dit, "--out", str(tmp_path / "dit"), "--depths", "3"]) == 0
+    assert load_checkpoint(tmp_path / "dit" / "checkpoint.safetensors", parts=()).model_config.num_layers == 3
+    assert_one_line_error(capsys, train_main([*dit, "--out", str(tmp_path / "d2"), "--depths", "3,3"]), "one number")
+    assert_one_line_error(capsys, train_main([*FAST, "--data", digits, "--out", str(tmp_path / "x"), "--depths",
+                                              "2,2"]), "3 numbers")  # fmt: skip
+    assert_one_line_error(capsys, train_main([*FAST, "--data", digits, "--out", str(tmp_path / "y"), "--depths",
+                                              "2,0,2"]), "--depths")  # fmt: skip

@@ -9,7 +9,7 @@ from pathlib import Path
 from lego import checks
 from lego.checkpoints.format import load_checkpoint
 from lego.errors import LegoError
-from lego.networks.registry import model_config
+from lego.networks.registry import is_dit, model_config
 
 
 @dataclass
@@ -27,6 +27,8 @@ class TrainConfig:
     # Share of each patch-brick's patches trained per image (paper: 0.5 CelebA, 0.75 ImageNet). The tiny demo uses
     # all of them: the bricks above see x0 in the others, and a tiny model learns to lean on it (README, "Training").
     patch_fraction: float = 1.0
+    # Blocks per brick, bottom to top (a LEGO stack), or one number, a DiT's blocks; None: the registry's
+    depths: tuple[int, ...] | None = None
     label_dropout: float = 0.1  # for classifier-free guidance
     seed: int = 0
     out: str = "runs/lego"
@@ -63,6 +65,18 @@ def resolve_config(given: dict, resume: bool = False) -> TrainConfig:
     return dataclasses.replace(base, **given)
 
 
+def registry_depths(config) -> tuple[int, ...]:
+    """A model config's depths as --depths gives them: blocks per brick (LEGO), or (blocks,) (DiT)."""
+    return tuple(b.depth for b in config.bricks) if hasattr(config, "bricks") else (config.num_layers,)
+
+
+def architecture(cfg: TrainConfig) -> dict:
+    """The model options --depths sets (model_config's keyword arguments)."""
+    if cfg.depths is None:
+        return {}
+    return {"depths": tuple(cfg.depths)} if not is_dit(cfg.model) else {"num_layers": cfg.depths[0]}
+
+
 def _compile_backends() -> list[str]:
     import torch._dynamo  # a second or more to import: only when --compile is given
 
@@ -96,6 +110,13 @@ def check_train_config(cfg, resume: bool = False) -> None:
                 f"{largest}; "
                 f"use a multiple of {largest}"
             )
+    if cfg.depths is not None:
+        for d in cfg.depths:
+            checks.integer("--depths", d, 1, meaning=" (blocks per brick)")
+        want = len(registry_depths(model_config(cfg.model)))
+        if len(cfg.depths) != want:
+            what = "one number, its blocks" if is_dit(cfg.model) else f"{want} numbers, blocks per brick bottom to top"
+            raise LegoError(f"--depths {','.join(map(str, cfg.depths))}: {cfg.model} takes {what}")
     if cfg.precision not in ("fp32", "bf16"):
         raise LegoError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
     if cfg.precond not in ("edm", "vp"):
@@ -132,6 +153,9 @@ def check_resume(cfg, saved, saved_step: int, resolution: int, channels: int, nu
         clash.append(f"--resolution {resolution} (the checkpoint was trained at {saved.resolution})")
     if cfg.precond != saved.precond:
         clash.append(f"--precond {cfg.precond} (the checkpoint uses {saved.precond})")
+    if cfg.depths is not None and tuple(cfg.depths) != registry_depths(saved):
+        clash.append(f"--depths {','.join(map(str, cfg.depths))} (the checkpoint's are "
+                     f"{','.join(map(str, registry_depths(saved)))})")  # fmt: skip
     if channels != saved.in_channels:
         clash.append(f"--data {cfg.data}: its {channels} channels (the checkpoint's model takes {saved.in_channels})")
     if num_classes != saved.num_classes:

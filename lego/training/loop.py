@@ -31,7 +31,7 @@ from lego.diffusion.loss import LegoLoss
 from lego.errors import LegoError, Stopped
 from lego.networks.registry import model_config
 from lego.training import distributed
-from lego.training.config import TrainConfig, check_resume, check_train_config
+from lego.training.config import TrainConfig, architecture, check_resume, check_train_config
 from lego.training.rundir import RunDir
 
 
@@ -121,6 +121,7 @@ def _train(
             num_classes=data.num_classes,
             precond=cfg.precond,
             resolution=resolution,
+            **architecture(cfg),
         )
     else:
         model = build_model(
@@ -130,6 +131,7 @@ def _train(
                 num_classes=data.num_classes,
                 precond=cfg.precond,
                 resolution=resolution,
+                **architecture(cfg),
             )
         )
     model.check_canvas(torch.empty(1, channels, resolution, resolution, device="meta"))
