@@ -1,0 +1,368 @@
+"""Issue 24: does LEGO pay off? LEGO (PG and PR) against DiT on MNIST 16 x 16 at matched training compute, trained
+until the ranking settles, and where LEGO should win (patch fraction, brick skipping, a larger canvas).
+
+Usage: python studies/matched_compute.py [--work runs/matched] [--out studies/results/matched_compute] [--jobs 2]
+                                         [--phases match,lr,long,patch,skip,canvas] [--report-only]
+
+Resumable: every run trains with lego.train --resume in its own folder under --work, one chunk per evaluation point,
+and every finished evaluation is a JSON file there. Run the command again and it goes on where it stopped, reusing
+what is done (a chunk cut short is trained again from the checkpoint before it, which gives the same weights).
+
+Phases (each uses what the ones before it left):
+- match: training FLOPs per image (forward + backward of the LEGO loss, torch.utils.flop_counter) of DiT-T/2 at 16 x 16
+  and of LEGO-T-PG-16 / LEGO-T-PR-16 with every depth triple in 1..4 blocks per brick; each LEGO gets the triple
+  closest to DiT-T/2's FLOPs (the registry's (2, 2, 2) is 25% cheaper).
+- lr: each model at learning rates 5e-4, 1e-3 and 2e-3 (seed 0), 1,000 steps; the lowest FD picks the model's lr.
+- long: each model at its lr, seeds 0 and 1, to 4,000 steps (evaluated at 500, 1000, 2000, 3000, 4000).
+- patch: the matched PG at patch fraction 0.75 and 0.5, trained for the training FLOPs of 4,000 steps at 1.0.
+- skip: the seed-0 PG and PR at 4,000 steps sampled with t_break 0.25, 0.5, 0.75 and 1 (0 is the long run's).
+- canvas: the same models sampling 32 x 32 canvases (a trained DiT cannot: its refusal is recorded); their four
+  16 x 16 quarters scored as digits (FD, class accuracy of the class asked for).
+Everything else is the demo's recipe: batch 64, AdamW with 100 warm-up steps, EMA 0.995, label dropout 0.1, the
+embedded 10k MNIST digits at 16 x 16; evaluation `lego.eval --n 1000 --steps 10` (Heun, 19 network evaluations).
+Each run is one single-threaded process, --jobs at a time; compute is counted as FLOPs and as process CPU time (not
+wall-clock, which a shared machine makes noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+MODELS = {"dit": "DiT-T/2", "pg": "LEGO-T-PG-16", "pr": "LEGO-T-PR-16"}
+LRS = (5e-4, 1e-3, 2e-3)
+LR_STEPS = 1000
+EVAL_AT = (500, 1000, 2000, 3000, 4000)
+SEEDS = (0, 1)
+FRACTIONS = (0.75, 0.5)
+T_BREAKS = (0.25, 0.5, 0.75, 1.0)
+N, SAMPLE_STEPS = 1000, 10
+RECIPE = {"batch": 64, "warmup": 100, "ema": 0.995, "label_dropout": 0.1}
+
+
+def _write(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _read(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Compute
+
+
+def train_flops(model: str, depths=None, patch_fraction: float = 1.0) -> int:
+    """Forward + backward FLOPs of the LEGO loss per training image (counted on 4 images at 16 x 16)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lego import LegoLoss, build_model
+    from lego.data.datasets import open_dataset
+    from lego.data.loader import prepare
+    from lego.networks.registry import is_dit, model_config
+
+    data = open_dataset("default", 16)
+    images, labels = data[torch.arange(4)]
+    arch = {} if depths is None else {"num_layers": depths[0]} if is_dit(model) else {"depths": tuple(depths)}
+    net = build_model(model_config(model, in_channels=1, num_classes=10, resolution=16, **arch))
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = LegoLoss(patch_fraction)(net, prepare(images, 16, None), labels, torch.Generator().manual_seed(0))
+        loss.backward()
+    return counter.get_total_flops() // 4
+
+
+def match(work: Path) -> dict:
+    """The depths of each LEGO stack whose training FLOPs per image are closest to DiT-T/2's (phase match)."""
+    found = _read(work / "match.json")
+    if found:
+        return found
+    torch.set_num_threads(1)
+    target = train_flops(MODELS["dit"])
+    out = {"dit": {"model": MODELS["dit"], "depths": None, "flops_per_image": target}}
+    for key in ("pg", "pr"):
+        registry = train_flops(MODELS[key])
+        scored = []
+        for depths in itertools.product(range(1, 5), repeat=3):
+            flops = train_flops(MODELS[key], depths)
+            scored.append((abs(flops - target), depths, flops))
+        _, depths, flops = min(scored)
+        gap = (flops - target) / target
+        out[key] = {"model": MODELS[key], "depths": list(depths), "flops_per_image": flops, "gap": gap,
+                    "registry_depths": [2, 2, 2], "registry_flops_per_image": registry}  # fmt: skip
+        print(f"study: match {key}: depths {depths}, {flops / 1e9:.3f} GFLOP per training image against DiT-T/2's "
+              f"{target / 1e9:.3f} ({gap:+.1%}); the registry's (2, 2, 2): {registry / 1e9:.3f}",
+              flush=True)  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
+    _write(work / "match.json", out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    key: str  # dit, pg, pr
+    lr: float
+    seed: int = 0
+    patch_fraction: float = 1.0
+
+    @property
+    def name(self) -> str:
+        frac = "" if self.patch_fraction == 1 else f"-f{self.patch_fraction:g}"
+        return f"{self.key}-lr{self.lr:g}-s{self.seed}{frac}"
+
+
+def _evaluate(ckpt: Path, t_break: float = 0.0) -> dict:
+    from lego.metrics.evaluate import evaluate
+
+    r = evaluate(str(ckpt), n=N, steps=SAMPLE_STEPS, t_break=t_break, progress=False)
+    keys = ("fd", "class_accuracy", "nfe_per_sample", "flops_per_sample", "flops_saved_by_skipping", "cpu_s", "n")
+    return {k: r[k] for k in keys}
+
+
+def train_run(run: Run, stops: list[int], work: str, matched: dict) -> list[dict]:
+    """Train ``run`` to each step of ``stops`` (lego.train --resume between them), evaluate there; returns the
+    evaluation records (those already on disk are reused)."""
+    torch.set_num_threads(1)
+    from lego.training.config import TrainConfig
+    from lego.training.loop import train
+
+    folder = Path(work) / run.name
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = matched[run.key]
+    cfg = TrainConfig(model=spec["model"], resolution=16, depths=None if spec["depths"] is None else
+                      tuple(spec["depths"]), patch_fraction=run.patch_fraction, lr=run.lr, seed=run.seed,
+                      steps=0, out=str(folder / "run"), sample_n=0, log_every=10**9, ckpt_every=10**9,
+                      keep_checkpoints=len(EVAL_AT) + 2, **RECIPE)  # fmt: skip
+    flops = spec["flops_per_image"] if run.patch_fraction == 1 else train_flops(spec["model"], spec["depths"],
+                                                                                 run.patch_fraction)  # fmt: skip
+    progress = _read(folder / "progress.json") or {"step": 0, "train_cpu_s": 0.0, "train_wall_s": 0.0}
+    ckpt = folder / "run" / "checkpoint.safetensors"
+    if progress["step"] and _checkpoint_at(folder, progress["step"]) != ckpt:  # a chunk cut short: train it again
+        shutil.copyfile(folder / "run" / f"checkpoint-{progress['step']}.safetensors", ckpt)
+    records = []
+    for stop in stops:
+        if stop > progress["step"]:
+            w0, c0 = time.perf_counter(), time.process_time()
+            train(dataclasses.replace(cfg, steps=stop), resume=progress["step"] > 0, progress=False,
+                  overwrite=progress["step"] == 0)  # fmt: skip
+            progress = {"step": stop, "train_cpu_s": progress["train_cpu_s"] + time.process_time() - c0,
+                        "train_wall_s": progress["train_wall_s"] + time.perf_counter() - w0}  # fmt: skip
+            _write(folder / "progress.json", progress)
+        done = folder / f"eval-{stop}.json"
+        at = _checkpoint_at(folder, stop)
+        if not done.is_file() and at is None:
+            continue  # (a step this run passed before it was asked to stop there)
+        if not done.is_file():
+            record = {"run": run.name, **dataclasses.asdict(run), "model": spec["model"], "depths": spec["depths"],
+                      "step": stop, "train_cpu_s": round(progress["train_cpu_s"], 1),
+                      "train_wall_s": round(progress["train_wall_s"], 1), "train_flops": flops * stop * RECIPE["batch"],
+                      **_evaluate(at)}  # fmt: skip
+            _write(done, record)
+            print(f"study: {json.dumps(record)}", flush=True)
+        records.append(_read(done))
+    return records
+
+
+def _checkpoint_at(folder: Path, step: int) -> Path | None:
+    """The run's checkpoint of ``step`` (the newest, or one lego.train kept as checkpoint-STEP), if there is one."""
+    from lego.checkpoints.format import load_checkpoint
+
+    kept, newest = folder / "run" / f"checkpoint-{step}.safetensors", folder / "run" / "checkpoint.safetensors"
+    if kept.is_file():
+        return kept
+    return newest if newest.is_file() and load_checkpoint(newest, parts=()).step == step else None
+
+
+def skip_run(run: Run, step: int, work: str) -> list[dict]:
+    torch.set_num_threads(1)
+    folder = Path(work) / run.name
+    ckpt = _checkpoint_at(folder, step)
+    rows = []
+    for t in T_BREAKS:
+        done = folder / f"skip-{step}-{t:g}.json"
+        if not done.is_file():
+            _write(done, {"run": run.name, "key": run.key, "step": step, "t_break": t, **_evaluate(ckpt, t)})
+            print(f"study: {json.dumps(_read(done))}", flush=True)
+        rows.append(_read(done))
+    return rows
+
+
+def canvas_run(run: Run, step: int, work: str, side: int = 32, n: int = 250) -> dict:
+    """Sample ``side`` x ``side`` canvases from the run's checkpoint and score their 16 x 16 quarters as digits."""
+    torch.set_num_threads(1)
+    folder = Path(work) / run.name
+    done = folder / f"canvas-{step}-{side}.json"
+    if done.is_file():
+        return _read(done)
+    from lego.checkpoints.build import load_model
+    from lego.diffusion.generate import generate
+    from lego.errors import LegoError
+    from lego.metrics.features import MnistFeatures
+    from lego.metrics.frechet import feature_stats, frechet_distance, reference_stats
+
+    model = load_model(_checkpoint_at(folder, step))
+    labels = torch.arange(n) % 10
+    record = {"run": run.name, "key": run.key, "step": step, "canvas": side, "n": n}
+    try:
+        images, _ = generate(model, n, "heun", SAMPLE_STEPS, 1.0, labels, 0.0, side, side, seeds=list(range(n)))
+    except LegoError as e:
+        record["refused"] = str(e)
+    else:
+        quarters = images.unfold(2, 16, 16).unfold(3, 16, 16).permute(0, 2, 3, 1, 4, 5).reshape(-1, 1, 16, 16)
+        mnist = MnistFeatures()
+        feats, logits = mnist(quarters)
+        ref = reference_stats("default", 16, mnist, "ccexam-mnist")
+        record["fd_quarters"] = frechet_distance(*feature_stats(feats), *ref)
+        record["class_accuracy_quarters"] = float((logits.argmax(1) == labels.repeat_interleave(4)).float().mean())
+        whole, _ = generate(model, n, "heun", SAMPLE_STEPS, 1.0, labels, seeds=list(range(n)))  # 16 x 16, same seeds
+        feats16, logits16 = mnist(whole)
+        record["fd_16"] = frechet_distance(*feature_stats(feats16), *ref)
+        record["class_accuracy_16"] = float((logits16.argmax(1) == labels).float().mean())
+    _write(done, record)
+    print(f"study: {json.dumps(record)}", flush=True)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def collect(work: Path) -> dict:
+    """Every record on disk, by kind."""
+    found = {"match": _read(work / "match.json"), "evals": [], "skips": [], "canvas": []}
+    for f in sorted(work.glob("*/eval-*.json")):
+        found["evals"].append(_read(f))
+    for f in sorted(work.glob("*/skip-*.json")):
+        found["skips"].append(_read(f))
+    for f in sorted(work.glob("*/canvas-*.json")):
+        found["canvas"].append(_read(f))
+    return found
+
+
+def best_lrs(evals: list[dict]) -> dict:
+    """Each model's lr with the lowest FD at LR_STEPS (seed 0, patch fraction 1), among the finished ones."""
+    best = {}
+    for key in MODELS:
+        at = [e for e in evals if e["key"] == key and e["step"] == LR_STEPS and e["seed"] == 0
+              and e["patch_fraction"] == 1 and e["lr"] in LRS]  # fmt: skip
+        if len(at) == len(LRS):
+            best[key] = min(at, key=lambda e: e["fd"])["lr"]
+    return best
+
+
+def write_report(work: Path, out: Path, command: str) -> None:
+    found = collect(work)
+    out.mkdir(parents=True, exist_ok=True)
+    found["best_lr"] = best_lrs(found["evals"])
+    found["command"] = command
+    found["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    found["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}"
+    _write(out / "results.json", found)
+    lines = ["# LEGO vs DiT at matched training compute (MNIST 16 x 16, CPU)", "", f"Command: `{command}`", "",
+             f"Machine: {found['machine']}; date {found['date']}. Every number below was measured by this command; "
+             "a phase not yet finished has no rows.", ""]  # fmt: skip
+    m = found["match"]
+    if m:
+        lines += ["## Matched compute", "", "| run | model | depths | GFLOP per training image |", "|---|---|---|---|"]
+        for key, spec in m.items():
+            lines.append(f"| {key} | {spec['model']} | {spec['depths'] or 'registry'} | "
+                         f"{spec['flops_per_image'] / 1e9:.3f} |")  # fmt: skip
+        lines.append("")
+    lines += ["## Learning rate (seed 0, 1,000 steps) and training to 4,000 steps", "",
+              "| run | step | train CPU (s) | train TFLOP | FD (n 1000) | class accuracy |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for e in sorted(found["evals"], key=lambda e: (e["run"], e["step"])):
+        lines.append(f"| {e['run']} | {e['step']} | {e['train_cpu_s']:.0f} | {e['train_flops'] / 1e12:.2f} | "
+                     f"{e['fd']:.1f} | {e['class_accuracy']:.1%} |")  # fmt: skip
+    lines += ["", f"Best learning rates (lowest FD at {LR_STEPS} steps): {found['best_lr'] or 'not yet'}", ""]
+    if found["skips"]:
+        lines += ["## Brick skipping", "", "| run | step | t_break | FD | class accuracy | GFLOP / sample | saved |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for s in found["skips"]:
+            lines.append(f"| {s['run']} | {s['step']} | {s['t_break']:g} | {s['fd']:.1f} | {s['class_accuracy']:.1%} | "
+                         f"{s['flops_per_sample'] / 1e9:.2f} | {s['flops_saved_by_skipping']:.0%} |")  # fmt: skip
+        lines.append("")
+    if found["canvas"]:
+        lines += ["## A 32 x 32 canvas from 16 x 16 training", ""]
+        for c in found["canvas"]:
+            if "refused" in c:
+                lines.append(f"- {c['run']}: refused ({c['refused']})")
+            else:
+                lines.append(f"- {c['run']}: quarters FD {c['fd_quarters']:.1f}, class accuracy "
+                             f"{c['class_accuracy_quarters']:.1%} (16 x 16 with the same seeds: FD {c['fd_16']:.1f}, "
+                             f"{c['class_accuracy_16']:.1%}), n {c['n']}")  # fmt: skip
+        lines.append("")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print(f"study: wrote {out / 'results.md'}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default="runs/matched", help="the runs' folders (checkpoints, records)")
+    p.add_argument("--out", default="studies/results/matched_compute", help="results.json, results.md")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
+    p.add_argument("--phases", default="match,lr,long,patch,skip,canvas", help="which phases to run (comma list)")
+    p.add_argument("--report-only", action="store_true", help="write the results of what is on disk, train nothing")
+    args = p.parse_args(argv)
+    work, phases = Path(args.work), set(args.phases.split(","))
+    command = " ".join(["python studies/matched_compute.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.report_only:
+        write_report(work, Path(args.out), command)
+        return 0
+    torch.set_num_threads(1)
+    matched = match(work)
+    from lego.metrics.features import MnistFeatures
+    from lego.metrics.frechet import reference_stats
+
+    reference_stats("default", 16, MnistFeatures(), "ccexam-mnist")  # once, before the workers need it
+    with ProcessPoolExecutor(args.jobs) as pool:
+        if "lr" in phases:
+            runs = [Run(key, lr) for key in MODELS for lr in LRS]
+            for f in [pool.submit(train_run, r, [EVAL_AT[0], LR_STEPS], str(work), matched) for r in runs]:
+                f.result()
+        best = best_lrs(collect(work)["evals"])
+        if "long" in phases and len(best) == len(MODELS):
+            runs = [Run(key, best[key], seed) for seed in SEEDS for key in MODELS]
+            for f in [pool.submit(train_run, r, list(EVAL_AT), str(work), matched) for r in runs]:
+                f.result()
+        final = EVAL_AT[-1]
+        later = []
+        if "patch" in phases and "pg" in best:
+            full = matched["pg"]["flops_per_image"] * final
+            for frac in FRACTIONS:
+                steps = round(full / train_flops(matched["pg"]["model"], matched["pg"]["depths"], frac))
+                stops = sorted({round(steps * s / final) for s in EVAL_AT})
+                later.append(pool.submit(train_run, Run("pg", best["pg"], 0, frac), stops, str(work), matched))
+        trained = {key for key in best if (work / Run(key, best[key]).name / f"eval-{final}.json").is_file()}
+        for key in ("pg", "pr"):
+            if key in trained and "skip" in phases:
+                later.append(pool.submit(skip_run, Run(key, best[key]), final, str(work)))
+        for key in MODELS:
+            if key in trained and "canvas" in phases:
+                later.append(pool.submit(canvas_run, Run(key, best[key]), final, str(work)))
+        for f in later:
+            f.result()
+    write_report(work, Path(args.out), command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
