@@ -10,8 +10,9 @@ what is done (a chunk cut short is trained again from the checkpoint before it, 
 
 Phases (each uses what the ones before it left):
 - match: training FLOPs per image (forward + backward of the LEGO loss, torch.utils.flop_counter) of DiT-T/2 at 16 x 16
-  and of LEGO-T-PG-16 / LEGO-T-PR-16 with every depth triple in 1..4 blocks per brick; each LEGO gets the triple
-  closest to DiT-T/2's FLOPs (the registry's (2, 2, 2) is 25% cheaper).
+  and of LEGO-T-PG-16 / LEGO-T-PR-16 with every depth triple in 1..4 blocks per brick; each LEGO gets, among the
+  triples within 5% of DiT-T/2's FLOPs, the most even one (as the registry's (2, 2, 2), which is 25% cheaper), then
+  the closest.
 - lr: each model at learning rates 5e-4, 1e-3 and 2e-3 (seed 0), 1,000 steps; the lowest FD picks the model's lr.
 - long: each model at its lr, seeds 0 and 1, to 4,000 steps (evaluated at 500, 1000, 2000, 3000, 4000).
 - patch: the matched PG at patch fraction 0.75 and 0.5, trained for the training FLOPs of 4,000 steps at 1.0.
@@ -47,6 +48,7 @@ SEEDS = (0, 1)
 FRACTIONS = (0.75, 0.5)
 T_BREAKS = (0.25, 0.5, 0.75, 1.0)
 N, SAMPLE_STEPS = 1000, 10
+MATCH_TOLERANCE = 0.05
 RECIPE = {"batch": 64, "warmup": 100, "ema": 0.995, "label_dropout": 0.1}
 
 
@@ -96,8 +98,10 @@ def match(work: Path) -> dict:
         scored = []
         for depths in itertools.product(range(1, 5), repeat=3):
             flops = train_flops(MODELS[key], depths)
-            scored.append((abs(flops - target), depths, flops))
-        _, depths, flops = min(scored)
+            gap = (flops - target) / target
+            # within 5% of DiT's FLOPs, the most even depths (the registry's are even), then the closest FLOPs
+            scored.append((abs(gap) > MATCH_TOLERANCE, max(depths) - min(depths), abs(gap), depths, flops))
+        *_, depths, flops = min(scored)
         gap = (flops - target) / target
         out[key] = {"model": MODELS[key], "depths": list(depths), "flops_per_image": flops, "gap": gap,
                     "registry_depths": [2, 2, 2], "registry_flops_per_image": registry}  # fmt: skip
