@@ -1,9 +1,9 @@
 """LEGO diffusion bricks: the PyTorch layer (bricks, models, diffusion, samplers) over the lego_kernels fused ops.
 
 The layers, each importing only those below it: lego.networks -> lego.diffusion -> lego.data, lego.checkpoints ->
-lego.training, lego.metrics, lego.generation -> the commands (lego.train, lego.sample, lego.eval, lego.encode,
-lego.convert, lego.heldout); lego.errors, lego.checks and lego.files under all of them (see the README's "How the code
-is laid out"). This module gathers the public names.
+lego.generation -> lego.training, lego.metrics -> the commands (lego.train, lego.sample, lego.eval, lego.encode,
+lego.convert, lego.heldout); lego.errors, lego.checks, lego.files and lego.ranks under all of them (see the README's
+"How the code is laid out"). This module gathers the public names.
 """
 
 from lego.checkpoints.build import build_model, stack_on_base

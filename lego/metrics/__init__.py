@@ -1,2 +1,2 @@
-"""Metrics: feature networks, Fréchet distances, the cost of sampling, and scoring checkpoints (lego.eval,
-lego.heldout)."""
+"""Metrics: feature networks (the MNIST classifier; ADM's Inception-v3 metrics: FID, sFID, IS, precision, recall),
+Fréchet distances, and scoring checkpoints (lego.eval, lego.heldout)."""

@@ -235,7 +235,7 @@ def load_reference(spec: str, resolution: int, extractor: InceptionFeatures, bat
             stats = {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
             return Reference(path.name, str(z["sha256"]), int(z["n"]), stats, pool, str(z["source"]))
     got = _adm_arrays(path) if path.suffix == ".npz" and path.is_file() else None
-    stats, pool, n = None, None, 0
+    stats, pool = None, None
     if got is not None:
         stats = _check_stats(path, got)
         if "arr_0" in got:
