@@ -269,6 +269,71 @@ def best_lrs(evals: list[dict]) -> dict:
     return best
 
 
+def long_curves(evals: list[dict], best: dict) -> dict:
+    """{model key: [(step, train TFLOP, train CPU s, FD mean, FD half-range, accuracy mean, accuracy half-range,
+    seeds)]} of the long runs (each model at its lr, patch fraction 1), over the seeds finished at each step."""
+    curves = {}
+    for key, lr in best.items():
+        rows = [e for e in evals if e["key"] == key and e["lr"] == lr and e["patch_fraction"] == 1]
+        points = []
+        for step in sorted({e["step"] for e in rows}):
+            at = [e for e in rows if e["step"] == step]
+            fd, acc = [e["fd"] for e in at], [e["class_accuracy"] for e in at]
+            points.append((step, sum(e["train_flops"] for e in at) / len(at) / 1e12,
+                           sum(e["train_cpu_s"] for e in at) / len(at), sum(fd) / len(fd), (max(fd) - min(fd)) / 2,
+                           sum(acc) / len(acc), (max(acc) - min(acc)) / 2, len(at)))  # fmt: skip
+        curves[key] = points
+    return curves
+
+
+def plot(found: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    curves = long_curves(found["evals"], found["best_lr"])
+    if curves:
+        fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+        for key, pts in curves.items():
+            label = f"{key} ({MODELS[key]}, lr {found['best_lr'][key]:g})"
+            for col, x in ((0, 1), (1, 2)):
+                xs = [p[x] for p in pts]
+                axes[0, col].errorbar(xs, [p[3] for p in pts], [p[4] for p in pts], fmt="o-", capsize=3, label=label)
+                axes[1, col].errorbar(xs, [100 * p[5] for p in pts], [100 * p[6] for p in pts], fmt="o-", capsize=3)
+        axes[1, 0].set_xlabel("training TFLOP (counted)")
+        axes[1, 1].set_xlabel("training process CPU time (s)")
+        axes[0, 0].set_ylabel("FD, n 1000 (lower is better)")
+        axes[1, 0].set_ylabel("class accuracy (%)")
+        for ax in axes.flat:
+            ax.grid(alpha=0.3)
+        axes[0, 0].legend()
+        fig.suptitle("LEGO vs DiT-T/2 at matched training FLOPs per image (mean and half-range over seeds)")
+        fig.tight_layout()
+        fig.savefig(out / "quality_vs_compute.png", dpi=90)
+        files.append("quality_vs_compute.png")
+    if found["skips"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in ("pg", "pr"):
+            rows = sorted((r for r in found["skips"] if r["key"] == key), key=lambda r: r["t_break"])
+            full = [e for e in found["evals"] if rows and e["run"] == rows[0]["run"] and e["step"] == rows[0]["step"]]
+            pts = [(e["flops_per_sample"] / 1e9, e["fd"]) for e in full] + [
+                (r["flops_per_sample"] / 1e9, r["fd"]) for r in rows
+            ]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=key)
+        ax.set_xlabel("sampling GFLOP per image (t_break 0 on the right)")
+        ax.set_ylabel("FD")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "brick_skipping.png", dpi=90)
+        files.append("brick_skipping.png")
+    plt.close("all")
+    return files
+
+
 def write_report(work: Path, out: Path, command: str) -> None:
     found = collect(work)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,6 +359,16 @@ def write_report(work: Path, out: Path, command: str) -> None:
         lines.append(f"| {e['run']} | {e['step']} | {e['train_cpu_s']:.0f} | {e['train_flops'] / 1e12:.2f} | "
                      f"{e['fd']:.1f} | {e['class_accuracy']:.1%} |")  # fmt: skip
     lines += ["", f"Best learning rates (lowest FD at {LR_STEPS} steps): {found['best_lr'] or 'not yet'}", ""]
+    curves = long_curves(found["evals"], found["best_lr"])
+    if curves:
+        lines += ["## Each model at its learning rate: mean and half-range over seeds", "",
+                  "| model | step | seeds | train TFLOP | train CPU (s) | FD | class accuracy |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for key, pts in curves.items():
+            for step, tflop, cpu, fd, dfd, acc, dacc, k in pts:
+                lines.append(f"| {key} | {step} | {k} | {tflop:.2f} | {cpu:.0f} | {fd:.1f} ± {dfd:.1f} | "
+                             f"{acc:.1%} ± {dacc:.1%} |")  # fmt: skip
+        lines.append("")
     if found["skips"]:
         lines += ["## Brick skipping", "", "| run | step | t_break | FD | class accuracy | GFLOP / sample | saved |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -311,6 +386,9 @@ def write_report(work: Path, out: Path, command: str) -> None:
                              f"{c['class_accuracy_quarters']:.1%} (16 x 16 with the same seeds: FD {c['fd_16']:.1f}, "
                              f"{c['class_accuracy_16']:.1%}), n {c['n']}")  # fmt: skip
         lines.append("")
+    files = plot(found, out)
+    if files:
+        lines += ["Plots: " + ", ".join(f"[{f}]({f})" for f in files), ""]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print(f"study: wrote {out / 'results.md'}", flush=True)
 
