@@ -306,20 +306,27 @@ _BWD_PROGRAMS = 1056  # two waves of 4 resident 8-warp programs on 132 SMs (H100
 _PARTIAL_SHARE = 0.1
 
 
-# The forward's rows per program shrink (down to 1) until there are this many programs: LEGO-S's 16 x 16 brick at B 64
-# (4096 rows of d 384) ran 512 programs of 8 rows, under one wave on 132 SMs.
-_FWD_PROGRAMS = 2048
+# The forward's tile holds one 16-byte vector per thread and tensor (8 bf16 or 4 fp32), at 4 to 16 warps: ptxas then
+# issues the gated forward's loads of x, y and gate back to back, one round trip to memory before its first store
+# (benchmarks/static.py). With two vectors per thread (two rows of d 1024 at 4 warps, the tile before) Triton 3.6
+# converted the first row's values before loading the second's: two round trips. One row per program at d >= 1024 also
+# gives the grid a program per row (LEGO-S's 16 x 16 brick at B 64 once ran 512 programs of 8 rows, under one wave).
+_FWD_VECTOR_BYTES = 16
 
 
-def _tile(d: int, num_rows: int, backward: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_R, num_warps) for rows of width d (backward: num_rows = the rows of one program). The backward's
-    tiles are half as big at the same warps: it holds four input tiles (dh, x, dx_out, y) and three running sums, 8 fp32
-    each per thread at 8 warps."""
-    elements = _TILE_ELEMENTS // 2 if backward else _TILE_ELEMENTS
+def _tile(d: int, num_rows: int, backward: bool = False, element_size: int = 4) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_R, num_warps) for rows of width d of ``element_size``-byte values (backward: num_rows = the rows
+    of one program). The backward's tiles are half of _TILE_ELEMENTS: it holds four input tiles (dh, x, dx_out, y)
+    and three running sums, 8 fp32 each per thread at 8 warps."""
     block_d = triton.next_power_of_2(d)
-    rows = num_rows if backward or interpreting() else triton.cdiv(num_rows, _FWD_PROGRAMS)
-    block_r = max(1, min(elements // block_d, triton.next_power_of_2(max(rows, 1))))
-    return block_d, block_r, 8 if block_r * block_d >= elements else 4
+    if backward or interpreting():  # (the interpreter: few big tiles, each program costs milliseconds)
+        elements = _TILE_ELEMENTS // 2 if backward else _TILE_ELEMENTS
+        block_r = max(1, min(elements // block_d, triton.next_power_of_2(max(num_rows, 1))))
+        return block_d, block_r, 8 if block_r * block_d >= elements else 4
+    per_thread = _FWD_VECTOR_BYTES // element_size
+    num_warps = min(16, max(4, block_d // (32 * per_thread)))
+    block_r = max(1, min(num_warps * 32 * per_thread // block_d, triton.next_power_of_2(max(num_rows, 1))))
+    return block_d, block_r, num_warps
 
 
 def _bwd_chunks(num_images: int, num_rows: int, partial_bytes: int, op_bytes: int) -> int:
@@ -347,7 +354,7 @@ def _fwd(x, y, gate, shift, scale, image_index):
     rstd = new_output((num_rows,), torch.float32, x.device) if has_norm else None
     if num_rows == 0:
         return x_out, h, mean, rstd
-    block_d, block_r, num_warps = _tile(d, num_rows)
+    block_d, block_r, num_warps = _tile(d, num_rows, element_size=x.element_size())
     if num_rows + block_r > 2**31:  # the kernel's row ids are int32, the last tile's past the end included
         raise ValueError(f"adaln: {n} x {s} = {num_rows} token rows; the Triton kernel takes at most 2^31 - {block_r}")
     _adaln_fwd_kernel[(triton.cdiv(num_rows, block_r),)](

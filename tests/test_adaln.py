@@ -123,12 +123,13 @@ def test_gated_residual_without_norm_triton(device, dtype, index):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index", [None, "int64"])
 def test_small_tiles(device, index, monkeypatch):
-    """Forward tiles of 2 rows, backward tiles of 1 row, and the partial sums unbounded: up to 28 backward programs per
-    image (more than the reduction's 16-program tile) of a few rows each, chunks cut in the middle of a sequence."""
+    """Forward tiles of 2 rows (the compiled path's tile), backward tiles of 1 row, and the partial sums unbounded:
+    up to 28 backward programs per image (more than the reduction's 16-program tile) of a few rows each, chunks cut in
+    the middle of a sequence."""
     monkeypatch.setattr(adaln, "_TILE_ELEMENTS", 128)
     monkeypatch.setattr(adaln, "_PARTIAL_SHARE", 100.0)
     monkeypatch.setattr(adaln, "_BWD_PROGRAMS", 56)
-    monkeypatch.setattr(adaln, "_FWD_PROGRAMS", 1)  # rows per forward program as the tile allows, not as the grid needs
+    monkeypatch.setattr(adaln, "_FWD_VECTOR_BYTES", 4)  # one fp32 per thread: forward tiles of 2 rows of 64 at 4 warps
     monkeypatch.setattr(adaln, "interpreting", lambda: False)
     _check_adaln_modulate(device, torch.float32, (3, 15, 4, 40), index)
     _check_gated(device, torch.float32, (2, 40, 7, 40), index)
@@ -394,16 +395,19 @@ def test_backward_grid_at_the_model_shapes(case, monkeypatch):
     assert programs >= 1056 or one_more > 0.1 * min_bytes
 
 
-@pytest.mark.parametrize("batch", [16, 64, 256])
-def test_forward_grid_fills_the_gpu(batch, monkeypatch):
-    """The Triton forward's grid on a GPU at the model's bricks: rows per program shrink until there are 2048
-    programs or one row each (LEGO-S's 16 x 16 brick at B 64 ran 512 programs of 8 rows, under one wave)."""
+@pytest.mark.parametrize("element_size", [2, 4])
+def test_forward_tile_is_one_vector_per_thread(element_size, monkeypatch):
+    """The compiled forward's tile at the models' widths: one 16-byte vector per thread and tensor, at 4 to 16 warps,
+    so that ptxas issues every load before the first store (one round trip under Triton 3.6 and 3.9, gated by
+    tests/test_static_profile.py); at d >= 384 at most 2 rows per program, so the grid has a program per 1 or 2 rows
+    (LEGO-S's 16 x 16 brick at B 64 once ran 512 programs of 8 rows, under one wave)."""
     monkeypatch.setattr(adaln, "interpreting", lambda: False)
-    for seq_len, seqs_per_image, d in [(256, 1, 1152), (4, 16, 1152), (1, 64, 1152), (4, 16, 384), (4, 256, 384)]:
-        rows = batch * seqs_per_image * seq_len
-        block_d, block_r, num_warps = adaln._tile(d, rows)
-        assert -(-rows // block_r) >= min(rows, 2048), (seq_len, d, block_r)
-        assert block_r * block_d <= adaln._TILE_ELEMENTS and num_warps in (4, 8)
+    per_thread = 16 // element_size
+    for d in (128, 384, 1024, 1152):
+        block_d, block_r, num_warps = adaln._tile(d, 4096, element_size=element_size)
+        assert num_warps in (4, 8, 16) and block_r * block_d == num_warps * 32 * per_thread, (d, block_r, num_warps)
+        assert block_r <= 2 or d < 384
+    assert adaln._tile(1024, 1, element_size=2)[1] == 1  # never more rows than there are
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
