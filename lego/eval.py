@@ -88,7 +88,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", help="reference for FID/sFID/IS/precision/recall: an ADM reference batch .npz "
                    "(VIRTUAL_imagenet256_labeled.npz) or a folder / .npz of real images")  # fmt: skip
     p.add_argument("--inception", action="store_true", help="the same metrics against the training set (--data)")
-    p.add_argument("--inception-weights", help=f"path of {INCEPTION_FILE} (default: torch hub's checkpoints folder)")
+    p.add_argument("--inception-weights",
+                   help=f"path of {INCEPTION_FILE} (default: torch hub's copy, downloaded if absent)")  # fmt: skip
     p.add_argument("--vae", help="the autoencoder (folder or hub id) that decodes a latent model's samples")
     p.add_argument("--sweep", nargs="+", metavar="OPTION=V1,V2",
                    help="score every combination: cfg-scale=1,1.5,2 and/or t-break=0,0.25,0.5")  # fmt: skip
