@@ -165,6 +165,17 @@ def test_eval_ref_end_to_end_for_a_pixel_model(inception_weights, tmp_path, caps
     assert again["fid"] == report["fid"] and again["recall"] == report["recall"]
 
 
+def test_inception_alone_scores_against_the_training_set(inception_weights, tmp_path, capsys):
+    from conftest import save_digits
+
+    data = save_digits(tmp_path / "digits.npz", 8)
+    assert eval_main(["--ckpt", TINY, "--n", "5", "--steps", "1", "--sampler", "ddim", "--inception", "--data", data,
+                      "--inception-weights", inception_weights, "--no-progress"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert report["reference"]["name"] == "digits.npz" and report["reference"]["n"] == 8
+    assert report["reference"]["statistics"] == "images" and np.isfinite(report["fid"]) and report["recall"] is not None
+
+
 def test_stored_statistics_are_used_as_adms_evaluator_does(inception_weights, tmp_path, capsys):
     """A reference batch with mu / sigma / mu_s / sigma_s: FID and sFID come from them; without images, precision and
     recall cannot be computed and are reported as null."""

@@ -261,6 +261,7 @@ def test_an_interrupted_sampling_run_goes_on_and_gives_the_same_file(tmp_path, m
     capsys.readouterr()
     code = sample_main([*args, "--steps", "4", "--out", str(out)])
     assert code == 2 and "interrupted run" in capsys.readouterr().err
+    assert sorted(p.name for p in parts.glob("batch-*")) == ["batch-000000.pt", "batch-000001.pt"]  # kept
     calls.clear()
     monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(k["seeds"]) or real(*a, **k))
     assert sample_main([*args, "--out", str(out)]) == 0
@@ -271,6 +272,16 @@ def test_an_interrupted_sampling_run_goes_on_and_gives_the_same_file(tmp_path, m
         assert a["arr_1"].tolist() == [s % 10 for s in range(3, 10)]  # the class of seed s: s mod 10
         for key in ("arr_0", "arr_1", "samples"):
             assert np.array_equal(a[key], b[key]), key
+    # --overwrite starts over where another run's batches wait
+    interrupted = tmp_path / "other.npz"
+    calls.clear()
+    monkeypatch.setattr(generation, "generate", interrupted_at_the_third_batch)
+    assert sample_main([*args, "--steps", "2", "--out", str(interrupted)]) == 130
+    monkeypatch.setattr(generation, "generate", real)
+    assert sample_main([*args, "--out", str(interrupted), "--overwrite"]) == 0
+    assert not (tmp_path / "other.npz.parts").exists()
+    with np.load(whole) as a, np.load(interrupted) as b:
+        assert np.array_equal(a["samples"], b["samples"])
     # --images-only: the uint8 images and labels alone (a fifth of the size), the same images
     small = tmp_path / "small.npz"
     assert sample_main([*args, "--out", str(small), "--images-only"]) == 0
