@@ -13,7 +13,8 @@ Phases (each uses what the ones before it left):
   and of LEGO-T-PG-16 / LEGO-T-PR-16 with every depth triple in 1..4 blocks per brick; each LEGO gets, among the
   triples within 5% of DiT-T/2's FLOPs, the most even one (as the registry's (2, 2, 2), which is 25% cheaper), then
   the closest.
-- lr: each model at learning rates 5e-4, 1e-3 and 2e-3 (seed 0), 1,000 steps; the lowest FD picks the model's lr.
+- lr: each model at learning rates 5e-4, 1e-3 and 2e-3 (seed 0), 1,000 steps, the grid extended by factors of 2 past
+  an end that was best (within 1.25e-4 .. 8e-3); the lowest FD picks the model's lr.
 - long: each model at its lr, seeds 0 and 1, to 4,000 steps (evaluated at 500, 1000, 2000, 3000, 4000).
 - patch: the matched PG at patch fraction 0.75 and 0.5, trained for the training FLOPs of 4,000 steps at 1.0.
 - skip: the seed-0 PG and PR at 4,000 steps sampled with t_break 0.25, 0.5, 0.75 and 1 (0 is the long run's).
@@ -42,6 +43,7 @@ import torch
 
 MODELS = {"dit": "DiT-T/2", "pg": "LEGO-T-PG-16", "pr": "LEGO-T-PR-16"}
 LRS = (5e-4, 1e-3, 2e-3)
+LR_LIMITS = (1.25e-4, 8e-3)  # the grid grows past its best end, by factors of 2, up to these
 LR_STEPS = 1000
 EVAL_AT = (500, 1000, 2000, 3000, 4000)
 SEEDS = (0, 1)
@@ -258,15 +260,31 @@ def collect(work: Path) -> dict:
     return found
 
 
+def lr_results(evals: list[dict], key: str) -> dict[float, float]:
+    """{lr: FD at LR_STEPS} of model ``key``'s learning-rate runs (seed 0, patch fraction 1) finished so far."""
+    return {e["lr"]: e["fd"] for e in evals if e["key"] == key and e["step"] == LR_STEPS and e["seed"] == 0
+            and e["patch_fraction"] == 1}  # fmt: skip
+
+
 def best_lrs(evals: list[dict]) -> dict:
-    """Each model's lr with the lowest FD at LR_STEPS (seed 0, patch fraction 1), among the finished ones."""
+    """Each model's lr with the lowest FD at LR_STEPS, once its grid is done: LRS, extended by a factor of 2 past
+    whichever end was best (until the best is inside the grid, within LR_LIMITS)."""
     best = {}
     for key in MODELS:
-        at = [e for e in evals if e["key"] == key and e["step"] == LR_STEPS and e["seed"] == 0
-              and e["patch_fraction"] == 1 and e["lr"] in LRS]  # fmt: skip
-        if len(at) == len(LRS):
-            best[key] = min(at, key=lambda e: e["fd"])["lr"]
+        fds = lr_results(evals, key)
+        if set(LRS) <= set(fds) and not _next_lr(fds):
+            best[key] = min(fds, key=fds.get)
     return best
+
+
+def _next_lr(fds: dict[float, float]) -> float | None:
+    """The learning rate to try next: past the best if the best is at an end of those tried, within LR_LIMITS."""
+    tried, lr = sorted(fds), min(fds, key=fds.get)
+    if lr == tried[-1] and lr * 2 <= LR_LIMITS[1]:
+        return lr * 2
+    if lr == tried[0] and lr / 2 >= LR_LIMITS[0]:
+        return lr / 2
+    return None
 
 
 def long_curves(evals: list[dict], best: dict) -> dict:
@@ -358,7 +376,8 @@ def write_report(work: Path, out: Path, command: str) -> None:
     for e in sorted(found["evals"], key=lambda e: (e["run"], e["step"])):
         lines.append(f"| {e['run']} | {e['step']} | {e['train_cpu_s']:.0f} | {e['train_flops'] / 1e12:.2f} | "
                      f"{e['fd']:.1f} | {e['class_accuracy']:.1%} |")  # fmt: skip
-    lines += ["", f"Best learning rates (lowest FD at {LR_STEPS} steps): {found['best_lr'] or 'not yet'}", ""]
+    lines += ["", f"Best learning rates (lowest FD at {LR_STEPS} steps, the grid extended past a best end): "
+              f"{found['best_lr'] or 'not yet'}", ""]  # fmt: skip
     curves = long_curves(found["evals"], found["best_lr"])
     if curves:
         lines += ["## Each model at its learning rate: mean and half-range over seeds", "",
@@ -418,8 +437,11 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(args.jobs) as pool:
         if "lr" in phases:
             runs = [Run(key, lr) for key in MODELS for lr in LRS]
-            for f in [pool.submit(train_run, r, [EVAL_AT[0], LR_STEPS], str(work), matched) for r in runs]:
-                f.result()
+            while runs:
+                for f in [pool.submit(train_run, r, [EVAL_AT[0], LR_STEPS], str(work), matched) for r in runs]:
+                    f.result()
+                evals = collect(work)["evals"]
+                runs = [Run(key, lr) for key in MODELS if (lr := _next_lr(lr_results(evals, key)))]
         best = best_lrs(collect(work)["evals"])
         if "long" in phases and len(best) == len(MODELS):
             runs = [Run(key, best[key], seed) for seed in SEEDS for key in MODELS]
