@@ -54,6 +54,8 @@ def test_inception_score_closed_form():
     expected = k * torch.exp((q * q.log()).sum())
     assert inception_score(rows, split=100) == pytest.approx(float(expected), rel=1e-12)
     assert inception_score(q.expand(300, -1)) == pytest.approx(1.0)  # every image alike: IS 1
+    # one-hot rows (probabilities that underflowed to 0): 0 log 0 counts 0, and K equally used classes give IS K
+    assert inception_score(torch.eye(k).repeat(20, 1)) == pytest.approx(float(k))
 
 
 def test_precision_recall_on_known_point_sets():

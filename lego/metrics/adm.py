@@ -124,7 +124,7 @@ def inception_score(probs: torch.Tensor, split: int = IS_SPLIT) -> float:
     p = probs.double()
     scores = []
     for part in p.split(split):
-        kl = part * (part.log() - part.mean(0, keepdim=True).log())
+        kl = torch.xlogy(part, part) - torch.xlogy(part, part.mean(0, keepdim=True))  # 0 log 0 = 0: no NaN
         scores.append(kl.sum(1).mean().exp())
     return float(torch.stack(scores).mean())
 
