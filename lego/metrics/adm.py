@@ -30,10 +30,9 @@ import numpy as np
 import torch
 
 from lego.data.datasets import NAMED, open_dataset
-from lego.data.loader import prepare
 from lego.errors import LegoError
-from lego.files import atomic_write, sha256
-from lego.metrics.frechet import cache_path, feature_stats, frechet_distance
+from lego.files import sha256
+from lego.metrics.frechet import cache_path, dataset_images, feature_stats, frechet_distance, save_cache
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's converted TF Inception-v3
 INCEPTION_HINT = (
@@ -251,13 +250,8 @@ def load_reference(spec: str, resolution: int, extractor: InceptionFeatures, bat
             raise LegoError(
                 f"the reference {spec} holds latents; give real images (an ADM reference batch or a folder)"
             )
-        pool, spatial = [], []
-        for start in range(0, len(dataset), batch):  # a mapped dataset is read a slice at a time
-            images, _ = dataset[torch.arange(start, min(start + batch, len(dataset)))]
-            f = extractor(to_uint8_nchw(prepare(images, resolution, None)))
-            pool.append(f["pool"])
-            spatial.append(f["spatial"])
-        pool, spatial = torch.cat(pool), torch.cat(spatial)
+        feats = [extractor(to_uint8_nchw(images)) for images in dataset_images(dataset, resolution, batch)]
+        pool, spatial = torch.cat([f["pool"] for f in feats]), torch.cat([f["spatial"] for f in feats])
     source = "stored statistics" if stats is not None else "images"
     if stats is None:
         if len(pool) < 2:
@@ -269,10 +263,7 @@ def load_reference(spec: str, resolution: int, extractor: InceptionFeatures, bat
     arrays = {**stats, "sha256": digest, "n": n, "source": source}
     if pool is not None:
         arrays["pool"] = pool.numpy()
-    try:
-        atomic_write(cache, lambda tmp: np.savez(tmp, **arrays))
-    except OSError as e:  # a read-only folder: recomputed next time, which is only slower
-        print(f"lego.eval: could not cache the reference statistics at {cache} ({e})", file=sys.stderr)
+    save_cache(cache, **arrays)
     return Reference(path.name, digest, n, stats, pool, source)
 
 

@@ -50,6 +50,23 @@ def cache_path(data: str, tag: str) -> Path:
     return path.parent / f".{path.name}.{tag}-{key}.npz"
 
 
+def dataset_images(dataset, resolution: int, batch: int = 10000):
+    """A dataset's images at ``resolution``, float [-1, 1] batches of ``batch`` (a mapped dataset is read a slice at a
+    time), as lego.train reads them."""
+    for start in range(0, len(dataset), batch):
+        images, _ = dataset[torch.arange(start, min(start + batch, len(dataset)))]
+        yield prepare(images, resolution, None)
+
+
+def save_cache(path: Path, **arrays) -> None:
+    """Write reference statistics to ``path``; a folder that cannot be written (a read-only dataset folder) only
+    means they are computed again next time."""
+    try:
+        atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+    except OSError as e:
+        print(f"lego.eval: could not cache the reference statistics at {path} ({e})", file=sys.stderr)
+
+
 def reference_stats(data: str, resolution: int, extractor, tag: str) -> tuple[np.ndarray, np.ndarray]:
     """The training set's feature statistics at the model's resolution, computed once and cached."""
     path = cache_path(data, f"fd-ref-{tag}-{resolution}px")
@@ -57,13 +74,7 @@ def reference_stats(data: str, resolution: int, extractor, tag: str) -> tuple[np
         with np.load(path) as z:
             return z["mu"], z["sigma"]
     dataset = open_dataset(data, resolution)  # what lego.train reads
-    feats = []
-    for start in range(0, len(dataset), 10000):  # a mapped dataset is read a slice at a time
-        images, _ = dataset[torch.arange(start, min(start + 10000, len(dataset)))]
-        feats.append(extractor(prepare(images, resolution, None))[0])
+    feats = [extractor(images)[0] for images in dataset_images(dataset, resolution)]
     mu, sigma = feature_stats(torch.cat(feats))
-    try:
-        atomic_write(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))
-    except OSError as e:  # a read-only dataset folder: recomputed next time, which is only slower
-        print(f"lego.eval: could not cache the reference statistics at {path} ({e})", file=sys.stderr)
+    save_cache(path, mu=mu, sigma=sigma)
     return mu, sigma
