@@ -277,21 +277,21 @@ def write_samples(
     autoencoder = open_vae(vae, ckpt, latents, job.options["device"])
     folder = outs[0].with_name(outs[0].name + ".parts")
 
-    def my_share() -> Drawn:
+    def my_share() -> tuple[Parts, int, int]:
         parts = Parts(folder, job, images_only, vae, overwrite)
         try:
-            return draw(job, rank, world, autoencoder, latents, parts, progress and rank == 0, "lego.sample")
+            mine = draw(job, rank, world, autoencoder, latents, parts, progress and rank == 0, "lego.sample")
         except Exception:
             if parts.empty():  # nothing to resume (e.g. options generate() refused): leave no folder behind
                 parts.remove()
             raise
+        return parts, mine.meter.evaluations, mine.drawn  # (its images are on disk: rank 0 reads every batch back)
 
-    mine = agree(my_share, world)  # (a collective: after it, every rank's batches are on disk)
-    if mine.drawn and rank == 0:
-        print(f"lego.sample: {mine.meter.evaluations / mine.drawn:g} network evaluations per image")
+    parts, evaluations, drawn = agree(my_share, world)  # (a collective: after it, every rank's batches are on disk)
+    if drawn and rank == 0:
+        print(f"lego.sample: {evaluations / drawn:g} network evaluations per image")
     if rank:
         return []
-    parts = Parts(folder, job, images_only, vae)
     every = [parts.read(k) for k in range(math.ceil(job.n / job.batch))]
     images = torch.cat([x for x, _ in every])
     labels = None if every[0][1] is None else torch.cat([y for _, y in every])
