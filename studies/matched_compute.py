@@ -75,11 +75,12 @@ def train_flops(model: str, depths=None, patch_fraction: float = 1.0) -> int:
     from lego import LegoLoss, build_model
     from lego.data.datasets import open_dataset
     from lego.data.loader import prepare
-    from lego.networks.registry import is_dit, model_config
+    from lego.networks.registry import model_config
+    from lego.training.config import TrainConfig, architecture
 
     data = open_dataset("default", 16)
     images, labels = data[torch.arange(4)]
-    arch = {} if depths is None else {"num_layers": depths[0]} if is_dit(model) else {"depths": tuple(depths)}
+    arch = architecture(TrainConfig(model=model, depths=None if depths is None else tuple(depths)))  # as lego.train
     net = build_model(model_config(model, in_channels=1, num_classes=10, resolution=16, **arch))
     with FlopCounterMode(display=False) as counter:
         loss, _ = LegoLoss(patch_fraction)(net, prepare(images, 16, None), labels, torch.Generator().manual_seed(0))
