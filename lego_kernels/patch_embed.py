@@ -479,11 +479,13 @@ def _fwd_config(d: int, k: int, dtype: torch.dtype) -> dict:
 
 # fp32 (the default training precision) at 64 tokens x 64 x 32 and 4 warps used all 255 registers and spilled 360 to
 # 700 bytes per thread (Triton 3.6 and 3.9, sm_90 and sm_80: the fp32 field gather and its int64 addresses beside the
-# fp32 dtok tile); 32 tokens x 32 x 32 per step on 8 warps: 130 to 190 registers, no spill.
+# fp32 dtok tile); 32 tokens x 32 x 32 per step on 8 warps: 130 to 190 registers, no spill. bf16 at 64 tokens per step
+# and 4 warps spilled 16 bytes on sm_80 (Triton 3.9's ptxas, l = 2), at 32 tokens and 4 warps 16 bytes at l = 8; 32
+# tokens on 8 warps: 96 to 121 registers on sm_80, 78 to 111 on sm_90, no spill.
 def _bwd_weight_config(d: int, k: int, dtype: torch.dtype) -> dict:
-    if dtype == torch.float32:
-        return {"BLOCK_M": 32, "BLOCK_N": _pow2(d, 16, 32), "BLOCK_K": _pow2(k, 16, 32), "num_warps": 8}
-    return {"BLOCK_M": 64, "BLOCK_N": _pow2(d, 16, 64), "BLOCK_K": _pow2(k, 16, 64)}
+    wide = dtype != torch.float32
+    return {"BLOCK_M": 32, "BLOCK_N": _pow2(d, 16, 64 if wide else 32), "BLOCK_K": _pow2(k, 16, 64 if wide else 32),
+            "num_warps": 8}  # fmt: skip
 
 
 def _bwd_input_config(d: int, k_img: int, dtype: torch.dtype) -> dict:
@@ -503,6 +505,10 @@ def _bwd_input_config(d: int, k_img: int, dtype: torch.dtype) -> dict:
 # 128 rows, and where few rows exist (the image brick at B 64: 64 patches x 256 tokens) the grid is small.
 _ATOMIC_SHARE = 1.0
 _BWD_ROWS = (32, 64, 128)
+# fp32 tiles of 128 rows take them from at most 64 patches (2 token positions each): 128 patches x 1 position compiled
+# to 128 registers and 24 to 32 bytes of spills on sm_80 (Triton 3.9's ptxas: l = 2 at S 256 and 1024, B 256), 64 x 2
+# to 156 to 180 registers without (sm_90: 114 to 146; XL's 4 x 4 brick 116-125 before, 2 programs per SM, now 1).
+_BWD_FP32_PATCHES = 64
 # Below this many tokens per field element K, the backward reads dtok twice instead (_patch_embed_bwd_triton).
 _TWO_PASS_TOKENS_PER_K = 4
 
@@ -510,20 +516,25 @@ _TWO_PASS_TOKENS_PER_K = 4
 def _bwd_config(g: int, s: int, d: int, k: int, dtype: torch.dtype) -> dict:
     """Tile of the fused backward for g canvas patches of s tokens: BLOCK_P patches x BLOCK_S token positions (patches
     first, so that dpos's share stays small), d in BLOCK_N chunks, K in BLOCK_K tiles."""
+    wide = dtype != torch.float32
     for rows in _BWD_ROWS:
-        block_p = min(rows, _pow2(g, 1, rows))
+        block_p = min(rows, _pow2(g, 1, rows), rows if wide else _BWD_FP32_PATCHES)
         block_s = min(rows // block_p, _pow2(s, 1, rows))
         block_p = max(block_p, 16 // block_s)  # tl.dot needs 16 rows: pad with masked ones
         if 2 * (triton.cdiv(k, 4) * 4 + block_s + 1) <= _ATOMIC_SHARE * block_p * block_s:
             break
     # fp32: a [rows, 64] fp32 field tile and [rows, 32] dtok chunks spilled 16 to 730 bytes at 255 registers
     # (l = 2, 4, 8; Triton 3.6, sm_90 and sm_80); K tiles of 32 and d chunks of 16 keep it at 100 to 145 registers.
-    wide = dtype != torch.float32
+    # bf16 K tiles of 64 with d chunks of 64 (or 32) spilled 8 to 152 bytes at 255 registers on sm_80 (l = 2, K 40;
+    # Triton 3.9's ptxas); chunks of 16 spill nowhere: 153 to 226 registers on sm_80, 126 to 190 on sm_90 (l = 8: 126
+    # to 131, from 153; l = 2 and 4: 141 to 190, from 124 to 154, mostly one resident program of 8 warps per H100 SM
+    # where there were two; not timed).
+    block_k = _pow2(k, 16, 64 if wide else 32)
     return {
         "BLOCK_P": block_p,
         "BLOCK_S": block_s,
-        "BLOCK_N": 64 if wide else 16,
-        "BLOCK_K": _pow2(k, 16, 64 if wide else 32),
+        "BLOCK_N": 16 if block_k == 64 or not wide else 64,
+        "BLOCK_K": block_k,
         "num_warps": 8 if block_p * block_s >= 128 else 4,
     }
 

@@ -78,10 +78,6 @@ ITEM5_FEW_TOKENS = (
     "backward reads dtok twice (2 T d bytes, less than the fused kernel's fp32 accumulator, 8 d K), dweight in one "
     "piece on d/64 x K/64 = 180 programs (bf16); at B 256 the fused kernel's accumulator is still 29% of the minimum"
 )
-SM80_PATCH_EMBED_SPILLS = (
-    "issue 20: on sm_80 Triton 3.9 compiles the fused patch_embed backward (l = 2) and the bf16 weight kernel (l = 2) "
-    "with 8 to 32 B of spills; sm_80 was not gated before, and no A100 is at hand to measure a retile"
-)
 SM80_WAVES = (
     "issue 20: on sm_80 (A100, 108 SMs, and fewer resident CTAs at fp32's registers) at B 64 these grids, sized for "
     "sm_90, run under two waves; no A100 is at hand to measure a retile"
@@ -175,16 +171,6 @@ KNOWN_VIOLATIONS = _known(
         PATCH_EMBED_FWD_WAVES: """
             waves 3.6 sm_90 patch_embed_fwd_kernel@r16-l8-S4-d1024@bf16
             waves 3.9 sm_90 patch_embed_fwd_kernel@r16-l8-S4-d1024@bf16
-        """,
-        SM80_PATCH_EMBED_SPILLS: """
-            spills 3.9 sm_80 patch_embed_bwd_kernel@r32-l2-S256-d1152@bf16
-            spills 3.9 sm_80 patch_embed_bwd_kernel@r32-l2-S256-d1152@fp32
-            spills 3.9 sm_80 patch_embed_bwd_kernel@r4-l2-S4-d1152@bf16
-            spills 3.9 sm_80 patch_embed_bwd_kernel@r64-l2-S1024-d1024@fp32
-            spills 3.9 sm_80 patch_embed_bwd_kernel@r64-l2-S1024-d1152@fp32
-            spills 3.9 sm_80 patch_embed_bwd_kernel@r64-l2-S1024-d384@fp32
-            spills 3.9 sm_80 patch_embed_bwd_weight_kernel@r32-l2-S256-d1152@bf16
-            spills 3.9 sm_80 patch_embed_bwd_weight_kernel@r64-l2-S1024-d1152@bf16
         """,
         SM80_WAVES: """
             waves 3.6 sm_80 patch_embed_bwd_input_kernel@r16-l8-S4-d1152@fp32
