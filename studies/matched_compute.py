@@ -2,7 +2,7 @@
 until the ranking settles, and where LEGO should win (patch fraction, brick skipping, a larger canvas).
 
 Usage: python studies/matched_compute.py [--work runs/matched] [--out studies/results/matched_compute] [--jobs 2]
-                                         [--phases match,lr,long,patch,skip,canvas] [--report-only]
+                                         [--phases match,lr,long,patch,skip,canvas,demo] [--report-only]
 
 Resumable: every run trains with lego.train --resume in its own folder under --work, one chunk per evaluation point,
 and every finished evaluation is a JSON file there. Run the command again and it goes on where it stopped, reusing
@@ -20,6 +20,8 @@ Phases (each uses what the ones before it left):
 - skip: the seed-0 PG and PR at 4,000 steps sampled with t_break 0.25, 0.5, 0.75 and 1 (0 is the long run's).
 - canvas: the same models sampling 32 x 32 canvases (a trained DiT cannot: its refusal is recorded); their four
   16 x 16 quarters scored as digits (FD, class accuracy of the class asked for).
+- demo: the first README command's budget (lego.train's defaults: LEGO-T-PR-16 with the registry's depths, 800 steps
+  at lr 2e-3): the registry's depths against the matched ones at equal training FLOPs, each at lr 2e-3 and 4e-3.
 Everything else is the demo's recipe: batch 64, AdamW with 100 warm-up steps, EMA 0.995, label dropout 0.1, the
 embedded 10k MNIST digits at 16 x 16; evaluation `lego.eval --n 1000 --steps 10` (Heun, 19 network evaluations).
 Each run is one single-threaded process, --jobs at a time; compute is counted as FLOPs and as process CPU time (not
@@ -52,6 +54,7 @@ T_BREAKS = (0.25, 0.5, 0.75, 1.0)
 N, SAMPLE_STEPS = 1000, 10
 MATCH_TOLERANCE = 0.05
 RECIPE = {"batch": 64, "warmup": 100, "ema": 0.995, "label_dropout": 0.1}
+DEMO_STEPS, DEMO_LRS = 800, (2e-3, 4e-3)  # lego.train's default steps (and lr 2e-3)
 
 
 def _write(path: Path, obj) -> None:
@@ -116,13 +119,20 @@ def match(work: Path) -> dict:
     return out
 
 
+def demo_specs(matched: dict) -> dict:
+    """``matched`` with the demo phase's two PR stacks: the registry's depths and the matched ones."""
+    pr = matched["pr"]
+    registry = {"model": pr["model"], "depths": None, "flops_per_image": pr["registry_flops_per_image"]}
+    return {**matched, "pr-registry": registry, "pr-matched": pr}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Runs
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    key: str  # dit, pg, pr
+    key: str  # dit, pg, pr (the demo phase: pr-registry, pr-matched)
     lr: float
     seed: int = 0
     patch_fraction: float = 1.0
@@ -406,6 +416,16 @@ def write_report(work: Path, out: Path, command: str) -> None:
                              f"{c['class_accuracy_quarters']:.1%} (16 x 16 with the same seeds: FD {c['fd_16']:.1f}, "
                              f"{c['class_accuracy_16']:.1%}), n {c['n']}")  # fmt: skip
         lines.append("")
+    demo = sorted((e for e in found["evals"] if e["key"] in ("pr-registry", "pr-matched")), key=lambda e: e["run"])
+    if demo:
+        lines += [f"## The demo's budget: the training FLOPs of {DEMO_STEPS} steps of the registry's LEGO-T-PR-16", "",
+                  "| depths | lr | steps | train TFLOP | train CPU (s) | FD (n 1000) | class accuracy |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for e in demo:
+            lines.append(f"| {e['depths'] or 'registry (2, 2, 2)'} | {e['lr']:g} | {e['step']} | "
+                         f"{e['train_flops'] / 1e12:.2f} | {e['train_cpu_s']:.0f} | {e['fd']:.1f} | "
+                         f"{e['class_accuracy']:.1%} |")  # fmt: skip
+        lines.append("")
     files = plot(found, out)
     if files:
         lines += ["Plots: " + ", ".join(f"[{f}]({f})" for f in files), ""]
@@ -421,7 +441,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="runs/matched", help="the runs' folders (checkpoints, records)")
     p.add_argument("--out", default="studies/results/matched_compute", help="results.json, results.md")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
-    p.add_argument("--phases", default="match,lr,long,patch,skip,canvas", help="which phases to run (comma list)")
+    p.add_argument("--phases", default="match,lr,long,patch,skip,canvas,demo", help="which phases to run (comma list)")
     p.add_argument("--report-only", action="store_true", help="write the results of what is on disk, train nothing")
     args = p.parse_args(argv)
     work, phases = Path(args.work), set(args.phases.split(","))
@@ -430,7 +450,7 @@ def main(argv=None) -> int:
         write_report(work, Path(args.out), command)
         return 0
     torch.set_num_threads(1)
-    matched = match(work)
+    matched = demo_specs(match(work))
     from lego.metrics.features import MnistFeatures
     from lego.metrics.frechet import reference_stats
 
@@ -463,6 +483,10 @@ def main(argv=None) -> int:
         for key in MODELS:
             if key in trained and "canvas" in phases:
                 later.append(pool.submit(canvas_run, Run(key, best[key]), final, str(work)))
+        if "demo" in phases:
+            for key, lr in itertools.product(("pr-registry", "pr-matched"), DEMO_LRS):
+                steps = round(matched["pr-registry"]["flops_per_image"] * DEMO_STEPS / matched[key]["flops_per_image"])
+                later.append(pool.submit(train_run, Run(key, lr), [steps], str(work), matched))
         for f in later:
             f.result()
     write_report(work, Path(args.out), command)

@@ -23,7 +23,8 @@ from lego.train import main as train_main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REF = load_file(FIXTURES / "equivalence.safetensors")
-TRAIN = ["--steps", "20", "--batch", "8", "--device", "cpu", "--sample-n", "4", "--sample-steps", "2",
+# --lr: lego.train's default when the references were made
+TRAIN = ["--steps", "20", "--batch", "8", "--lr", "2e-3", "--device", "cpu", "--sample-n", "4", "--sample-steps", "2",
          "--log-every", "10", "--no-progress"]  # fmt: skip
 MODELS = {"LEGO-T-PG-16": [], "LEGO-T-PR-16": [], "LEGO-T-U-16": [], "DiT-T/2": ["--resolution", "16"]}
 SAMPLES = {
