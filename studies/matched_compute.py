@@ -372,8 +372,8 @@ def write_report(work: Path, out: Path, command: str) -> None:
     found["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}"
     _write(out / "results.json", found)
     lines = ["# LEGO vs DiT at matched training compute (MNIST 16 x 16, CPU)", "", f"Command: `{command}`", "",
-             f"Machine: {found['machine']}; date {found['date']}. Every number below was measured by this command; "
-             "a phase not yet finished has no rows.", ""]  # fmt: skip
+             f"Machine: {found['machine']}; date {found['date']}. Every number below comes from the study's runs in "
+             f"{work} (their raw log: log.txt); a phase not yet finished has no rows.", ""]  # fmt: skip
     m = found["match"]
     if m:
         lines += ["## Matched compute", "", "| run | model | depths | GFLOP per training image |", "|---|---|---|---|"]
