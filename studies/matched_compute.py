@@ -20,8 +20,9 @@ Phases (each uses what the ones before it left):
 - skip: the seed-0 PG and PR at 4,000 steps sampled with t_break 0.25, 0.5, 0.75 and 1 (0 is the long run's).
 - canvas: the same models sampling 32 x 32 canvases (a trained DiT cannot: its refusal is recorded); their four
   16 x 16 quarters scored as digits (FD, class accuracy of the class asked for).
-- demo: the first README command's budget (lego.train's defaults: LEGO-T-PR-16 with the registry's depths, 800 steps
-  at lr 2e-3): the registry's depths against the matched ones at equal training FLOPs, each at lr 2e-3 and 4e-3.
+- demo: the first README command's budget (lego.train's defaults: LEGO-T-PR-16 with the registry's depths, 800 steps;
+  its lr was 2e-3 until this phase chose 4e-3): the registry's depths against the matched ones at equal training
+  FLOPs, each at lr 2e-3 and 4e-3.
 Everything else is the demo's recipe: batch 64, AdamW with 100 warm-up steps, EMA 0.995, label dropout 0.1, the
 embedded 10k MNIST digits at 16 x 16; evaluation `lego.eval --n 1000 --steps 10` (Heun, 19 network evaluations).
 Each run is one single-threaded process, --jobs at a time; compute is counted as FLOPs and as process CPU time (not
@@ -54,7 +55,7 @@ T_BREAKS = (0.25, 0.5, 0.75, 1.0)
 N, SAMPLE_STEPS = 1000, 10
 MATCH_TOLERANCE = 0.05
 RECIPE = {"batch": 64, "warmup": 100, "ema": 0.995, "label_dropout": 0.1}
-DEMO_STEPS, DEMO_LRS = 800, (2e-3, 4e-3)  # lego.train's default steps (and lr 2e-3)
+DEMO_STEPS, DEMO_LRS = 800, (2e-3, 4e-3)  # lego.train's default steps; its old and new default lr
 
 
 def _write(path: Path, obj) -> None:
