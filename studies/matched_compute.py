@@ -18,8 +18,9 @@ Phases (each uses what the ones before it left):
 - long: each model at its lr, seeds 0 and 1, to 4,000 steps (evaluated at 500, 1000, 2000, 3000, 4000).
 - patch: the matched PG at patch fraction 0.75 and 0.5, trained for the training FLOPs of 4,000 steps at 1.0.
 - skip: the seed-0 PG and PR at 4,000 steps sampled with t_break 0.25, 0.5, 0.75 and 1 (0 is the long run's).
-- canvas: the same models sampling 32 x 32 canvases (a trained DiT cannot: its refusal is recorded); their four
-  16 x 16 quarters scored as digits (FD, class accuracy of the class asked for).
+- canvas: the same models sampling 32 x 32 canvases (DiT-T/2 too: diffusers recomputes its sin-cos position embedding
+  for the larger grid; a model that refuses is recorded as such); their four 16 x 16 quarters scored as digits (FD,
+  class accuracy of the class asked for), beside 16 x 16 samples of the same seeds.
 - demo: the first README command's budget (lego.train's defaults: LEGO-T-PR-16 with the registry's depths, 800 steps;
   its lr was 2e-3 until this phase chose 4e-3): the registry's depths against the matched ones at equal training
   FLOPs, each at lr 2e-3 and 4e-3.
