@@ -481,7 +481,7 @@ def _fwd_config(d: int, k: int, dtype: torch.dtype) -> dict:
 # 700 bytes per thread (Triton 3.6 and 3.9, sm_90 and sm_80: the fp32 field gather and its int64 addresses beside the
 # fp32 dtok tile); 32 tokens x 32 x 32 per step on 8 warps: 130 to 190 registers, no spill. bf16 at 64 tokens per step
 # and 4 warps spilled 16 bytes on sm_80 (Triton 3.9's ptxas, l = 2), at 32 tokens and 4 warps 16 bytes at l = 8; 32
-# tokens on 8 warps: 96 to 121 registers on sm_80, 78 to 111 on sm_90, no spill.
+# tokens on 8 warps: 96 to 121 registers on sm_80, 77 to 111 on sm_90, no spill.
 def _bwd_weight_config(d: int, k: int, dtype: torch.dtype) -> dict:
     wide = dtype != torch.float32
     return {"BLOCK_M": 32, "BLOCK_N": _pow2(d, 16, 64 if wide else 32), "BLOCK_K": _pow2(k, 16, 64 if wide else 32),
@@ -533,7 +533,7 @@ def _bwd_config(g: int, s: int, d: int, k: int, dtype: torch.dtype) -> dict:
     return {
         "BLOCK_P": block_p,
         "BLOCK_S": block_s,
-        "BLOCK_N": 16 if block_k == 64 or not wide else 64,
+        "BLOCK_N": 64 if wide and block_k < 64 else 16,
         "BLOCK_K": block_k,
         "num_warps": 8 if block_p * block_s >= 128 else 4,
     }

@@ -20,7 +20,7 @@ Phases (each uses what the ones before it left):
 - skip: the seed-0 PG and PR at 4,000 steps sampled with t_break 0.25, 0.5, 0.75 and 1 (0 is the long run's).
 - canvas: the same models sampling 32 x 32 canvases (DiT-T/2 too: diffusers recomputes its sin-cos position embedding
   for the larger grid; a model that refuses is recorded as such); their four 16 x 16 quarters scored as digits (FD,
-  class accuracy of the class asked for), beside 16 x 16 samples of the same seeds.
+  class accuracy of the class asked for), beside as many 16 x 16 samples (the first from the canvases' seeds).
 - demo: the first README command's budget (lego.train's defaults: LEGO-T-PR-16 with the registry's depths, 800 steps;
   its lr was 2e-3 until this phase chose 4e-3): the registry's depths against the matched ones at equal training
   FLOPs, each at lr 2e-3 and 4e-3.
@@ -57,6 +57,7 @@ N, SAMPLE_STEPS = 1000, 10
 MATCH_TOLERANCE = 0.05
 RECIPE = {"batch": 64, "warmup": 100, "ema": 0.995, "label_dropout": 0.1}
 DEMO_STEPS, DEMO_LRS = 800, (2e-3, 4e-3)  # lego.train's default steps; its old and new default lr
+DEMO_KEYS = ("pr-registry", "pr-matched")  # the registry's depths, the matched ones
 
 
 def _write(path: Path, obj) -> None:
@@ -421,7 +422,7 @@ def write_report(work: Path, out: Path, command: str) -> None:
                              f"{c['class_accuracy_quarters']:.1%} (as many 16 x 16 samples: FD {c['fd_16']:.1f}, "
                              f"{c['class_accuracy_16']:.1%}), {c['n']} canvases")  # fmt: skip
         lines.append("")
-    demo = sorted((e for e in found["evals"] if e["key"] in ("pr-registry", "pr-matched")), key=lambda e: e["run"])
+    demo = sorted((e for e in found["evals"] if e["key"] in DEMO_KEYS), key=lambda e: e["run"])
     if demo:
         lines += [f"## The demo's budget: the training FLOPs of {DEMO_STEPS} steps of the registry's LEGO-T-PR-16", "",
                   "| depths | lr | steps | train TFLOP | train CPU (s) | FD (n 1000) | class accuracy |",
@@ -489,7 +490,7 @@ def main(argv=None) -> int:
             if key in trained and "canvas" in phases:
                 later.append(pool.submit(canvas_run, Run(key, best[key]), final, str(work)))
         if "demo" in phases:
-            for key, lr in itertools.product(("pr-registry", "pr-matched"), DEMO_LRS):
+            for key, lr in itertools.product(DEMO_KEYS, DEMO_LRS):
                 steps = round(matched["pr-registry"]["flops_per_image"] * DEMO_STEPS / matched[key]["flops_per_image"])
                 later.append(pool.submit(train_run, Run(key, lr), [steps], str(work), matched))
         for f in later:
