@@ -17,10 +17,13 @@ Phases (each uses what the ones before it left):
   an end that was best (within 1.25e-4 .. 8e-3); the lowest FD picks the model's lr.
 - long: each model at its lr, seeds 0 and 1, to 4,000 steps (evaluated at 500, 1000, 2000, 3000, 4000).
 - patch: the matched PG at patch fraction 0.75 and 0.5, trained for the training FLOPs of 4,000 steps at 1.0.
-- skip: the seed-0 PG and PR at 4,000 steps sampled with t_break 0.25, 0.5, 0.75 and 1 (0 is the long run's).
-- canvas: the same models sampling 32 x 32 canvases (DiT-T/2 too: diffusers recomputes its sin-cos position embedding
-  for the larger grid; a model that refuses is recorded as such); their four 16 x 16 quarters scored as digits (FD,
-  class accuracy of the class asked for), beside as many 16 x 16 samples (the first from the canvases' seeds).
+- skip: every long run's 4,000-step checkpoint scored again on other images (seeds 1000..1999: the evaluation's own
+  noise), and sampled more cheaply: PG and PR with t_break 0.25, 0.5, 0.75 and 1 (0 is the long run's), every model
+  with 7 and 5 Heun steps instead of 10 (the way to cheaper sampling DiT has too).
+- canvas: the same checkpoints sampling 32 x 32 canvases of one class each (DiT-T/2 too: diffusers recomputes its
+  sin-cos position embedding for the larger grid; a model that refuses is recorded as such), scored two ways against
+  as many 16 x 16 samples (the first from the canvases' seeds): their four 16 x 16 quarters as digits (FD, class
+  accuracy of the class asked for), and the whole canvas shrunk to 16 x 16 as one digit.
 - demo: the first README command's budget (lego.train's defaults: LEGO-T-PR-16 with the registry's depths, 800 steps;
   its lr was 2e-3 until this phase chose 4e-3): the registry's depths against the matched ones at equal training
   FLOPs, each at lr 2e-3 and 4e-3.
@@ -53,6 +56,8 @@ EVAL_AT = (500, 1000, 2000, 3000, 4000)
 SEEDS = (0, 1)
 FRACTIONS = (0.75, 0.5)
 T_BREAKS = (0.25, 0.5, 0.75, 1.0)
+FEWER_STEPS = (5, 7)  # Heun steps (9 and 13 network evaluations): the way to cheaper sampling any model has
+SOLVER = ("dpmpp-2m", 10)  # and a better solver: DPM-Solver++(2M), 10 network evaluations (see studies/fewer_calls.py)
 N, SAMPLE_STEPS = 1000, 10
 MATCH_TOLERANCE = 0.05
 RECIPE = {"batch": 64, "warmup": 100, "ema": 0.995, "label_dropout": 0.1}
@@ -146,10 +151,12 @@ class Run:
         return f"{self.key}-lr{self.lr:g}-s{self.seed}{frac}"
 
 
-def _evaluate(ckpt: Path, t_break: float = 0.0) -> dict:
+def _evaluate(
+    ckpt: Path, t_break: float = 0.0, steps: int = SAMPLE_STEPS, seed: int = 0, sampler: str = "heun"
+) -> dict:
     from lego.metrics.evaluate import evaluate
 
-    r = evaluate(str(ckpt), n=N, steps=SAMPLE_STEPS, t_break=t_break, progress=False)
+    r = evaluate(str(ckpt), n=N, sampler=sampler, steps=steps, t_break=t_break, seed=seed, progress=False)
     keys = ("fd", "class_accuracy", "nfe_per_sample", "flops_per_sample", "flops_saved_by_skipping", "cpu_s", "n")
     return {k: r[k] for k in keys}
 
@@ -209,27 +216,39 @@ def _checkpoint_at(folder: Path, step: int) -> Path | None:
 
 
 def skip_run(run: Run, step: int, work: str) -> list[dict]:
+    """Evaluate the run's checkpoint of ``step`` again: on another N images (seeds N..2N-1: the evaluation's own
+    noise), and sampled more cheaply: with t_break in T_BREAKS (LEGO), and with FEWER_STEPS Heun steps and with
+    SOLVER (every model)."""
     torch.set_num_threads(1)
     folder = Path(work) / run.name
     ckpt = _checkpoint_at(folder, step)
+    points = [(f"resample-{step}", 0.0, SAMPLE_STEPS, N, "heun")]
+    points += [(f"skip-{step}-{t:g}", t, SAMPLE_STEPS, 0, "heun") for t in T_BREAKS if run.key != "dit"]
+    points += [(f"steps-{step}-{k}", 0.0, k, 0, "heun") for k in FEWER_STEPS]
+    points += [(f"steps-{step}-{SOLVER[0]}-{SOLVER[1]}", 0.0, SOLVER[1], 0, SOLVER[0])]
     rows = []
-    for t in T_BREAKS:
-        done = folder / f"skip-{step}-{t:g}.json"
+    for name, t, k, seed, sampler in points:
+        done = folder / f"{name}.json"
         if not done.is_file():
-            _write(done, {"run": run.name, "key": run.key, "step": step, "t_break": t, **_evaluate(ckpt, t)})
+            record = {"run": run.name, "key": run.key, "step": step, "sampler": sampler, "t_break": t,
+                      "sample_steps": k, "seed": seed}  # fmt: skip
+            _write(done, {**record, **_evaluate(ckpt, t, k, seed, sampler)})
             print(f"study: {json.dumps(_read(done))}", flush=True)
         rows.append(_read(done))
     return rows
 
 
 def canvas_run(run: Run, step: int, work: str, side: int = 32, n: int = 250) -> dict:
-    """Sample ``side`` x ``side`` canvases from the run's checkpoint and score their 16 x 16 quarters as digits, beside
-    as many 16 x 16 samples."""
+    """Sample ``side`` x ``side`` canvases of one class each from the run's checkpoint and score them two ways: their
+    16 x 16 quarters as digits (beside as many 16 x 16 samples), and the whole canvas shrunk to 16 x 16 as one digit
+    (beside the first ``n`` of those samples). The first 10 canvases are kept as an image array for the report."""
     torch.set_num_threads(1)
     folder = Path(work) / run.name
     done = folder / f"canvas-{step}-{side}.json"
     if done.is_file():
         return _read(done)
+    import numpy as np
+
     from lego.checkpoints.build import load_model
     from lego.diffusion.generate import generate
     from lego.errors import LegoError
@@ -243,19 +262,26 @@ def canvas_run(run: Run, step: int, work: str, side: int = 32, n: int = 250) -> 
         images, _ = generate(model, n, "heun", SAMPLE_STEPS, 1.0, labels, 0.0, side, side, seeds=list(range(n)))
     except LegoError as e:
         record["refused"] = str(e)
-    else:
-        quarters = images.unfold(2, 16, 16).unfold(3, 16, 16).permute(0, 2, 3, 1, 4, 5).reshape(-1, 1, 16, 16)
-        mnist = MnistFeatures()
-        feats, logits = mnist(quarters)
-        ref = reference_stats("default", 16, mnist, "ccexam-mnist")
-        record["fd_quarters"] = frechet_distance(*feature_stats(feats), *ref)
-        record["class_accuracy_quarters"] = float((logits.argmax(1) == labels.repeat_interleave(4)).float().mean())
-        # 16 x 16 samples as many as the quarters (FD depends on n), the first n from the canvases' seeds
-        labels16 = torch.arange(4 * n) % 10
-        whole, _ = generate(model, 4 * n, "heun", SAMPLE_STEPS, 1.0, labels16, seeds=list(range(4 * n)))
-        feats16, logits16 = mnist(whole)
-        record["fd_16"] = frechet_distance(*feature_stats(feats16), *ref)
-        record["class_accuracy_16"] = float((logits16.argmax(1) == labels16).float().mean())
+        _write(done, record)
+        return record
+    mnist = MnistFeatures()
+    ref = reference_stats("default", 16, mnist, "ccexam-mnist")
+
+    def score(batch: torch.Tensor, classes: torch.Tensor) -> tuple[float, float]:
+        feats, logits = mnist(batch)
+        return frechet_distance(*feature_stats(feats), *ref), float((logits.argmax(1) == classes).float().mean())
+
+    quarters = images.unfold(2, 16, 16).unfold(3, 16, 16).permute(0, 2, 3, 1, 4, 5).reshape(-1, 1, 16, 16)
+    record["fd_quarters"], record["class_accuracy_quarters"] = score(quarters, labels.repeat_interleave(4))
+    shrunk = torch.nn.functional.avg_pool2d(images, side // 16)
+    record["fd_whole"], record["class_accuracy_whole"] = score(shrunk, labels)
+    # 16 x 16 samples as many as the quarters (FD depends on n), the first n from the canvases' seeds
+    labels16 = torch.arange(4 * n) % 10
+    whole, _ = generate(model, 4 * n, "heun", SAMPLE_STEPS, 1.0, labels16, seeds=list(range(4 * n)))
+    record["fd_16"], record["class_accuracy_16"] = score(whole, labels16)
+    record["fd_16_first_n"], record["class_accuracy_16_first_n"] = score(whole[:n], labels16[:n])
+    pixels = ((images[:10, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    np.save(folder / f"canvas-{step}-{side}.npy", pixels)
     _write(done, record)
     print(f"study: {json.dumps(record)}", flush=True)
     return record
@@ -267,11 +293,13 @@ def canvas_run(run: Run, step: int, work: str, side: int = 32, n: int = 250) -> 
 
 def collect(work: Path) -> dict:
     """Every record on disk, by kind."""
-    found = {"match": _read(work / "match.json"), "evals": [], "skips": [], "canvas": []}
+    found = {"match": _read(work / "match.json"), "evals": [], "skips": [], "resamples": [], "canvas": []}
     for f in sorted(work.glob("*/eval-*.json")):
         found["evals"].append(_read(f))
-    for f in sorted(work.glob("*/skip-*.json")):
-        found["skips"].append(_read(f))
+    for f in sorted(work.glob("*/skip-*.json")) + sorted(work.glob("*/steps-*.json")):
+        found["skips"].append({"sampler": "heun", "sample_steps": SAMPLE_STEPS, **_read(f)})
+    for f in sorted(work.glob("*/resample-*.json")):
+        found["resamples"].append(_read(f))
     for f in sorted(work.glob("*/canvas-*.json")):
         found["canvas"].append(_read(f))
     return found
@@ -321,7 +349,17 @@ def long_curves(evals: list[dict], best: dict) -> dict:
     return curves
 
 
-def plot(found: dict, out: Path) -> list[str]:
+def patch_runs(found: dict) -> dict[float, list[dict]]:
+    """{patch fraction: the evaluations of LEGO-PG's seed-0 run at its lr with that fraction, by step}."""
+    lr = found["best_lr"].get("pg")
+    runs = {}
+    for e in sorted(found["evals"], key=lambda e: e["step"]):
+        if e["key"] == "pg" and e["lr"] == lr and e["seed"] == 0:
+            runs.setdefault(e["patch_fraction"], []).append(e)
+    return runs if len(runs) > 1 else {}
+
+
+def plot(found: dict, work: Path, out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -349,22 +387,60 @@ def plot(found: dict, out: Path) -> list[str]:
         fig.savefig(out / "quality_vs_compute.png", dpi=90)
         files.append("quality_vs_compute.png")
     if found["skips"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key in ("pg", "pr"):
-            rows = sorted((r for r in found["skips"] if r["key"] == key), key=lambda r: r["t_break"])
-            full = [e for e in found["evals"] if rows and e["run"] == rows[0]["run"] and e["step"] == rows[0]["step"]]
-            pts = [(e["flops_per_sample"] / 1e9, e["fd"]) for e in full] + [
-                (r["flops_per_sample"] / 1e9, r["fd"]) for r in rows
-            ]
-            if pts:
-                ax.plot(*zip(*pts), "o-", label=key)
-        ax.set_xlabel("sampling GFLOP per image (t_break 0 on the right)")
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        colors = dict(zip(MODELS, ("k", "tab:blue", "tab:orange")))
+        for run in sorted({r["run"] for r in found["skips"]}):
+            rows = [r for r in found["skips"] if r["run"] == run]
+            full = [{"sampler": "heun", "t_break": 0.0, "sample_steps": SAMPLE_STEPS, **e} for e in found["evals"]
+                    if e["run"] == run and e["step"] == rows[0]["step"]]  # fmt: skip
+            look = {"color": colors[full[0]["key"]], "alpha": 1 if full[0]["seed"] == 0 else 0.5}
+            heun = [r for r in full + rows if r["sampler"] == "heun"]
+            for style, same in (("o-", "sample_steps"), ("s--", "t_break")):  # t_break varies; steps vary
+                line = sorted((r for r in heun if r[same] == full[0][same]), key=lambda r: r["flops_per_sample"])
+                if len(line) > 1:
+                    xs, ys = [r["flops_per_sample"] / 1e9 for r in line], [r["fd"] for r in line]
+                    ax.plot(
+                        xs, ys, style, **look, label=f"{run}, {'t_break' if same == 'sample_steps' else 'fewer steps'}"
+                    )
+            for r in (r for r in rows if r["sampler"] != "heun"):
+                ax.plot(r["flops_per_sample"] / 1e9, r["fd"], "^", **look, markersize=9, label=f"{run}, {r['sampler']}")
+        ax.set_xlabel(
+            f"sampling GFLOP per image (t_break: 10 Heun steps; fewer steps: 10, 7, 5; {SOLVER[0]}: {SOLVER[1]})"
+        )
+        ax.set_yscale("log")
         ax.set_ylabel("FD")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "cheaper_sampling.png", dpi=90)
+        files.append("cheaper_sampling.png")
+    if patch := patch_runs(found):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for frac, rows in sorted(patch.items(), reverse=True):
+            ax.plot(
+                [e["train_flops"] / 1e12 for e in rows], [e["fd"] for e in rows], "o-", label=f"patch fraction {frac:g}"
+            )
+        ax.set_xlabel("training TFLOP (counted)")
+        ax.set_ylabel("FD, n 1000")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "brick_skipping.png", dpi=90)
-        files.append("brick_skipping.png")
+        fig.savefig(out / "patch_fraction.png", dpi=90)
+        files.append("patch_fraction.png")
+    canvases = [(c["run"], work / c["run"] / f"canvas-{c['step']}-{c['canvas']}.npy") for c in found["canvas"]]
+    canvases = [(run, f) for run, f in canvases if f.is_file()]
+    if canvases:
+        import numpy as np
+
+        fig, axes = plt.subplots(len(canvases), 1, figsize=(10, 1.3 * len(canvases)), squeeze=False)
+        for ax, (run, f) in zip(axes[:, 0], canvases):
+            row = np.concatenate([np.pad(c, ((0, 0), (0, 2)), constant_values=96) for c in np.load(f)], axis=1)
+            ax.imshow(row[:, :-2], cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{run}: classes 0 to 9", fontsize=9)
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out / "canvas_32.png", dpi=90)
+        files.append("canvas_32.png")
     plt.close("all")
     return files
 
@@ -405,22 +481,48 @@ def write_report(work: Path, out: Path, command: str) -> None:
                 lines.append(f"| {key} | {step} | {k} | {tflop:.2f} | {cpu:.0f} | {fd:.1f} ± {dfd:.1f} | "
                              f"{acc:.1%} ± {dacc:.1%} |")  # fmt: skip
         lines.append("")
+    if found["resamples"]:
+        lines += ["## The evaluation's own noise: the final checkpoints scored on two sets of images", "",
+                  f"| run | step | FD, seeds 0..{N - 1} | FD, seeds {N}..{2 * N - 1} | class accuracy, both |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for r in found["resamples"]:
+            first = [e for e in found["evals"] if e["run"] == r["run"] and e["step"] == r["step"]]
+            for e in first:
+                lines.append(f"| {r['run']} | {r['step']} | {e['fd']:.1f} | {r['fd']:.1f} | "
+                             f"{e['class_accuracy']:.1%}, {r['class_accuracy']:.1%} |")  # fmt: skip
+        lines.append("")
+    if patch := patch_runs(found):
+        lines += ["## Patch fraction (LEGO-PG, seed 0): equal training FLOPs", "",
+                  "| patch fraction | step | train TFLOP | train CPU (s) | FD (n 1000) | class accuracy |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for frac, rows in sorted(patch.items(), reverse=True):
+            for e in rows:
+                lines.append(f"| {frac:g} | {e['step']} | {e['train_flops'] / 1e12:.2f} | {e['train_cpu_s']:.0f} | "
+                             f"{e['fd']:.1f} | {e['class_accuracy']:.1%} |")  # fmt: skip
+        lines.append("")
     if found["skips"]:
-        lines += ["## Brick skipping", "", "| run | step | t_break | FD | class accuracy | GFLOP / sample | saved |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for s in found["skips"]:
-            lines.append(f"| {s['run']} | {s['step']} | {s['t_break']:g} | {s['fd']:.1f} | {s['class_accuracy']:.1%} | "
-                         f"{s['flops_per_sample'] / 1e9:.2f} | {s['flops_saved_by_skipping']:.0%} |")  # fmt: skip
+        lines += ["## Cheaper sampling: brick skipping (t_break), fewer steps, another solver", "",
+                  "| run | step | sampler, steps | t_break | network evaluations | GFLOP / sample | saved by skipping "
+                  "| FD (n 1000) | class accuracy |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for s in sorted(found["skips"], key=lambda s: (s["run"], -s["flops_per_sample"])):
+            lines.append(f"| {s['run']} | {s['step']} | {s['sampler']}, {s['sample_steps']} | {s['t_break']:g} | "
+                         f"{s['nfe_per_sample']:g} | {s['flops_per_sample'] / 1e9:.2f} | "
+                         f"{s['flops_saved_by_skipping']:.0%} | {s['fd']:.1f} | "
+                         f"{s['class_accuracy']:.1%} |")  # fmt: skip
         lines.append("")
     if found["canvas"]:
-        lines += ["## A 32 x 32 canvas from 16 x 16 training", ""]
+        lines += ["## A 32 x 32 canvas from 16 x 16 training (one class per canvas)", "",
+                  "| run | canvases | quarters: FD / class accuracy | 16 x 16 samples, as many | whole canvas "
+                  "shrunk to 16 x 16: FD / class accuracy | 16 x 16 samples, as many |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         for c in found["canvas"]:
             if "refused" in c:
-                lines.append(f"- {c['run']}: refused ({c['refused']})")
+                lines.append(f"| {c['run']} | refused: {c['refused']} | | | | |")
             else:
-                lines.append(f"- {c['run']}: quarters FD {c['fd_quarters']:.1f}, class accuracy "
-                             f"{c['class_accuracy_quarters']:.1%} (as many 16 x 16 samples: FD {c['fd_16']:.1f}, "
-                             f"{c['class_accuracy_16']:.1%}), {c['n']} canvases")  # fmt: skip
+                lines.append(f"| {c['run']} | {c['n']} | {c['fd_quarters']:.1f} / {c['class_accuracy_quarters']:.1%} "
+                             f"| {c['fd_16']:.1f} / {c['class_accuracy_16']:.1%} | {c['fd_whole']:.1f} / "
+                             f"{c['class_accuracy_whole']:.1%} | {c['fd_16_first_n']:.1f} / "
+                             f"{c['class_accuracy_16_first_n']:.1%} |")  # fmt: skip
         lines.append("")
     demo = sorted((e for e in found["evals"] if e["key"] in DEMO_KEYS), key=lambda e: e["run"])
     if demo:
@@ -432,7 +534,7 @@ def write_report(work: Path, out: Path, command: str) -> None:
                          f"{e['train_flops'] / 1e12:.2f} | {e['train_cpu_s']:.0f} | {e['fd']:.1f} | "
                          f"{e['class_accuracy']:.1%} |")  # fmt: skip
         lines.append("")
-    files = plot(found, out)
+    files = plot(found, work, out)
     if files:
         lines += ["Plots: " + ", ".join(f"[{f}]({f})" for f in files), ""]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -482,13 +584,14 @@ def main(argv=None) -> int:
                 steps = round(full / train_flops(matched["pg"]["model"], matched["pg"]["depths"], frac))
                 stops = sorted({round(steps * s / final) for s in EVAL_AT})
                 later.append(pool.submit(train_run, Run("pg", best["pg"], 0, frac), stops, str(work), matched))
-        trained = {key for key in best if (work / Run(key, best[key]).name / f"eval-{final}.json").is_file()}
-        for key in ("pg", "pr"):
-            if key in trained and "skip" in phases:
-                later.append(pool.submit(skip_run, Run(key, best[key]), final, str(work)))
-        for key in MODELS:
-            if key in trained and "canvas" in phases:
-                later.append(pool.submit(canvas_run, Run(key, best[key]), final, str(work)))
+        trained = [r for seed in SEEDS for key, lr in best.items()
+                   if (work / (r := Run(key, lr, seed)).name / f"eval-{final}.json").is_file()]  # fmt: skip
+        for run in trained:
+            if "skip" in phases:
+                later.append(pool.submit(skip_run, run, final, str(work)))
+        for run in trained:
+            if "canvas" in phases:
+                later.append(pool.submit(canvas_run, run, final, str(work)))
         if "demo" in phases:
             for key, lr in itertools.product(DEMO_KEYS, DEMO_LRS):
                 steps = round(matched["pr-registry"]["flops_per_image"] * DEMO_STEPS / matched[key]["flops_per_image"])
