@@ -19,7 +19,8 @@ Phases (each uses what the ones before it left):
 - patch: the matched PG at patch fraction 0.75 and 0.5, trained for the training FLOPs of 4,000 steps at 1.0.
 - skip: every long run's 4,000-step checkpoint scored again on other images (seeds 1000..1999: the evaluation's own
   noise), and sampled more cheaply: PG and PR with t_break 0.25, 0.5, 0.75 and 1 (0 is the long run's), every model
-  with 7 and 5 Heun steps instead of 10 (the way to cheaper sampling DiT has too).
+  with 7 and 5 Heun steps instead of 10 and with DPM-Solver++(2M) at 10 evaluations (the ways to cheaper sampling DiT
+  has too), and PG and PR with both (DPM-Solver++ at t_break 1).
 - canvas: the same checkpoints sampling 32 x 32 canvases of one class each (DiT-T/2 too: diffusers recomputes its
   sin-cos position embedding for the larger grid; a model that refuses is recorded as such), scored two ways against
   as many 16 x 16 samples (the first from the canvases' seeds): their four 16 x 16 quarters as digits (FD, class
@@ -218,14 +219,17 @@ def _checkpoint_at(folder: Path, step: int) -> Path | None:
 def skip_run(run: Run, step: int, work: str) -> list[dict]:
     """Evaluate the run's checkpoint of ``step`` again: on another N images (seeds N..2N-1: the evaluation's own
     noise), and sampled more cheaply: with t_break in T_BREAKS (LEGO), and with FEWER_STEPS Heun steps and with
-    SOLVER (every model)."""
+    SOLVER (every model; LEGO also with SOLVER and t_break 1)."""
     torch.set_num_threads(1)
     folder = Path(work) / run.name
     ckpt = _checkpoint_at(folder, step)
     points = [(f"resample-{step}", 0.0, SAMPLE_STEPS, N, "heun")]
     points += [(f"skip-{step}-{t:g}", t, SAMPLE_STEPS, 0, "heun") for t in T_BREAKS if run.key != "dit"]
     points += [(f"steps-{step}-{k}", 0.0, k, 0, "heun") for k in FEWER_STEPS]
-    points += [(f"steps-{step}-{SOLVER[0]}-{SOLVER[1]}", 0.0, SOLVER[1], 0, SOLVER[0])]
+    solver = f"steps-{step}-{SOLVER[0]}-{SOLVER[1]}"
+    points.append((solver, 0.0, SOLVER[1], 0, SOLVER[0]))
+    if run.key != "dit":
+        points.append((f"{solver}-skip-1", 1.0, SOLVER[1], 0, SOLVER[0]))
     rows = []
     for name, t, k, seed, sampler in points:
         done = folder / f"{name}.json"
@@ -387,7 +391,7 @@ def plot(found: dict, work: Path, out: Path) -> list[str]:
         fig.savefig(out / "quality_vs_compute.png", dpi=90)
         files.append("quality_vs_compute.png")
     if found["skips"]:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(10.5, 5))
         colors = dict(zip(MODELS, ("k", "tab:blue", "tab:orange")))
         for run in sorted({r["run"] for r in found["skips"]}):
             rows = [r for r in found["skips"] if r["run"] == run]
@@ -403,14 +407,16 @@ def plot(found: dict, work: Path, out: Path) -> list[str]:
                         xs, ys, style, **look, label=f"{run}, {'t_break' if same == 'sample_steps' else 'fewer steps'}"
                     )
             for r in (r for r in rows if r["sampler"] != "heun"):
-                ax.plot(r["flops_per_sample"] / 1e9, r["fd"], "^", **look, markersize=9, label=f"{run}, {r['sampler']}")
+                marker, label = ("v", f", t_break {r['t_break']:g}") if r["t_break"] else ("^", "")
+                x = r["flops_per_sample"] / 1e9
+                ax.plot(x, r["fd"], marker, **look, markersize=9, label=f"{run}, {r['sampler']}{label}")
         ax.set_xlabel(
             f"sampling GFLOP per image (t_break: 10 Heun steps; fewer steps: 10, 7, 5; {SOLVER[0]}: {SOLVER[1]})"
         )
         ax.set_yscale("log")
         ax.set_ylabel("FD")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(out / "cheaper_sampling.png", dpi=90)
         files.append("cheaper_sampling.png")
