@@ -592,12 +592,10 @@ def main(argv=None) -> int:
                 later.append(pool.submit(train_run, Run("pg", best["pg"], 0, frac), stops, str(work), matched))
         trained = [r for seed in SEEDS for key, lr in best.items()
                    if (work / (r := Run(key, lr, seed)).name / f"eval-{final}.json").is_file()]  # fmt: skip
-        for run in trained:
-            if "skip" in phases:
-                later.append(pool.submit(skip_run, run, final, str(work)))
-        for run in trained:
-            if "canvas" in phases:
-                later.append(pool.submit(canvas_run, run, final, str(work)))
+        if "skip" in phases:
+            later += [pool.submit(skip_run, run, final, str(work)) for run in trained]
+        if "canvas" in phases:
+            later += [pool.submit(canvas_run, run, final, str(work)) for run in trained]
         if "demo" in phases:
             for key, lr in itertools.product(DEMO_KEYS, DEMO_LRS):
                 steps = round(matched["pr-registry"]["flops_per_image"] * DEMO_STEPS / matched[key]["flops_per_image"])
